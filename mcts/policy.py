@@ -1,0 +1,453 @@
+"""The LLM policy: batched step proposals, rollouts and greedy decoding with any local causal LM.
+
+Any model that `transformers` loads from a local directory (`save_pretrained` output with a
+tokenizer and safetensors weights) works. Nothing is downloaded: loading passes
+`local_files_only=True`, weights must be safetensors (pickle checkpoints are refused), and
+remote code runs only when `trust_remote_code=True`.
+
+Every call is batched: `propose` samples k options for many leaves in one `generate` call
+(split only at `max_batch` sequences), `rollout` and `greedy` continue many prompts at once.
+Prompts are left-padded, so every sequence's new tokens start at the same column.
+
+Log-probabilities (`Option.logprob`) are sums of the *unmodified* model's log-probs
+(temperature 1, no top-p) of the generated tokens, separator or EOS included: that is the
+probability the model gives the whole step, which is what a prior should be. The sampling
+temperature/top-p only change *which* options are drawn.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+
+class PolicyLoadError(ValueError):
+    """The policy directory cannot be loaded; the message is one line saying how to fix it."""
+
+
+@dataclass
+class PolicyConfig:
+    """How to load and sample the policy."""
+
+    path: str = ""
+    """Local directory written by `save_pretrained` (config.json, *.safetensors, tokenizer)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), or any torch device string ("cpu", "cuda:1")."""
+    dtype: str = "auto"
+    """"auto" (bfloat16 on a GPU that supports it, else float32), "float32", "bfloat16", "float16"."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped in the directory; off unless the user turns it on."""
+    temperature: float = 1.0
+    """Sampling temperature for `propose` and `rollout` (priors are always at temperature 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for `propose` and `rollout`; 1.0 disables it."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it (and overrides a top_k from the model's generation_config)."""
+    max_step_tokens: int = 32
+    """Token cap per option; an option that hits it without a separator is `truncated`."""
+    max_rollout_tokens: int = 256
+    """Token cap per rollout / greedy completion."""
+    max_batch: int = 256
+    """Most sequences per `generate` call; bigger batches are split into several calls."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampled step.
+
+    text:       the step without the separator (and without EOS)
+    logprob:    sum of log p(token) under the unmodified model (temperature 1) over the generated
+                tokens, the closing separator / EOS token included; <= 0
+    num_tokens: generated tokens (separator/EOS included, padding excluded)
+    ended:      the model emitted EOS: it considers the solution finished
+    truncated:  hit `max_step_tokens` before a separator or EOS
+    token_ids:  the generated token ids (for exact re-scoring)
+    """
+
+    text: str
+    logprob: float
+    num_tokens: int
+    ended: bool
+    truncated: bool = False
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergedOption:
+    """Options of one leaf that are the same step after normalisation (state merge).
+
+    text:     representative surface text (the member with the highest logprob)
+    prior:    merged mass normalised over the leaf's merged options (the leaf's priors sum to 1)
+    logprob:  log of the merged mass: logsumexp of the logprobs of the *distinct* surface strings
+    count:    how many sampled options were merged (duplicates included)
+    surfaces: the distinct surface strings merged, best first
+    """
+
+    text: str
+    prior: float
+    logprob: float
+    count: int
+    num_tokens: int
+    ended: bool
+    truncated: bool
+    surfaces: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A continuation to the end: `text` (special tokens removed), generated `num_tokens`
+    (EOS included), `steps` (text split at the separator, empty tail dropped), `ended` (EOS seen)."""
+
+    text: str
+    num_tokens: int
+    steps: list[str]
+    ended: bool
+
+
+def merge_options(
+    options: list[Option], normalize: Callable[[str], str], similarity: float = 1.0
+) -> list[MergedOption]:
+    """State merge of one leaf's options.
+
+    Two options merge when `normalize(a) == normalize(b)` (e.g. Countdown's "3+4=7" and "4+3=7"),
+    or, when `similarity < 1`, when difflib's ratio of the normalised texts is >= `similarity`
+    (greedy clustering in order of decreasing logprob, against each cluster's representative).
+
+    Mass: a cluster's mass is the sum of exp(logprob) over its *distinct* surface strings (the
+    same string sampled twice is one event of the model, counted once). Priors are the masses
+    normalised over the leaf. Computed in log space, so long (tiny-probability) steps do not
+    underflow. Returns clusters in order of decreasing prior.
+    """
+    assert 0.0 < similarity <= 1.0, f"similarity must be in (0, 1], got {similarity}"
+    order = sorted(range(len(options)), key=lambda i: -options[i].logprob)
+    clusters: list[dict] = []  # key, members (indices), surfaces {text: logprob}
+    by_key: dict[str, dict] = {}
+    for i in order:
+        opt = options[i]
+        key = normalize(opt.text)
+        cl = by_key.get(key)
+        if cl is None and similarity < 1.0:
+            cl = next(
+                (c for c in clusters if difflib.SequenceMatcher(None, c["key"], key).ratio() >= similarity),
+                None,
+            )
+        if cl is None:
+            cl = {"key": key, "members": [], "surfaces": {}}
+            clusters.append(cl)
+        by_key.setdefault(key, cl)
+        cl["members"].append(i)
+        cl["surfaces"].setdefault(opt.text, opt.logprob)
+    masses = [_logsumexp(list(c["surfaces"].values())) for c in clusters]
+    total = _logsumexp(masses) if masses else 0.0
+    merged = []
+    for c, lm in zip(clusters, masses, strict=True):
+        rep = options[c["members"][0]]  # highest logprob: clusters were filled in that order
+        merged.append(
+            MergedOption(
+                text=rep.text,
+                prior=math.exp(lm - total),
+                logprob=lm,
+                count=len(c["members"]),
+                num_tokens=rep.num_tokens,
+                ended=rep.ended,
+                truncated=rep.truncated,
+                surfaces=tuple(c["surfaces"]),
+            )
+        )
+    merged.sort(key=lambda m: -m.prior)
+    return merged
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    if m == -math.inf:
+        return m
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def check_policy_dir(path: str | Path) -> Path:
+    """Raise `PolicyLoadError` unless `path` looks like a loadable, safe local checkpoint."""
+    p = Path(path).expanduser()
+    if not str(path) or not p.is_dir():
+        raise PolicyLoadError(
+            f"policy.path={path} does not exist: point policy.path at a local directory saved with "
+            "save_pretrained"
+        )
+    if not (p / "config.json").is_file():
+        raise PolicyLoadError(
+            f"policy.path={path} has no config.json: it must be a directory written by "
+            "model.save_pretrained(dir) (and tokenizer.save_pretrained(dir))"
+        )
+    if not any(p.glob("*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise PolicyLoadError(
+                f"policy.path={path} has only pickle weights ({', '.join(pickles[:3])}), which arborist "
+                "never loads: re-save with model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise PolicyLoadError(
+            f"policy.path={path} has no *.safetensors weights: save the model with "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((p / f).is_file() for f in tok_files):
+        raise PolicyLoadError(
+            f"policy.path={path} has no tokenizer: save it next to the model with "
+            "tokenizer.save_pretrained(dir)"
+        )
+    return p
+
+
+class _StopOnText(StoppingCriteria):
+    """Per-sequence stop when the newly generated text contains `stop`.
+
+    Used instead of `generate(stop_strings=...)`, whose vocabulary scan assumes the tokenizer can
+    encode letters (it fails on a digits-only character vocabulary). Decoding the last few
+    generated tokens of each row is cheap (one Rust batch call per step) and tokenizer-agnostic;
+    the prompt is excluded, since prompts themselves end with the separator.
+    """
+
+    def __init__(self, tokenizer, stop: str, prompt_width: int):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, stop, prompt_width
+        self.window = len(stop) + 4  # tokens: enough that a stop split over tokens is still seen
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tail = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]
+        texts = self.tokenizer.batch_decode(tail.tolist(), skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda if available, else cpu; anything else is passed to `torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto" -> bfloat16 on a GPU that supports it (else float16), float32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise PolicyLoadError(
+            f"policy.dtype={dtype} is not supported: use auto, float32, bfloat16 or float16"
+        )
+    return _DTYPES[dtype]
+
+
+class Policy:
+    """A causal LM and its tokenizer, ready for batched step proposals.
+
+    `tokens_generated` counts every generated (non-padding) token over the policy's life, and
+    `generate_calls` the `generate` calls, so callers can budget and report throughput.
+    """
+
+    def __init__(self, model, tokenizer, cfg: PolicyConfig, device: torch.device):
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        self.tokens_generated = 0
+        self.generate_calls = 0
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids: list[int] = sorted(set(eos))
+
+    @classmethod
+    def load(cls, cfg: PolicyConfig) -> Policy:
+        """Load tokenizer and model from `cfg.path` (local files only, safetensors only)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = check_policy_dir(cfg.path)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise PolicyLoadError(
+                f"policy.path={cfg.path}: the tokenizer does not load ({str(e).splitlines()[0]}): "
+                "save it with tokenizer.save_pretrained(dir)"
+            ) from e
+        model = (
+            AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+            )
+            .to(device)
+            .eval()
+        )
+        tok.padding_side = "left"  # new tokens of every row start at the same column
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise PolicyLoadError(
+                    f"policy.path={cfg.path}: the tokenizer has neither a pad nor an eos token: "
+                    "set one (tokenizer.pad_token = ...) and save it again"
+                )
+            tok.pad_token = tok.eos_token
+        return cls(model, tok, cfg, device)
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def propose(
+        self, prompts: list[str], num_options: list[int], seed: int, stop: str = "\n"
+    ) -> list[list[Option]]:
+        """Sample `num_options[i]` options for `prompts[i]`, all in one batched generate call
+        (split only at `max_batch` sequences). Each option ends at `stop`, EOS or
+        `max_step_tokens`. Returns one list of options per prompt, in prompt order."""
+        assert len(prompts) == len(num_options), f"{len(prompts)} prompts, {len(num_options)} counts"
+        flat = [p for p, k in zip(prompts, num_options, strict=True) for _ in range(k)]
+        seqs = self._generate(flat, seed, sample=True, max_new=self.cfg.max_step_tokens, stop=stop)
+        out: list[list[Option]] = []
+        it = iter(seqs)
+        for k in num_options:
+            out.append(
+                [
+                    Option(
+                        text=s["text"],
+                        logprob=s["logprob"],
+                        num_tokens=len(s["ids"]),
+                        ended=s["ended"],
+                        truncated=s["truncated"],
+                        token_ids=tuple(s["ids"]),
+                    )
+                    for s in (next(it) for _ in range(k))
+                ]
+            )
+        return out
+
+    def rollout(
+        self, prompts: list[str], seed: int, max_new_tokens: int | None = None, sep: str = "\n"
+    ) -> list[Rollout]:
+        """Sample a continuation of every prompt to EOS or the token cap, in one batched call."""
+        cap = max_new_tokens or self.cfg.max_rollout_tokens
+        return [self._as_rollout(s, sep) for s in self._generate(prompts, seed, True, cap, None)]
+
+    def greedy(self, prompts: list[str], max_new_tokens: int | None = None, sep: str = "\n") -> list[Rollout]:
+        """Greedy (argmax) continuation of every prompt to EOS or the token cap."""
+        cap = max_new_tokens or self.cfg.max_rollout_tokens
+        return [self._as_rollout(s, sep) for s in self._generate(prompts, 0, False, cap, None)]
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], continuations: list[list[int]]) -> list[float]:
+        """Sum of log p(continuation tokens | prompt) under the model at temperature 1.
+
+        One padded forward pass per `max_batch` rows; position ids follow the attention mask, so
+        the result does not depend on how much left padding a row received.
+        """
+        tok = self.tokenizer
+        rows = [tok(p)["input_ids"] + list(c) for p, c in zip(prompts, continuations, strict=True)]
+        out: list[float] = []
+        for lo in range(0, len(rows), self.cfg.max_batch):
+            chunk = rows[lo : lo + self.cfg.max_batch]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for i, c in enumerate(continuations[lo : lo + len(chunk)]):
+                out.append(float(lp[i, width - 1 - len(c) :].sum()) if len(c) else 0.0)
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _generate(
+        self, prompts: list[str], seed: int, sample: bool, max_new: int, stop: str | None
+    ) -> list[dict]:
+        """Generate for every prompt; per sequence return its kept token ids, text, logprob
+        (temperature-1 log-probs of the kept tokens), and whether it ended/was truncated."""
+        tok, cfg = self.tokenizer, self.cfg
+        kwargs = dict(
+            max_new_tokens=max_new,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            return_dict_in_generate=True,
+            output_logits=True,
+            do_sample=sample,
+            repetition_penalty=1.0,
+        )
+        if sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        results: list[dict] = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        # fork_rng: seeding must not disturb the caller's global RNG streams.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for lo in range(0, len(prompts), cfg.max_batch):
+                enc = tok(prompts[lo : lo + cfg.max_batch], return_tensors="pt", padding=True)
+                enc = enc.to(self.device)
+                if stop:
+                    width = enc["input_ids"].shape[1]
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tok, stop, width)])
+                out = self.model.generate(**enc, **kwargs)
+                self.generate_calls += 1
+                new = out.sequences[:, enc["input_ids"].shape[1] :]
+                logits = torch.stack(out.logits, dim=1).float()
+                lp = logits.log_softmax(-1).gather(-1, new[..., None]).squeeze(-1).cpu()
+                for row, row_lp in zip(new.cpu().tolist(), lp, strict=True):
+                    results.append(self._cut(row, row_lp, stop, max_new))
+        self.tokens_generated += sum(len(r["ids"]) for r in results)
+        return results
+
+    def _cut(self, row: list[int], row_lp: torch.Tensor, stop: str | None, max_new: int) -> dict:
+        """Find where one generated row really ends (first EOS, or the token that completed
+        `stop`); tokens after it are padding from sequences that finished earlier."""
+        eos = set(self.eos_token_ids)
+        end = next((i for i, t in enumerate(row) if t in eos), None)
+        body = row if end is None else row[:end]
+        text = self._decode(body)
+        if stop and stop in text:
+            # Smallest prefix whose text contains `stop` (binary search: decoding is the cost).
+            lo, hi = 1, len(body)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if stop in self._decode(body[:mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ids = body[:lo]
+            return dict(
+                ids=ids,
+                text=text[: text.index(stop)],
+                logprob=float(row_lp[:lo].sum()),
+                ended=False,
+                truncated=False,
+            )
+        if end is not None:
+            ids = row[: end + 1]
+            return dict(
+                ids=ids, text=text, logprob=float(row_lp[: end + 1].sum()), ended=True, truncated=False
+            )
+        return dict(
+            ids=row, text=text, logprob=float(row_lp.sum()), ended=False, truncated=len(row) >= max_new
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @staticmethod
+    def _as_rollout(s: dict, sep: str) -> Rollout:
+        steps = s["text"].split(sep)
+        if steps and steps[-1] == "":
+            steps.pop()
+        return Rollout(text=s["text"], num_tokens=len(s["ids"]), steps=steps, ended=s["ended"])
