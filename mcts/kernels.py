@@ -1,0 +1,249 @@
+"""numba kernels over `Forest.arrays`: select, expand, back up, adaptive widening, summaries.
+
+Every kernel is a pure function of arrays (`@njit(cache=True)`), takes the forest as one tuple
+`F = Forest.arrays` and a few small arrays, and loops over trees itself, so one call serves the
+whole forest. Arithmetic is float64 in a fixed order so that `mcts.reference` (plain Python, the
+same rules) gives bit-identical visit counts; the tests hold both to that.
+
+The rules, shared with the reference:
+- PUCT: score(c) = Q(c) + c_puct * P(c) * sqrt(N(s) + VL(s)) / (1 + N(c) + VL(c)),
+  Q(c) = W(c) / (N(c) + VL(c)): a pending selection counts as a visit of value 0 (virtual loss),
+  so later selections in the same call spread out. An unvisited child uses its own score as Q.
+  Ties go to the lowest child id.
+- A selection ends at (a) an unexpanded leaf (to expand), (b) a terminal (to back up its known
+  outcome, never expanded), or (c) an internal node whose adaptive width exceeds its children
+  (to widen). A node selected in this call is not selected again; an internal node none of
+  whose children can be selected is skipped for the rest of the call.
+- Backup adds one visit per evaluated node along its path (value and success indicator), and
+  removes each selection's virtual loss; then it refreshes the adaptive width of the path's nodes:
+  n(s) = clip(floor(alpha * I(s)) + 1, c_min[depth], c_max[depth]), I(s) = max_c |Q(c) - Q(s)|.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from mcts.tree import NO_NODE, ROOT
+
+# selection kinds returned by `select_leaves`
+EXPAND, TERMINAL, WIDEN = 0, 1, 2
+# values of the scratch `mark` field inside `select_leaves`
+_SELECTED, _EXHAUSTED = 1, 2
+
+
+@njit(cache=True)
+def _child_score(F, b, c, c_puct, sqrt_parent):
+    visits, vloss, value_sum, prior, score = F[6], F[7], F[8], F[10], F[11]
+    n = visits[b, c] + vloss[b, c]
+    q = value_sum[b, c] / n if n > 0 else np.float64(score[b, c])
+    return q + c_puct * np.float64(prior[b, c]) * sqrt_parent / (1.0 + n)
+
+
+@njit(cache=True)
+def _wants_widening(F, b, s):
+    num_children, child_slots, width_target, terminal = F[2], F[3], F[4], F[12]
+    room = min(np.int64(width_target[b, s]), np.int64(child_slots[b, s]))
+    return terminal[b, s] == 0 and num_children[b, s] > 0 and num_children[b, s] < room
+
+
+@njit(cache=True)
+def select_leaves(F, c_puct, leaves_per_tree, out_nodes, out_kinds, out_count, scratch):
+    """Select up to `leaves_per_tree` distinct nodes in every tree.
+
+    out_nodes, out_kinds: int32 [B, leaves_per_tree]; out_count: int32 [B];
+    scratch: int32 [capacity], reused to clear the marks. Virtual loss is added on each path.
+    """
+    first_child, num_children, terminal, mark, vloss, visits = F[1], F[2], F[12], F[14], F[7], F[6]
+    parent = F[0]
+    num_trees = visits.shape[0]
+    for b in range(num_trees):
+        count = 0
+        num_marked = 0
+        while count < leaves_per_tree and mark[b, ROOT] != _EXHAUSTED:
+            s = ROOT
+            kind = -1
+            while True:
+                if terminal[b, s] != 0 or num_children[b, s] == 0:
+                    if mark[b, s] == _SELECTED or vloss[b, s] > 0:
+                        mark[b, s] = _EXHAUSTED  # only reachable for the root
+                        scratch[num_marked] = s
+                        num_marked += 1
+                        break
+                    kind = TERMINAL if terminal[b, s] != 0 else EXPAND
+                    break
+                if mark[b, s] != _SELECTED and _wants_widening(F, b, s):
+                    kind = WIDEN
+                    break
+                sqrt_parent = math.sqrt(np.float64(visits[b, s] + vloss[b, s]))
+                best = NO_NODE
+                best_score = -np.inf
+                first = first_child[b, s]
+                for c in range(first, first + num_children[b, s]):
+                    if mark[b, c] == _EXHAUSTED:
+                        continue
+                    is_leaf = terminal[b, c] != 0 or num_children[b, c] == 0
+                    if is_leaf and (mark[b, c] == _SELECTED or vloss[b, c] > 0):
+                        continue
+                    sc = _child_score(F, b, c, c_puct, sqrt_parent)
+                    if sc > best_score:
+                        best_score = sc
+                        best = c
+                if best == NO_NODE:
+                    mark[b, s] = _EXHAUSTED
+                    scratch[num_marked] = s
+                    num_marked += 1
+                    break
+                s = best
+            if kind < 0:
+                continue  # hit an exhausted node: descend again from the root
+            if mark[b, s] == 0:
+                scratch[num_marked] = s
+                num_marked += 1
+            mark[b, s] = _SELECTED
+            out_nodes[b, count] = s
+            out_kinds[b, count] = kind
+            count += 1
+            node = s
+            while node != NO_NODE:
+                vloss[b, node] += 1
+                node = parent[b, node]
+        out_count[b] = count
+        for i in range(num_marked):
+            mark[b, scratch[i]] = 0
+    return out_count
+
+
+@njit(cache=True)
+def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, outcomes, out_first):
+    """Write children for M selected nodes (children of selection m are rows
+    start_m .. start_m + counts[m] of the flat child arrays, in order).
+
+    tree_ids, node_ids, counts, reserve: int [M]; reserve[m] >= counts[m] ids are reserved for a
+    leaf's block (ignored when widening into an existing block); priors, scores: float [sum counts];
+    terminals, outcomes: int8 [sum counts]; out_first: int32 [M], id of the first new child
+    (NO_NODE if counts[m] == 0). Returns -1 on success, else the index m that did not fit.
+    """
+    parent, first_child, num_children, child_slots, width_target, depth = F[0], F[1], F[2], F[3], F[4], F[5]
+    visits, vloss, value_sum, success_sum, prior, score = F[6], F[7], F[8], F[9], F[10], F[11]
+    terminal, outcome, num_nodes = F[12], F[13], F[15]
+    capacity = parent.shape[1]
+    row = 0
+    for m in range(tree_ids.shape[0]):
+        b, s, k = tree_ids[m], node_ids[m], counts[m]
+        out_first[m] = NO_NODE
+        if k == 0:
+            continue
+        if num_children[b, s] == 0:
+            slots = max(k, reserve[m])
+            if num_nodes[b] + slots > capacity:
+                return m
+            first_child[b, s] = num_nodes[b]
+            child_slots[b, s] = slots
+            num_nodes[b] += slots
+        elif num_children[b, s] + k > child_slots[b, s]:
+            return m
+        start = first_child[b, s] + num_children[b, s]
+        for j in range(k):
+            c = start + j
+            parent[b, c] = s
+            first_child[b, c] = NO_NODE
+            num_children[b, c] = 0
+            child_slots[b, c] = 0
+            width_target[b, c] = 0
+            depth[b, c] = depth[b, s] + 1
+            visits[b, c] = 0
+            vloss[b, c] = 0
+            value_sum[b, c] = 0.0
+            success_sum[b, c] = 0.0
+            prior[b, c] = priors[row + j]
+            score[b, c] = scores[row + j]
+            terminal[b, c] = terminals[row + j]
+            outcome[b, c] = outcomes[row + j]
+        num_children[b, s] += k
+        out_first[m] = start
+        row += k
+    return -1
+
+
+@njit(cache=True)
+def _refresh_width(F, b, s, alpha, c_min, c_max):
+    first_child, num_children, width_target, depth = F[1], F[2], F[4], F[5]
+    visits, value_sum = F[6], F[8]
+    if num_children[b, s] == 0 or visits[b, s] == 0:
+        return
+    q_s = value_sum[b, s] / visits[b, s]
+    importance = 0.0
+    first = first_child[b, s]
+    for c in range(first, first + num_children[b, s]):
+        if visits[b, c] > 0:
+            importance = max(importance, abs(value_sum[b, c] / visits[b, c] - q_s))
+    d = min(np.int64(depth[b, s]), c_min.shape[0] - 1)
+    n = np.int64(math.floor(alpha * importance)) + 1
+    width_target[b, s] = max(c_min[d], min(n, c_max[d]))
+
+
+@njit(cache=True)
+def backup(
+    F, sel_tree, sel_node, eval_start, eval_count, eval_node, eval_value, eval_success, alpha, c_min, c_max
+):
+    """Back up M selections: remove each one's virtual loss, then add one visit per evaluated
+    node (eval rows eval_start[m] .. + eval_count[m]) along its path to the root.
+
+    eval_value, eval_success: float [E] in [0, 1]. A terminal revisit evaluates the selected node
+    itself; an expansion evaluates its new children. With alpha >= 0 the adaptive width of every
+    node on the paths is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
+    """
+    parent, visits, vloss, value_sum, success_sum = F[0], F[6], F[7], F[8], F[9]
+    for m in range(sel_tree.shape[0]):
+        b = sel_tree[m]
+        node = sel_node[m]
+        while node != NO_NODE:
+            vloss[b, node] -= 1
+            node = parent[b, node]
+        for e in range(eval_start[m], eval_start[m] + eval_count[m]):
+            node = eval_node[e]
+            while node != NO_NODE:
+                visits[b, node] += 1
+                value_sum[b, node] += eval_value[e]
+                success_sum[b, node] += eval_success[e]
+                node = parent[b, node]
+        if alpha >= 0.0:
+            node = sel_node[m]
+            while node != NO_NODE:
+                _refresh_width(F, b, node, alpha, c_min, c_max)
+                node = parent[b, node]
+
+
+@njit(cache=True)
+def most_visited_path(F, b, out):
+    """Follow the most visited child from the root (ties: lowest id); writes ids to `out`
+    (int32 [max_depth + 1]) and returns the path length (root included)."""
+    first_child, num_children, visits = F[1], F[2], F[6]
+    s = ROOT
+    length = 0
+    while True:
+        out[length] = s
+        length += 1
+        if num_children[b, s] == 0 or length == out.shape[0]:
+            return length
+        best = first_child[b, s]
+        for c in range(best + 1, first_child[b, s] + num_children[b, s]):
+            if visits[b, c] > visits[b, best]:
+                best = c
+        s = best
+
+
+@njit(cache=True)
+def subtree_has_success(F, b, out):
+    """out[s] = 1 if a verified-correct terminal lies in s's subtree (int8 [capacity])."""
+    parent, outcome, num_nodes = F[0], F[13], F[15]
+    out[:] = 0
+    for c in range(num_nodes[b]):
+        if outcome[b, c] == 1:
+            node = c
+            while node != NO_NODE and out[node] == 0:
+                out[node] = 1
+                node = parent[b, node]
