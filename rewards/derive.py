@@ -1,0 +1,487 @@
+"""Finished trees -> preference records. Pure functions over `FinishedTree`s (numpy + stdlib only).
+
+Per node the search leaves N (visits), Q = W / N and a success rate S / N backed up from verified
+terminal outcomes (and rollouts, when used). From those:
+
+- `step_pairs`: under every internal node, sibling options are compared; the one with the higher
+  success rate is chosen. A pair is kept only when the gap is real: both sides visited at least
+  `min_visits` times, a gap of at least `min_margin`, and Wilson score intervals of the two success
+  rates that do not overlap at the `confidence` level; optionally the chosen side must have a
+  verified solution below it (`verifier_gate`). Each side is continued to an end so that DPO sees
+  whole solutions: chosen by its most visited verified-correct continuation (else its most visited
+  path), rejected by its most visited path to a terminal.
+- `prm_rows`: root-to-terminal paths with hard (Math-Shepherd "hard estimation": a verified
+  success lies below the step) and soft (the step's success rate) labels per step.
+- `kto_rows`, `sft_rows`, `value_rows`: unpaired labels, the best verified trajectory, value targets.
+
+The Wilson test treats the N backed-up outcomes under a node as independent draws. They are not
+quite (MCTS steers later visits by earlier ones), so read `confidence` as a ranking of how clearly
+two siblings separate, not as a calibrated probability; `rewards.audit` measures the real precision
+with fresh rollouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from mcts.finished import UNVERIFIED, FinishedTree
+
+CORRECT = 1
+_Z_MAX = 8.0  # beyond this the two intervals separate at confidence 1 - 1e-15: call it certain
+
+
+@dataclass(frozen=True)
+class DeriveConfig:
+    """How finished trees become records. Every field is recorded (hashed) with the records."""
+
+    min_visits: int = 2
+    """A pair side, or a value-target node, needs at least this many visits N."""
+    min_margin: float = 0.2
+    """Minimum success-rate gap (chosen - rejected) of a pair."""
+    confidence: float = 0.9
+    """Two-sided level of the Wilson score intervals that must not overlap (0 disables the test)."""
+    verifier_gate: bool | None = None
+    """Require a verified correct terminal below the chosen step. None: on when the tree holds any
+    verified outcome (the task has a verifier), off otherwise."""
+    max_pairs_per_node: int = 3
+    """At most this many pairs per parent node, largest success gap (best vs worst) first."""
+    trajectory_min_visits: int = 1
+    """PRM / KTO trajectories: a root-to-terminal path is used when its terminal has this many visits."""
+    max_trajectories_per_tree: int = 32
+    """PRM / KTO trajectories per tree, most visited terminals first."""
+    value_target: str = "success"
+    """`values.value` column: "success" (S / N, anchored on the verifier) or "q" (W / N, critic-backed)."""
+    kto_from_pairs: bool = True
+    """KTO rows from the two sides of every accepted pair (chosen desirable, rejected not)."""
+    kto_trajectories: bool = True
+    """KTO rows from whole verified trajectories (label = verified outcome)."""
+    config_hash: str = ""
+    """Hash written into every record; empty: a hash of the fields above."""
+
+    def __post_init__(self) -> None:
+        if self.min_visits < 1:
+            raise ValueError(f"min_visits={self.min_visits}: a pair side needs at least 1 visit; use >= 1")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise ValueError(f"min_margin={self.min_margin} is a success-rate gap; use a value in [0, 1]")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ValueError(
+                f"confidence={self.confidence}: use a level in [0, 1), e.g. 0.9; 0 disables the test"
+            )
+        if self.max_pairs_per_node < 1 or self.max_trajectories_per_tree < 0:
+            raise ValueError("max_pairs_per_node must be >= 1 and max_trajectories_per_tree >= 0")
+        if self.value_target not in ("success", "q"):
+            raise ValueError(f"value_target={self.value_target!r}: use 'success' or 'q'")
+
+    def hash(self) -> str:
+        """`config_hash` if given, else a short sha256 of the other fields (stable across runs)."""
+        if self.config_hash:
+            return self.config_hash
+        fields = {k: v for k, v in asdict(self).items() if k != "config_hash"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class NodeStats:
+    """Per-node statistics of one tree; every array has shape [num_nodes]."""
+
+    visits: np.ndarray  # int32   N
+    q: np.ndarray  # float64 W / N (NaN where N == 0)
+    success: np.ndarray  # float64 S / N (NaN where N == 0)
+    depth: np.ndarray  # int32
+    terminal: np.ndarray  # bool
+    outcome: np.ndarray  # int8
+    verified_below: np.ndarray  # bool    an outcome==1 terminal lies in the subtree (node included)
+    num_verified_below: np.ndarray  # int32   number of outcome==1 terminals in the subtree
+    terminal_below: np.ndarray  # bool    any terminal lies in the subtree
+    best_verified: np.ndarray  # int32   most visited outcome==1 terminal in the subtree, -1 if none
+    children: list[np.ndarray]  # children[i]: child ids of node i, ascending
+    has_verifier: bool  # any node of the tree carries a verified outcome
+
+
+def node_stats(tree: FinishedTree) -> NodeStats:
+    """Subtree aggregates by one bottom-up sweep over depth levels (vectorised within a level)."""
+    nd = tree.nodes
+    n = tree.num_nodes
+    parent = nd["parent"].astype(np.int64)
+    depth = nd["depth"].astype(np.int32)
+    ids = np.arange(n, dtype=np.int64)
+    nonroot = parent >= 0
+    assert np.all(depth[nonroot] == depth[parent[nonroot]] + 1), (
+        f"tree {tree.problem_id}: depth is not parent depth + 1 for nodes {ids[nonroot][depth[nonroot] != depth[parent[nonroot]] + 1][:5]}"
+    )
+    visits = nd["visits"]
+    correct = nd["terminal"] & (nd["outcome"] == CORRECT)
+    count = correct.astype(np.int32)
+    term_below = nd["terminal"].astype(np.int32)
+    # best verified terminal encoded as one sortable int: more visits wins, then the lower id
+    key = np.where(correct, visits.astype(np.int64) * (n + 1) + (n - ids), -1)
+    for d in range(int(depth.max(initial=0)), 0, -1):
+        level = np.flatnonzero(depth == d)
+        np.add.at(count, parent[level], count[level])
+        np.add.at(term_below, parent[level], term_below[level])
+        np.maximum.at(key, parent[level], key[level])
+    best = np.where(key >= 0, n - key % (n + 1), -1).astype(np.int32)
+
+    order = np.argsort(parent, kind="stable")
+    bounds = np.searchsorted(parent[order], np.arange(n + 1))
+    children = [order[bounds[i] : bounds[i + 1]] for i in range(n)]
+    return NodeStats(
+        visits=visits,
+        q=tree.q(),
+        success=tree.success_rate(),
+        depth=depth,
+        terminal=nd["terminal"],
+        outcome=nd["outcome"],
+        verified_below=count > 0,
+        num_verified_below=count,
+        terminal_below=term_below > 0,
+        best_verified=best,
+        children=children,
+        has_verifier=bool(np.any(nd["outcome"] != UNVERIFIED)),
+    )
+
+
+# -- statistics of a pair ---------------------------------------------------------------------------
+def wilson_interval(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score interval of a success rate p observed over n trials, at normal quantile z."""
+    z2n = z * z / n
+    center = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(max(p * (1 - p) / n + z2n / (4 * n), 0.0))
+    return center - half, center + half
+
+
+def wilson_separation(p_hi: float, n_hi: float, p_lo: float, n_lo: float) -> tuple[float, float]:
+    """(z, level): the largest z (and its two-sided level 2*Phi(z)-1) at which the Wilson intervals of
+    the two rates do not overlap. Intervals are nested in z, so the gap shrinks monotonically and a
+    bisection finds it. (0, 0) when p_hi <= p_lo."""
+    if p_hi <= p_lo:
+        return 0.0, 0.0
+
+    def gap(z: float) -> float:
+        return wilson_interval(p_hi, n_hi, z)[0] - wilson_interval(p_lo, n_lo, z)[1]
+
+    lo, hi = 0.0, _Z_MAX
+    if gap(hi) > 0:
+        lo = hi
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
+    return lo, math.erf(lo / math.sqrt(2))
+
+
+def z_of_confidence(level: float) -> float:
+    """Normal quantile of a two-sided level (0.9 -> 1.645)."""
+    return NormalDist().inv_cdf((1 + level) / 2) if level > 0 else 0.0
+
+
+# -- text -----------------------------------------------------------------------------------------
+def prefix_text(tree: FinishedTree, node: int) -> str:
+    """The text the policy conditioned on at `node`: the prompt and each step followed by "\\n"."""
+    return tree.prompt + "".join(s + "\n" for s in tree.path_steps(node))
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace-insensitive form used to detect near-duplicate records."""
+    return " ".join(text.split())
+
+
+def descend(stats: NodeStats, node: int) -> int:
+    """End of the most visited path below `node`: at each level the most visited child (ties: higher Q,
+    then lower id) among children that lead to a terminal; a leaf if no terminal lies below."""
+    while len(kids := stats.children[node]) and not stats.terminal[node]:
+        if stats.terminal_below[node]:
+            kids = kids[stats.terminal_below[kids]]
+        q = np.nan_to_num(stats.q[kids], nan=-np.inf)
+        node = int(kids[np.lexsort((kids, -q, -stats.visits[kids]))[0]])
+    return int(node)
+
+
+def continuation(
+    tree: FinishedTree, stats: NodeStats, node: int, prefer_verified: bool
+) -> tuple[list[int], int]:
+    """(node ids from `node` down to the end, end node). With prefer_verified the end is the most
+    visited verified-correct terminal below `node` when there is one; otherwise `descend`."""
+    end = int(stats.best_verified[node]) if prefer_verified else -1
+    if end < 0:
+        end = descend(stats, node)
+    path = tree.path(end)
+    start = int(stats.depth[node]) - 1
+    assert path[start] == node, f"node {node} is not on the path to {end}: {path}"
+    return path[start:], end
+
+
+def _tree_id(tree: FinishedTree) -> str:
+    return f"{tree.problem_id}/{tree.seed}"
+
+
+def _f(x) -> float:
+    return float(x)
+
+
+# -- records ----------------------------------------------------------------------------------------
+def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
+    """Sibling preference pairs (rows of records.PAIRS_SCHEMA), parents in id order, per parent the
+    largest success gaps first. See the module docstring for the acceptance tests."""
+    st = stats or node_stats(tree)
+    gate = st.has_verifier if cfg.verifier_gate is None else cfg.verifier_gate
+    nd, chash, tid = tree.nodes, cfg.hash(), _tree_id(tree)
+    q_key = np.nan_to_num(st.q, nan=-np.inf)
+    rows: list[dict] = []
+    for parent, kids in enumerate(st.children):
+        kids = kids[st.visits[kids] >= cfg.min_visits]
+        if len(kids) < 2:
+            continue
+        ranked = kids[np.lexsort((kids, -q_key[kids], -st.success[kids]))]  # best first
+        candidates = [
+            (ranked[a], ranked[b]) for a in range(len(ranked)) for b in range(len(ranked) - 1, a, -1)
+        ]
+        candidates.sort(
+            key=lambda cr: -(st.success[cr[0]] - st.success[cr[1]])
+        )  # stable: best-vs-worst first
+        prompt = prefix_text(tree, parent)
+        seen: set[tuple[str, str]] = set()
+        for c, r in candidates:
+            if len(seen) >= cfg.max_pairs_per_node:
+                break
+            gap = float(st.success[c] - st.success[r])
+            if gap <= 0 or gap < cfg.min_margin - 1e-12:
+                continue
+            z, level = wilson_separation(st.success[c], st.visits[c], st.success[r], st.visits[r])
+            if level < cfg.confidence:
+                continue
+            if gate and not st.verified_below[c]:
+                continue
+            c_path, c_end = continuation(tree, st, int(c), prefer_verified=True)
+            r_path, r_end = continuation(tree, st, int(r), prefer_verified=False)
+            chosen = "\n".join(tree.steps[i] for i in c_path)
+            rejected = "\n".join(tree.steps[i] for i in r_path)
+            key = (normalize_text(chosen), normalize_text(rejected))
+            if key[0] == key[1] or key in seen:
+                continue  # un-merged near-identical siblings: the pair would teach nothing
+            seen.add(key)
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "margin": gap,
+                    "problem_id": tree.problem_id,
+                    "tree_id": tid,
+                    "parent_node": parent,
+                    "chosen_node": int(c),
+                    "rejected_node": int(r),
+                    "chosen_end": c_end,
+                    "rejected_end": r_end,
+                    "depth": int(st.depth[c]),
+                    "chosen_q": _f(st.q[c]),
+                    "rejected_q": _f(st.q[r]),
+                    "chosen_n": int(st.visits[c]),
+                    "rejected_n": int(st.visits[r]),
+                    "chosen_success": _f(st.success[c]),
+                    "rejected_success": _f(st.success[r]),
+                    "confidence": level,
+                    "separation_z": z,
+                    "chosen_verified": bool(st.outcome[c_end] == CORRECT),
+                    "chosen_outcome": int(st.outcome[c_end]),
+                    "rejected_outcome": int(st.outcome[r_end]),
+                    **{
+                        f"{side}_{k}": _f(nd[k][i])
+                        for side, i in (("chosen", c), ("rejected", r))
+                        for k in ("value", "prm", "orm")
+                    },
+                    "config_hash": chash,
+                }
+            )
+    return rows
+
+
+def _trajectory_ends(st: NodeStats, cfg: DeriveConfig, verified_only: bool) -> list[int]:
+    """Terminals (not the root) with enough visits, most visited first (ties: higher Q, lower id), capped."""
+    ok = st.terminal & (st.visits >= cfg.trajectory_min_visits) & (st.depth > 0)
+    if verified_only:
+        ok &= st.outcome != UNVERIFIED
+    ends = np.flatnonzero(ok)
+    ends = ends[np.lexsort((ends, -np.nan_to_num(st.q[ends], nan=-np.inf), -st.visits[ends]))]
+    return [int(e) for e in ends[: cfg.max_trajectories_per_tree]]
+
+
+def prm_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
+    """Stepwise-supervision rows (records.STEPS_SCHEMA), one per root-to-terminal path. Trees without
+    any verified outcome give none: their hard labels would all be False, which is noise, not signal."""
+    st = stats or node_stats(tree)
+    if not st.has_verifier:
+        return []
+    rows = []
+    for end in _trajectory_ends(st, cfg, verified_only=False):
+        path = tree.path(end)
+        rows.append(
+            {
+                "prompt": tree.prompt,
+                "completions": [tree.steps[i] for i in path],
+                "labels": [bool(st.verified_below[i]) for i in path],
+                "soft_labels": [_f(st.success[i]) for i in path],
+                "problem_id": tree.problem_id,
+                "tree_id": _tree_id(tree),
+                "nodes": [int(i) for i in path],
+                "visits": [int(st.visits[i]) for i in path],
+                "q": [_f(st.q[i]) for i in path],
+                "end_node": end,
+                "outcome": int(st.outcome[end]),
+                "config_hash": cfg.hash(),
+            }
+        )
+    return rows
+
+
+def _kto_row(tree: FinishedTree, st: NodeStats, prompt, completion, label, source, node, end, chash) -> dict:
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "label": bool(label),
+        "source": source,
+        "problem_id": tree.problem_id,
+        "tree_id": _tree_id(tree),
+        "node": int(node),
+        "end_node": int(end),
+        "depth": int(st.depth[node]),
+        "q": _f(st.q[node]),
+        "n": int(st.visits[node]),
+        "success": _f(st.success[node]),
+        "outcome": int(st.outcome[end]),
+        "config_hash": chash,
+    }
+
+
+def kto_rows(
+    tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None, pairs: list[dict] | None = None
+) -> list[dict]:
+    """Unpaired rows (records.KTO_SCHEMA): the sides of accepted pairs (`node` = the step node) and
+    whole verified trajectories (`node` = the terminal, label = its outcome). Identical
+    prompt+completion texts are kept once; texts that got both labels are dropped."""
+    st = stats or node_stats(tree)
+    chash = cfg.hash()
+    rows: list[dict] = []
+    if cfg.kto_from_pairs:
+        for p in step_pairs(tree, cfg, st) if pairs is None else pairs:
+            rows.append(
+                _kto_row(
+                    tree, st, p["prompt"], p["chosen"], True, "pair", p["chosen_node"], p["chosen_end"], chash
+                )
+            )
+            rows.append(
+                _kto_row(
+                    tree,
+                    st,
+                    p["prompt"],
+                    p["rejected"],
+                    False,
+                    "pair",
+                    p["rejected_node"],
+                    p["rejected_end"],
+                    chash,
+                )
+            )
+    if cfg.kto_trajectories:
+        for end in _trajectory_ends(st, cfg, verified_only=True):
+            text = "\n".join(tree.path_steps(end))
+            rows.append(
+                _kto_row(
+                    tree, st, tree.prompt, text, st.outcome[end] == CORRECT, "trajectory", end, end, chash
+                )
+            )
+    return dedupe(rows, lambda r: (r["prompt"], normalize_text(r["completion"])), label="label")
+
+
+def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
+    """The most visited verified-correct trajectory of the tree (records.SFT_SCHEMA); [] if none."""
+    st = stats or node_stats(tree)
+    end = int(st.best_verified[0])
+    if end <= 0:
+        return []
+    return [
+        {
+            "prompt": tree.prompt,
+            "completion": "\n".join(tree.path_steps(end)),
+            "problem_id": tree.problem_id,
+            "tree_id": _tree_id(tree),
+            "end_node": end,
+            "visits": int(st.visits[end]),
+            "q": _f(st.q[end]),
+            "depth": int(st.depth[end]),
+            "num_verified_terminals": int(st.num_verified_below[0]),
+            "config_hash": cfg.hash(),
+        }
+    ]
+
+
+def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
+    """Value targets (records.VALUES_SCHEMA) for every node (root included) with N >= min_visits."""
+    st = stats or node_stats(tree)
+    target = st.success if cfg.value_target == "success" else st.q
+    return [
+        {
+            "prompt": prefix_text(tree, i),
+            "value": _f(target[i]),
+            "visits": int(st.visits[i]),
+            "success": _f(st.success[i]),
+            "q": _f(st.q[i]),
+            "verified_below": bool(st.verified_below[i]),
+            "problem_id": tree.problem_id,
+            "tree_id": _tree_id(tree),
+            "node": int(i),
+            "depth": int(st.depth[i]),
+            "terminal": bool(st.terminal[i]),
+            "config_hash": cfg.hash(),
+        }
+        for i in np.flatnonzero(st.visits >= cfg.min_visits)
+    ]
+
+
+def dedupe(rows: Iterable[dict], key: Callable[[dict], tuple], label: str | None = None) -> list[dict]:
+    """Keep the first row per key. With `label`, a key seen with two different labels is dropped."""
+    first: dict[tuple, dict] = {}
+    conflicted: set[tuple] = set()
+    for r in rows:
+        k = key(r)
+        if k not in first:
+            first[k] = r
+        elif label is not None and first[k][label] != r[label]:
+            conflicted.add(k)
+    return [r for k, r in first.items() if k not in conflicted]
+
+
+def pair_key(row: dict) -> tuple[str, str, str]:
+    """Near-duplicate identity of a pair: the prompt and the normalized chosen / rejected texts."""
+    return row["prompt"], normalize_text(row["chosen"]), normalize_text(row["rejected"])
+
+
+def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, list[dict]]:
+    """Every record kind for a batch of trees: {"pairs", "steps", "kto", "sft", "values", "trees"}.
+    Pairs and KTO rows are de-duplicated across trees (several seeds of one problem find the same
+    options); SFT keeps the single most visited verified trajectory per problem."""
+    out: dict[str, list[dict]] = {k: [] for k in ("pairs", "steps", "kto", "sft", "values", "trees")}
+    best_sft: dict[str, dict] = {}
+    for tree in trees:
+        st = node_stats(tree)
+        pairs = step_pairs(tree, cfg, st)
+        out["pairs"] += pairs
+        out["steps"] += prm_rows(tree, cfg, st)
+        out["kto"] += kto_rows(tree, cfg, st, pairs)
+        out["values"] += value_rows(tree, cfg, st)
+        out["trees"].append(tree.to_row())
+        for row in sft_rows(tree, cfg, st):
+            old = best_sft.get(row["problem_id"])
+            if old is None or row["visits"] > old["visits"]:
+                best_sft[row["problem_id"]] = row
+    out["pairs"] = dedupe(out["pairs"], pair_key)
+    out["kto"] = dedupe(out["kto"], lambda r: (r["prompt"], normalize_text(r["completion"])), label="label")
+    out["sft"] = list(best_sft.values())
+    return out

@@ -1,0 +1,277 @@
+"""Column schemas of the records `rewards.derive` produces and `rewards.export` writes.
+
+This is what users script against. Every kind is one directory of parquet shards under the output
+directory (`out/<kind>/*.parquet`); the leading columns are the ones TRL's trainers read, the rest
+is metadata. Every record carries `problem_id`, `tree_id` (`"<problem_id>/<seed>"`) and
+`config_hash` (the derivation config, or the whole job's config when the pipeline passes one).
+Node ids index the tree's arrays in `out/trees` (node 0 is the root, the bare prompt).
+Texts: a *prefix* is `tree.prompt` followed by steps, each ended by "\\n"; a *completion* is steps
+joined by "\\n" with no trailing newline and no EOS text (TRL appends EOS itself).
+
+pairs — TRL preference format (DPOTrainer; RewardTrainer reads `margin`)
+    column            type     meaning
+    prompt            string   shared prefix: the prompt + the steps down to the parent node
+    chosen            string   the better sibling step + its continuation to an end (see derive.py)
+    rejected          string   the worse sibling step + its most visited continuation
+    margin            float64  chosen_success - rejected_success (> 0)
+    problem_id        string   problem id
+    tree_id           string   "<problem_id>/<seed>"
+    parent_node       int32    node id of the shared prefix
+    chosen_node       int32    node id of the chosen step
+    rejected_node     int32    node id of the rejected step
+    chosen_end        int32    node id where chosen's continuation ends
+    rejected_end      int32    node id where rejected's continuation ends
+    depth             int32    depth of the two step nodes (root children: 1)
+    chosen_q          float64  Q = W / N of the chosen step node
+    rejected_q        float64  Q of the rejected step node
+    chosen_n          int32    N (visits) of the chosen step node
+    rejected_n        int32    N of the rejected step node
+    chosen_success    float64  S / N of the chosen step node
+    rejected_success  float64  S / N of the rejected step node
+    confidence        float64  highest two-sided level at which the Wilson intervals still separate
+    separation_z      float64  the z score of that level
+    chosen_verified   bool     chosen's continuation ends at a verified correct terminal
+    chosen_outcome    int8     outcome at chosen_end (-1 unverified/not terminal, 0 wrong, 1 right)
+    rejected_outcome  int8     outcome at rejected_end
+    chosen_value      float32  value critic of the chosen step node (NaN if it did not run)
+    chosen_prm        float32  PRM score of the chosen step node
+    chosen_orm        float32  ORM score of the chosen step node
+    rejected_value    float32  value critic of the rejected step node
+    rejected_prm      float32  PRM score of the rejected step node
+    rejected_orm      float32  ORM score of the rejected step node
+    config_hash       string   hash of the config that produced the record
+
+steps — TRL stepwise supervision format (PRM training)
+    column            type           meaning
+    prompt            string         the problem prompt (tree.prompt)
+    completions       list<string>   the steps of one root-to-terminal path
+    labels            list<bool>     hard label per step: a verified success lies below it
+    soft_labels       list<float64>  soft label per step: the step node's success rate S / N
+    problem_id        string         problem id
+    tree_id           string         "<problem_id>/<seed>"
+    nodes             list<int32>    node id of each step
+    visits            list<int32>    N of each step node
+    q                 list<float64>  Q of each step node
+    end_node          int32          the terminal node
+    outcome           int8           its verified outcome (-1, 0, 1)
+    config_hash       string         config hash
+
+kto — TRL unpaired preference format (KTOTrainer)
+    column            type     meaning
+    prompt            string   prefix text
+    completion        string   steps joined by "\\n"
+    label             bool     desirable
+    source            string   "pair": a side of an accepted pair (same prompt/completion);
+                               "trajectory": a whole verified path from the bare prompt
+    problem_id        string   problem id
+    tree_id           string   "<problem_id>/<seed>"
+    node              int32    the node whose statistics decided the label: a pair side's step
+                               node, or a trajectory's terminal
+    end_node          int32    last node of the completion
+    depth             int32    depth of `node`
+    q                 float64  Q of `node`
+    n                 int32    N of `node`
+    success           float64  S / N of `node`
+    outcome           int8     outcome at end_node
+    config_hash       string   config hash
+
+sft — TRL prompt-completion format (SFTTrainer): the best verified trajectory per problem
+    column                 type     meaning
+    prompt                 string   the problem prompt (tree.prompt)
+    completion             string   the steps of the most visited verified-correct path
+    problem_id             string   problem id
+    tree_id                string   the tree it came from
+    end_node               int32    the correct terminal
+    visits                 int32    its N
+    q                      float64  its Q
+    depth                  int32    number of steps
+    num_verified_terminals int32    verified-correct terminals in that tree
+    config_hash            string   config hash
+
+values — value-function targets, one per visited node
+    column            type     meaning
+    prompt            string   the full prefix text of the node (prompt + its steps, each + "\\n")
+    value             float64  the target: success rate (default) or Q, per DeriveConfig.value_target
+    visits            int32    N of the node
+    success           float64  S / N
+    q                 float64  W / N
+    verified_below    bool     a verified correct terminal lies in the node's subtree
+    problem_id        string   problem id
+    tree_id           string   "<problem_id>/<seed>"
+    node              int32    node id
+    depth             int32    node depth
+    terminal          bool     the node is terminal
+    config_hash       string   config hash
+
+trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/finished.py);
+`FinishedTree.from_row(row)` rebuilds it, and `rewards.derive` re-derives every kind above from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from mcts.finished import NODE_FIELDS
+
+S, F64, F32, I32, I8, B = pa.string(), pa.float64(), pa.float32(), pa.int32(), pa.int8(), pa.bool_()
+
+_META_TAIL = [("config_hash", S)]
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("prompt", S),
+        ("chosen", S),
+        ("rejected", S),
+        ("margin", F64),
+        ("problem_id", S),
+        ("tree_id", S),
+        ("parent_node", I32),
+        ("chosen_node", I32),
+        ("rejected_node", I32),
+        ("chosen_end", I32),
+        ("rejected_end", I32),
+        ("depth", I32),
+        ("chosen_q", F64),
+        ("rejected_q", F64),
+        ("chosen_n", I32),
+        ("rejected_n", I32),
+        ("chosen_success", F64),
+        ("rejected_success", F64),
+        ("confidence", F64),
+        ("separation_z", F64),
+        ("chosen_verified", B),
+        ("chosen_outcome", I8),
+        ("rejected_outcome", I8),
+        ("chosen_value", F32),
+        ("chosen_prm", F32),
+        ("chosen_orm", F32),
+        ("rejected_value", F32),
+        ("rejected_prm", F32),
+        ("rejected_orm", F32),
+        *_META_TAIL,
+    ]
+)
+
+STEPS_SCHEMA = pa.schema(
+    [
+        ("prompt", S),
+        ("completions", pa.list_(S)),
+        ("labels", pa.list_(B)),
+        ("soft_labels", pa.list_(F64)),
+        ("problem_id", S),
+        ("tree_id", S),
+        ("nodes", pa.list_(I32)),
+        ("visits", pa.list_(I32)),
+        ("q", pa.list_(F64)),
+        ("end_node", I32),
+        ("outcome", I8),
+        *_META_TAIL,
+    ]
+)
+
+KTO_SCHEMA = pa.schema(
+    [
+        ("prompt", S),
+        ("completion", S),
+        ("label", B),
+        ("source", S),
+        ("problem_id", S),
+        ("tree_id", S),
+        ("node", I32),
+        ("end_node", I32),
+        ("depth", I32),
+        ("q", F64),
+        ("n", I32),
+        ("success", F64),
+        ("outcome", I8),
+        *_META_TAIL,
+    ]
+)
+
+SFT_SCHEMA = pa.schema(
+    [
+        ("prompt", S),
+        ("completion", S),
+        ("problem_id", S),
+        ("tree_id", S),
+        ("end_node", I32),
+        ("visits", I32),
+        ("q", F64),
+        ("depth", I32),
+        ("num_verified_terminals", I32),
+        *_META_TAIL,
+    ]
+)
+
+VALUES_SCHEMA = pa.schema(
+    [
+        ("prompt", S),
+        ("value", F64),
+        ("visits", I32),
+        ("success", F64),
+        ("q", F64),
+        ("verified_below", B),
+        ("problem_id", S),
+        ("tree_id", S),
+        ("node", I32),
+        ("depth", I32),
+        ("terminal", B),
+        *_META_TAIL,
+    ]
+)
+
+_ARROW_OF_NUMPY = {
+    "int32": pa.int32(),
+    "int16": pa.int16(),
+    "int8": pa.int8(),
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "bool": pa.bool_(),
+}
+
+TREES_SCHEMA = pa.schema(
+    [
+        ("problem_id", S),
+        ("task", S),
+        ("prompt", S),
+        ("question", S),
+        ("answer", S),
+        ("steps", pa.list_(S)),
+        ("seed", pa.int64()),
+        ("simulations", pa.int64()),
+        ("policy_tokens", pa.int64()),
+        ("meta", S),  # JSON text
+    ]
+    + [(name, pa.list_(_ARROW_OF_NUMPY[np.dtype(dtype).name])) for name, dtype in NODE_FIELDS.items()]
+)
+
+# The kinds in the order they are written; each is a directory under the output directory.
+SCHEMAS: dict[str, pa.Schema] = {
+    "pairs": PAIRS_SCHEMA,
+    "steps": STEPS_SCHEMA,
+    "kto": KTO_SCHEMA,
+    "sft": SFT_SCHEMA,
+    "values": VALUES_SCHEMA,
+    "trees": TREES_SCHEMA,
+}
+KINDS: tuple[str, ...] = tuple(SCHEMAS)
+
+
+def to_table(kind: str, rows: list[dict]) -> pa.Table:
+    """Rows of one kind -> a pyarrow table with exactly that kind's schema (0 rows allowed).
+
+    Raises ValueError naming the kind and the missing/extra columns when a row does not match,
+    so a schema drift fails loudly here rather than as a confusing parquet or TRL error later.
+    """
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {list(KINDS)}")
+    schema = SCHEMAS[kind]
+    if rows:
+        want, got = set(schema.names), set(rows[0])
+        if want != got:
+            raise ValueError(
+                f"{kind} rows do not match the {kind} schema: missing {sorted(want - got)}, "
+                f"extra {sorted(got - want)} (see rewards/records.py)"
+            )
+    return pa.Table.from_pylist(rows, schema=schema)
