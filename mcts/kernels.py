@@ -14,8 +14,9 @@ The rules, shared with the reference:
   outcome, never expanded), or (c) an internal node whose adaptive width exceeds its children
   (to widen). A node selected in this call is not selected again; an internal node none of
   whose children can be selected is skipped for the rest of the call.
-- Backup adds one visit per evaluated node along its path (value and success indicator), and
-  removes each selection's virtual loss; then it refreshes the adaptive width of the path's nodes:
+- Backup adds one visit per evaluated node along its path (value, success indicator and whether
+  that indicator was verified: a critic-only evaluation has a value but no verified outcome, so
+  the success rate S / V counts verified evaluations only), and removes each selection's virtual loss; then it refreshes the adaptive width of the path's nodes:
   n(s) = clip(floor(alpha * I(s)) + 1, c_min[depth], c_max[depth]), I(s) = max_c |Q(c) - Q(s)|.
 """
 
@@ -128,7 +129,7 @@ def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, ou
     """
     parent, first_child, num_children, child_slots, width_target, depth = F[0], F[1], F[2], F[3], F[4], F[5]
     visits, vloss, value_sum, success_sum, prior, score = F[6], F[7], F[8], F[9], F[10], F[11]
-    terminal, outcome, num_nodes = F[12], F[13], F[15]
+    terminal, outcome, num_nodes = F[12], F[13], F[16]
     capacity = parent.shape[1]
     row = 0
     for m in range(tree_ids.shape[0]):
@@ -187,16 +188,28 @@ def _refresh_width(F, b, s, alpha, c_min, c_max):
 
 @njit(cache=True)
 def backup(
-    F, sel_tree, sel_node, eval_start, eval_count, eval_node, eval_value, eval_success, alpha, c_min, c_max
+    F,
+    sel_tree,
+    sel_node,
+    eval_start,
+    eval_count,
+    eval_node,
+    eval_value,
+    eval_success,
+    eval_verified,
+    alpha,
+    c_min,
+    c_max,
 ):
     """Back up M selections: remove each one's virtual loss, then add one visit per evaluated
     node (eval rows eval_start[m] .. + eval_count[m]) along its path to the root.
 
-    eval_value, eval_success: float [E] in [0, 1]. A terminal revisit evaluates the selected node
-    itself; an expansion evaluates its new children. With alpha >= 0 the adaptive width of every
+    eval_value, eval_success: float [E] in [0, 1]; eval_verified: int8 [E], 1 where eval_success
+    is a verified outcome (a terminal's, or a verified rollout's), 0 for critic-only evaluations.
+    A terminal revisit evaluates the selected node itself; an expansion evaluates its new children. With alpha >= 0 the adaptive width of every
     node on the paths is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
     """
-    parent, visits, vloss, value_sum, success_sum = F[0], F[6], F[7], F[8], F[9]
+    parent, visits, vloss, value_sum, success_sum, verified_visits = F[0], F[6], F[7], F[8], F[9], F[15]
     for m in range(sel_tree.shape[0]):
         b = sel_tree[m]
         node = sel_node[m]
@@ -209,6 +222,7 @@ def backup(
                 visits[b, node] += 1
                 value_sum[b, node] += eval_value[e]
                 success_sum[b, node] += eval_success[e]
+                verified_visits[b, node] += eval_verified[e]
                 node = parent[b, node]
         if alpha >= 0.0:
             node = sel_node[m]
@@ -239,7 +253,7 @@ def most_visited_path(F, b, out):
 @njit(cache=True)
 def subtree_has_success(F, b, out):
     """out[s] = 1 if a verified-correct terminal lies in s's subtree (int8 [capacity])."""
-    parent, outcome, num_nodes = F[0], F[13], F[15]
+    parent, outcome, num_nodes = F[0], F[13], F[16]
     out[:] = 0
     for c in range(num_nodes[b]):
         if outcome[b, c] == 1:

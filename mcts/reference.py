@@ -27,6 +27,7 @@ class Node:
     virtual_loss: int = 0
     value_sum: float = 0.0
     success_sum: float = 0.0
+    verified_visits: int = 0
     child_slots: int = 0
     width_target: int = 0
     children: list[Node] = field(default_factory=list)
@@ -135,12 +136,13 @@ class ReferenceTree:
         while node is not None:
             node.virtual_loss -= 1
             node = node.parent
-        for start, value, success in evaluated:
+        for start, value, success, verified in evaluated:
             node = start
             while node is not None:
                 node.visits += 1
                 node.value_sum += value
                 node.success_sum += success
+                node.verified_visits += verified
                 node = node.parent
         if alpha >= 0.0:
             node = selected

@@ -48,7 +48,9 @@ class Workload:
         tb = self.tables
         tb["outcome"] = np.where(tb["terminal"] == 1, (tb["value"] > 0.5).astype(np.int8), np.int8(-1))
         tb["outcome"] = tb["outcome"].astype(np.int8)
-        tb["success"] = (tb["value"] > 0.7).astype(np.float64)
+        # a rollout verified half of the time; its indicator counts only then
+        tb["verified"] = (rng.random((t, k)) < 0.5).astype(np.int8)
+        tb["success"] = ((tb["value"] > 0.7) & (tb["verified"] == 1)).astype(np.float64)
         depth_cap = 64
         self.c_min_by_depth = np.full(depth_cap, self.c_min if self.adaptive else 0, np.int64)
         self.c_max_by_depth = np.full(depth_cap, k, np.int64)
@@ -73,6 +75,7 @@ def _apply_round(
     t_prior,
     t_value,
     t_success,
+    t_verified,
     t_terminal,
     t_outcome,
     t_count,
@@ -114,6 +117,7 @@ def _apply_round(
     outs = np.empty(total, np.int8)
     values = np.empty(total + m_total, np.float64)
     succ = np.empty(total + m_total, np.float64)
+    verified = np.empty(total + m_total, np.int8)
     eval_node = np.empty(total + m_total, np.int64)
     eval_start = np.zeros(m_total, np.int64)
     eval_count = np.zeros(m_total, np.int64)
@@ -140,6 +144,7 @@ def _apply_round(
             eval_node[e] = s
             values[e] = max(np.float64(outcome[b, s]), 0.0)
             succ[e] = values[e]
+            verified[e] = 1 if outcome[b, s] >= 0 else 0
             e += 1
         else:
             r = _row(b, s, rows)
@@ -149,10 +154,11 @@ def _apply_round(
                 eval_node[e] = first[i] + j
                 values[e] = t_value[r, col]
                 succ[e] = t_success[r, col]
+                verified[e] = t_verified[r, col]
                 e += 1
         eval_count[i] = e - eval_start[i]
     kernels.backup(
-        F, tree_ids, node_ids, eval_start, eval_count, eval_node, values, succ, alpha, c_min, c_max
+        F, tree_ids, node_ids, eval_start, eval_count, eval_node, values, succ, verified, alpha, c_min, c_max
     )
     return -1
 
@@ -172,6 +178,7 @@ def run_kernels(w: Workload) -> Forest:
             tb["prior"],
             tb["value"],
             tb["success"],
+            tb["verified"],
             tb["terminal"],
             tb["outcome"],
             tb["count"],
@@ -230,11 +237,11 @@ def run_reference(w: Workload, tb: dict | None = None) -> list[ReferenceTree]:
                 )
                 if kind == TERMINAL:
                     v = float(max(s.outcome, 0))
-                    evaluations.append([(s, v, v)])
+                    evaluations.append([(s, v, v, int(s.outcome >= 0))])
                 else:
                     evaluations.append(
                         [
-                            (c, tb["value"][r][col], tb["success"][r][col])
+                            (c, tb["value"][r][col], tb["success"][r][col], tb["verified"][r][col])
                             for c, col in zip(new, cols, strict=True)
                         ]
                     )

@@ -31,12 +31,13 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     ("visits", np.int32, "N: backed-up visits = own terminal visits + children's visits"),
     ("virtual_loss", np.int16, "pending selections through the node (counted as value-0 visits)"),
     ("value_sum", np.float64, "W: sum of backed-up values in [0, 1]"),
-    ("success_sum", np.float64, "S: sum of backed-up success indicators"),
+    ("success_sum", np.float64, "S: sum of backed-up verified success indicators"),
     ("prior", np.float32, "P: policy prior of the option leading to the node"),
     ("score", np.float32, "the node's own evaluation when it was created"),
     ("terminal", np.int8, "1 if the option ended the solution"),
     ("outcome", np.int8, "UNVERIFIED, 0 (verified wrong) or 1 (verified correct)"),
     ("mark", np.int8, "scratch flag of the selection kernel, 0 outside a call"),
+    ("verified_visits", np.int32, "V: visits whose evaluation was verified; success rate = S / V"),
 )
 FIELD_NAMES = tuple(name for name, _, _ in FIELDS)
 
