@@ -9,8 +9,10 @@ Per-node arrays, all of shape [num_nodes], node 0 is the root (the bare prompt):
     depth        int16   root 0, child = parent + 1
     visits       int32   N: backed-up visits (own terminal visits + children's visits)
     value_sum    float64 W: sum of backed-up values in [0, 1]; Q = W / N
-    success_sum  float64 S: sum of backed-up success indicators (verified outcomes of terminals,
-                         and of rollouts when they are used); S / N is the node's success rate
+    success_sum  float64 S: sum of backed-up verified success indicators (outcomes of terminals,
+                         and of verified rollouts when they are used)
+    verified_visits int32 V: visits whose evaluation was verified; S / V is the success rate
+                         (critic-only evaluations add to N and W but not to V or S)
     prior        float32 policy prior of the option leading to the node (root 1.0)
     score        float32 the node's own evaluation when it was created (combined critics/rollout)
     terminal     bool    the option ended the solution (or no move is left)
@@ -34,6 +36,7 @@ NODE_FIELDS: dict[str, type] = {
     "visits": np.int32,
     "value_sum": np.float64,
     "success_sum": np.float64,
+    "verified_visits": np.int32,
     "prior": np.float32,
     "score": np.float32,
     "terminal": np.bool_,
@@ -63,6 +66,8 @@ class FinishedTree:
 
     def __post_init__(self) -> None:
         n = len(self.steps)
+        if "verified_visits" not in self.nodes:  # a tree valued only by verified evaluations
+            self.nodes["verified_visits"] = np.asarray(self.nodes["visits"])
         for name, dtype in NODE_FIELDS.items():
             arr = np.asarray(self.nodes[name], dtype=dtype)
             assert arr.shape == (n,), f"node field {name} has shape {arr.shape}, expected ({n},)"
@@ -93,8 +98,9 @@ class FinishedTree:
         return np.where(n > 0, self.nodes["value_sum"] / np.maximum(n, 1), np.nan)
 
     def success_rate(self) -> np.ndarray:
-        n = self.nodes["visits"]
-        return np.where(n > 0, self.nodes["success_sum"] / np.maximum(n, 1), np.nan)
+        """S / V per node: NaN where no verified evaluation was backed up."""
+        v = self.nodes["verified_visits"]
+        return np.where(v > 0, self.nodes["success_sum"] / np.maximum(v, 1), np.nan)
 
     # -- serialisation (one parquet row; plain lists, no pickle) -----------------------------
     def to_row(self) -> dict:
