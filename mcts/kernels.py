@@ -51,10 +51,10 @@ def _wants_widening(F, b, s):
 
 
 @njit(cache=True)
-def select_leaves(F, c_puct, leaves_per_tree, out_nodes, out_kinds, out_count, scratch):
-    """Select up to `leaves_per_tree` distinct nodes in every tree.
+def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
+    """Select up to `leaves[b]` distinct nodes in every tree b (0 leaves the tree untouched).
 
-    out_nodes, out_kinds: int32 [B, leaves_per_tree]; out_count: int32 [B];
+    leaves: int32 [B]; out_nodes, out_kinds: int32 [B, max(leaves)]; out_count: int32 [B];
     scratch: int32 [capacity], reused to clear the marks. Virtual loss is added on each path.
     """
     first_child, num_children, terminal, mark, vloss, visits = F[1], F[2], F[12], F[14], F[7], F[6]
@@ -63,7 +63,7 @@ def select_leaves(F, c_puct, leaves_per_tree, out_nodes, out_kinds, out_count, s
     for b in range(num_trees):
         count = 0
         num_marked = 0
-        while count < leaves_per_tree and mark[b, ROOT] != _EXHAUSTED:
+        while count < leaves[b] and mark[b, ROOT] != _EXHAUSTED:
             s = ROOT
             kind = -1
             while True:

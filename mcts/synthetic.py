@@ -171,8 +171,9 @@ def run_kernels(w: Workload) -> Forest:
     out_kinds = np.zeros_like(out_nodes)
     out_count = np.zeros(w.num_trees, np.int32)
     scratch = np.zeros(w.capacity, np.int32)
+    leaves = np.full(w.num_trees, w.leaves_per_tree, np.int32)
     for _ in range(w.simulations):
-        kernels.select_leaves(F, w.c_puct, w.leaves_per_tree, out_nodes, out_kinds, out_count, scratch)
+        kernels.select_leaves(F, w.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
         failed = _apply_round(
             F,
             tb["prior"],
