@@ -1,7 +1,8 @@
 """Finished trees -> preference records. Pure functions over `FinishedTree`s (numpy + stdlib only).
 
-Per node the search leaves N (visits), Q = W / N and a success rate S / N backed up from verified
-terminal outcomes (and rollouts, when used). From those:
+Per node the search leaves N (visits), Q = W / N, and V verified visits with S successes among them
+(verified terminal outcomes and verified rollouts; critic-only evaluations count in N but not in V),
+so the success rate is S / V. From those:
 
 - `step_pairs`: under every internal node, sibling options are compared; the one with the higher
   success rate is chosen. A pair is kept only when the gap is real: both sides visited at least
@@ -14,7 +15,7 @@ terminal outcomes (and rollouts, when used). From those:
   success lies below the step) and soft (the step's success rate) labels per step.
 - `kto_rows`, `sft_rows`, `value_rows`: unpaired labels, the best verified trajectory, value targets.
 
-The Wilson test treats the N backed-up outcomes under a node as independent draws. They are not
+The Wilson test treats the V backed-up verified outcomes under a node as independent draws. They are not
 quite (MCTS steers later visits by earlier ones), so read `confidence` as a ranking of how clearly
 two siblings separate, not as a calibrated probability; `rewards.audit` measures the real precision
 with fresh rollouts.
@@ -42,7 +43,8 @@ class DeriveConfig:
     """How finished trees become records. Every field is recorded (hashed) with the records."""
 
     min_visits: int = 2
-    """A pair side, or a value-target node, needs at least this many visits N."""
+    """A pair side, or a value-target node, needs at least this many visits N (a pair side also
+    needs V > 0 verified visits; the Wilson test then weighs how many)."""
     min_margin: float = 0.2
     """Minimum success-rate gap (chosen - rejected) of a pair."""
     confidence: float = 0.9
@@ -92,8 +94,9 @@ class NodeStats:
     """Per-node statistics of one tree; every array has shape [num_nodes]."""
 
     visits: np.ndarray  # int32   N
+    verified_visits: np.ndarray  # int32   V
     q: np.ndarray  # float64 W / N (NaN where N == 0)
-    success: np.ndarray  # float64 S / N (NaN where N == 0)
+    success: np.ndarray  # float64 S / V (NaN where V == 0)
     depth: np.ndarray  # int32
     terminal: np.ndarray  # bool
     outcome: np.ndarray  # int8
@@ -102,7 +105,7 @@ class NodeStats:
     terminal_below: np.ndarray  # bool    any terminal lies in the subtree
     best_verified: np.ndarray  # int32   most visited outcome==1 terminal in the subtree, -1 if none
     children: list[np.ndarray]  # children[i]: child ids of node i, ascending
-    has_verifier: bool  # any node of the tree carries a verified outcome
+    has_verifier: bool  # any verified outcome or verified visit in the tree (the task has a verifier)
 
 
 def node_stats(tree: FinishedTree) -> NodeStats:
@@ -134,6 +137,7 @@ def node_stats(tree: FinishedTree) -> NodeStats:
     children = [order[bounds[i] : bounds[i + 1]] for i in range(n)]
     return NodeStats(
         visits=visits,
+        verified_visits=nd["verified_visits"],
         q=tree.q(),
         success=tree.success_rate(),
         depth=depth,
@@ -144,7 +148,7 @@ def node_stats(tree: FinishedTree) -> NodeStats:
         terminal_below=term_below > 0,
         best_verified=best,
         children=children,
-        has_verifier=bool(np.any(nd["outcome"] != UNVERIFIED)),
+        has_verifier=bool(np.any(nd["outcome"] != UNVERIFIED) or np.any(nd["verified_visits"] > 0)),
     )
 
 
@@ -236,7 +240,7 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
     q_key = np.nan_to_num(st.q, nan=-np.inf)
     rows: list[dict] = []
     for parent, kids in enumerate(st.children):
-        kids = kids[st.visits[kids] >= cfg.min_visits]
+        kids = kids[(st.visits[kids] >= cfg.min_visits) & (st.verified_visits[kids] > 0)]
         if len(kids) < 2:
             continue
         ranked = kids[np.lexsort((kids, -q_key[kids], -st.success[kids]))]  # best first
@@ -254,7 +258,9 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             gap = float(st.success[c] - st.success[r])
             if gap <= 0 or gap < cfg.min_margin - 1e-12:
                 continue
-            z, level = wilson_separation(st.success[c], st.visits[c], st.success[r], st.visits[r])
+            z, level = wilson_separation(
+                st.success[c], st.verified_visits[c], st.success[r], st.verified_visits[r]
+            )
             if level < cfg.confidence:
                 continue
             if gate and not st.verified_below[c]:
@@ -285,6 +291,8 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
                     "rejected_q": _f(st.q[r]),
                     "chosen_n": int(st.visits[c]),
                     "rejected_n": int(st.visits[r]),
+                    "chosen_v": int(st.verified_visits[c]),
+                    "rejected_v": int(st.verified_visits[r]),
                     "chosen_success": _f(st.success[c]),
                     "rejected_success": _f(st.success[r]),
                     "confidence": level,
@@ -397,7 +405,7 @@ def kto_rows(
                     tree, st, tree.prompt, text, st.outcome[end] == CORRECT, "trajectory", end, end, chash
                 )
             )
-    return dedupe(rows, lambda r: (r["prompt"], normalize_text(r["completion"])), label="label")
+    return dedupe(rows, kto_key, label="label")
 
 
 def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
@@ -423,14 +431,17 @@ def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
 
 
 def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
-    """Value targets (records.VALUES_SCHEMA) for every node (root included) with N >= min_visits."""
+    """Value targets (records.VALUES_SCHEMA) for every node (root included) with N >= min_visits and
+    a defined target (with value_target="success", V > 0)."""
     st = stats or node_stats(tree)
     target = st.success if cfg.value_target == "success" else st.q
+    keep = (st.visits >= cfg.min_visits) & ~np.isnan(target)
     return [
         {
             "prompt": prefix_text(tree, i),
             "value": _f(target[i]),
             "visits": int(st.visits[i]),
+            "verified_visits": int(st.verified_visits[i]),
             "success": _f(st.success[i]),
             "q": _f(st.q[i]),
             "verified_below": bool(st.verified_below[i]),
@@ -441,7 +452,7 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             "terminal": bool(st.terminal[i]),
             "config_hash": cfg.hash(),
         }
-        for i in np.flatnonzero(st.visits >= cfg.min_visits)
+        for i in np.flatnonzero(keep)
     ]
 
 
@@ -458,15 +469,22 @@ def dedupe(rows: Iterable[dict], key: Callable[[dict], tuple], label: str | None
     return [r for k, r in first.items() if k not in conflicted]
 
 
-def pair_key(row: dict) -> tuple[str, str, str]:
-    """Near-duplicate identity of a pair: the prompt and the normalized chosen / rejected texts."""
-    return row["prompt"], normalize_text(row["chosen"]), normalize_text(row["rejected"])
+def pair_key(row: dict) -> tuple[str, str, str, str]:
+    """Near-duplicate identity of a pair: problem, prompt, normalized chosen / rejected texts. The
+    problem id is part of it so that what a batch yields never depends on which other problems
+    share the batch (shards are written per batch)."""
+    return row["problem_id"], row["prompt"], normalize_text(row["chosen"]), normalize_text(row["rejected"])
+
+
+def kto_key(row: dict) -> tuple[str, str, str]:
+    """Identity of a KTO row: problem, prompt, normalized completion."""
+    return row["problem_id"], row["prompt"], normalize_text(row["completion"])
 
 
 def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, list[dict]]:
     """Every record kind for a batch of trees: {"pairs", "steps", "kto", "sft", "values", "trees"}.
-    Pairs and KTO rows are de-duplicated across trees (several seeds of one problem find the same
-    options); SFT keeps the single most visited verified trajectory per problem."""
+    Pairs and KTO rows are de-duplicated across the trees of one problem (several seeds find the
+    same options); SFT keeps the single most visited verified trajectory per problem."""
     out: dict[str, list[dict]] = {k: [] for k in ("pairs", "steps", "kto", "sft", "values", "trees")}
     best_sft: dict[str, dict] = {}
     for tree in trees:
@@ -482,6 +500,6 @@ def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, li
             if old is None or row["visits"] > old["visits"]:
                 best_sft[row["problem_id"]] = row
     out["pairs"] = dedupe(out["pairs"], pair_key)
-    out["kto"] = dedupe(out["kto"], lambda r: (r["prompt"], normalize_text(r["completion"])), label="label")
+    out["kto"] = dedupe(out["kto"], kto_key, label="label")
     out["sft"] = list(best_sft.values())
     return out

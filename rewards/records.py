@@ -26,8 +26,10 @@ pairs — TRL preference format (DPOTrainer; RewardTrainer reads `margin`)
     rejected_q        float64  Q of the rejected step node
     chosen_n          int32    N (visits) of the chosen step node
     rejected_n        int32    N of the rejected step node
-    chosen_success    float64  S / N of the chosen step node
-    rejected_success  float64  S / N of the rejected step node
+    chosen_v          int32    V (verified visits) of the chosen step node: the Wilson test's trials
+    rejected_v        int32    V of the rejected step node
+    chosen_success    float64  S / V of the chosen step node
+    rejected_success  float64  S / V of the rejected step node
     confidence        float64  highest two-sided level at which the Wilson intervals still separate
     separation_z      float64  the z score of that level
     chosen_verified   bool     chosen's continuation ends at a verified correct terminal
@@ -46,7 +48,8 @@ steps — TRL stepwise supervision format (PRM training)
     prompt            string         the problem prompt (tree.prompt)
     completions       list<string>   the steps of one root-to-terminal path
     labels            list<bool>     hard label per step: a verified success lies below it
-    soft_labels       list<float64>  soft label per step: the step node's success rate S / N
+    soft_labels       list<float64>  soft label per step: the step node's success rate S / V
+                                     (NaN where V = 0: no verified evaluation below the step)
     problem_id        string         problem id
     tree_id           string         "<problem_id>/<seed>"
     nodes             list<int32>    node id of each step
@@ -71,7 +74,7 @@ kto — TRL unpaired preference format (KTOTrainer)
     depth             int32    depth of `node`
     q                 float64  Q of `node`
     n                 int32    N of `node`
-    success           float64  S / N of `node`
+    success           float64  S / V of `node`
     outcome           int8     outcome at end_node
     config_hash       string   config hash
 
@@ -92,8 +95,10 @@ values — value-function targets, one per visited node
     column            type     meaning
     prompt            string   the full prefix text of the node (prompt + its steps, each + "\\n")
     value             float64  the target: success rate (default) or Q, per DeriveConfig.value_target
+                               (with "success", nodes without verified visits get no row)
     visits            int32    N of the node
-    success           float64  S / N
+    verified_visits   int32    V of the node
+    success           float64  S / V
     q                 float64  W / N
     verified_below    bool     a verified correct terminal lies in the node's subtree
     problem_id        string   problem id
@@ -105,6 +110,31 @@ values — value-function targets, one per visited node
 
 trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/finished.py);
 `FinishedTree.from_row(row)` rebuilds it, and `rewards.derive` re-derives every kind above from it.
+    column            type           meaning
+    problem_id        string         problem id
+    task              string         task name
+    prompt            string         the exact text the policy conditioned on
+    question          string         human-readable problem statement
+    answer            string         reference answer
+    steps             list<string>   option text leading to each node ("" for the root)
+    seed              int64          search seed
+    simulations       int64          selection rounds run
+    policy_tokens     int64          tokens the policy generated for this tree
+    meta              string         JSON: task meta, config hash, ...
+    parent            list<int32>    per node: parent id (-1 for the root)
+    depth             list<int16>    per node: depth (root 0)
+    visits            list<int32>    per node: N
+    value_sum         list<float64>  per node: W (Q = W / N)
+    success_sum       list<float64>  per node: S (verified successes)
+    verified_visits   list<int32>    per node: V (verified visits; success rate = S / V)
+    prior             list<float32>  per node: policy prior of the option
+    score             list<float32>  per node: combined evaluation at creation
+    terminal          list<bool>     per node: the option ended the solution
+    outcome           list<int8>     per node: -1 unverified, 0 wrong, 1 correct
+    value             list<float32>  per node: value critic (NaN if not run)
+    prm               list<float32>  per node: PRM score
+    orm               list<float32>  per node: ORM score
+    num_tokens        list<int32>    per node: policy tokens of the option
 """
 
 from __future__ import annotations
@@ -136,6 +166,8 @@ PAIRS_SCHEMA = pa.schema(
         ("rejected_q", F64),
         ("chosen_n", I32),
         ("rejected_n", I32),
+        ("chosen_v", I32),
+        ("rejected_v", I32),
         ("chosen_success", F64),
         ("rejected_success", F64),
         ("confidence", F64),
@@ -209,6 +241,7 @@ VALUES_SCHEMA = pa.schema(
         ("prompt", S),
         ("value", F64),
         ("visits", I32),
+        ("verified_visits", I32),
         ("success", F64),
         ("q", F64),
         ("verified_below", B),
@@ -275,3 +308,18 @@ def to_table(kind: str, rows: list[dict]) -> pa.Table:
                 f"extra {sorted(got - want)} (see rewards/records.py)"
             )
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def column_docs() -> dict[str, str]:
+    """The column table of each kind, cut from this module's docstring (the single source the
+    dataset card quotes; tests check it names every schema column)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in (__doc__ or "").splitlines():
+        head = line.split(" — ", 1)[0]
+        if head in SCHEMAS and not line.startswith(" "):
+            current = head
+            out[current] = []
+        if current is not None:
+            out[current].append(line)
+    return {k: "\n".join(v).strip() for k, v in out.items()}

@@ -25,6 +25,7 @@ class Spec:
     outcome: int = -1  # terminals: -1 unverified, 0 wrong, 1 correct
     terminal: bool = False
     successes: float | None = None  # own successes; default: visits if outcome == 1 else 0
+    verified: int | None = None  # own verified visits; default: visits, except unverified terminals (0)
     value: float | None = None  # own mean backed-up value per visit; default: own success rate
     critics: tuple[float, float, float] | None = None  # (value, prm, orm) of the node's own evaluation
 
@@ -39,15 +40,16 @@ def N(step: str, *children: Spec, **kw) -> Spec:
     return Spec(step, children=list(children), **kw)
 
 
-def L(step: str, visits: int, successes: float, **kw) -> Spec:
-    """A non-terminal leaf scored by rollouts (S from rollouts, no verified terminal below)."""
-    return Spec(step, visits=visits, successes=successes, **kw)
+def L(step: str, visits: int, successes: float, verified: int | None = None, **kw) -> Spec:
+    """A non-terminal leaf scored by verified rollouts (S from rollouts, no verified terminal below);
+    verified=0 makes it critic-only (counts in N, not in V or S)."""
+    return Spec(step, visits=visits, successes=successes, verified=verified, **kw)
 
 
 def build_tree(
     children: list[Spec], prompt: str = "Q\n", problem_id: str = "p0", seed: int = 0, task: str = "countdown"
 ) -> FinishedTree:
-    """FinishedTree from the root's children. Critic breakdown defaults: value = Q, prm = S/N,
+    """FinishedTree from the root's children. Critic breakdown defaults: value = Q, prm = S/V,
     orm = 0.9 / 0.2 on verified correct / wrong terminals (NaN elsewhere); score = their nan-mean."""
     specs: list[Spec] = [Spec("", children=children)]
     parent, depth = [-1], [0]
@@ -62,6 +64,7 @@ def build_tree(
     visits = np.zeros(n)
     succ = np.zeros(n)
     wsum = np.zeros(n)
+    ver = np.zeros(n)
     for i, s in enumerate(specs):
         if not s.children:
             visits[i] = s.visits
@@ -69,17 +72,20 @@ def build_tree(
             wsum[i] = s.visits * (
                 s.value if s.value is not None else (succ[i] / s.visits if s.visits else 0.0)
             )
+            unverified_terminal = s.terminal and s.outcome == -1
+            ver[i] = s.verified if s.verified is not None else (0 if unverified_terminal else s.visits)
     for i in range(n - 1, 0, -1):  # breadth-first ids: children always come after their parent
         visits[parent[i]] += visits[i]
         succ[parent[i]] += succ[i]
         wsum[parent[i]] += wsum[i]
+        ver[parent[i]] += ver[i]
     crit = np.full((n, 3), NAN)
     for i, s in enumerate(specs):
         if s.critics is not None:
             crit[i] = s.critics
         elif visits[i] > 0:
             orm = {1: 0.9, 0: 0.2}.get(s.outcome, NAN) if s.terminal else NAN
-            crit[i] = (wsum[i] / visits[i], succ[i] / visits[i], orm)
+            crit[i] = (wsum[i] / visits[i], succ[i] / ver[i] if ver[i] else NAN, orm)
     with np.errstate(all="ignore"):
         score = np.where(
             np.isnan(crit).all(axis=1), NAN, np.nanmean(np.where(np.isnan(crit), NAN, crit), axis=1)
@@ -90,6 +96,7 @@ def build_tree(
         "visits": visits,
         "value_sum": wsum,
         "success_sum": succ,
+        "verified_visits": ver,
         "prior": np.full(n, 1.0),
         "score": score,
         "terminal": [s.terminal for s in specs],

@@ -1,0 +1,45 @@
+"""Small numpy metrics for the audit: rank-based AUROC and expected calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` [n] for binary `labels` [n], by the Mann-Whitney rank sum.
+
+    Tied scores get their average rank, so a tie between a positive and a negative counts 1/2.
+    NaN scores are left out. Returns NaN when either class is empty (AUROC is undefined there).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    assert s.shape == y.shape, f"scores {s.shape} and labels {y.shape} differ in shape"
+    keep = ~np.isnan(s)
+    s, y = s[keep], y[keep]
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    ranks = np.empty(len(s))
+    ranks[order] = (last - (counts - 1) / 2.0)[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error of predicted probabilities `probs` [n] in [0, 1] against targets
+    [n] in [0, 1] (0/1 outcomes or soft success rates): equal-width bins, each contributing
+    (bin size / n) * |mean prediction - mean target|. NaN predictions are left out; NaN if none left."""
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(targets, dtype=np.float64)
+    assert p.shape == t.shape, f"probs {p.shape} and targets {t.shape} differ in shape"
+    keep = ~np.isnan(p)
+    p, t = p[keep], t[keep]
+    if len(p) == 0:
+        return float("nan")
+    assert p.min() >= 0.0 and p.max() <= 1.0, f"probabilities outside [0, 1]: [{p.min()}, {p.max()}]"
+    b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    gap = np.abs(np.bincount(b, weights=p, minlength=n_bins) - np.bincount(b, weights=t, minlength=n_bins))
+    return float(gap.sum() / len(p))  # sum_b |sum p - sum t| / n == sum_b (n_b / n) |mean p - mean t|
