@@ -1,0 +1,43 @@
+"""Tiny random causal LMs saved to disk, for tests that need a real `transformers` model.
+
+Other test modules import these helpers (policy, critics, pipeline tests):
+
+    from _tiny_models import save_tiny_llama  # tests/ is on sys.path under pytest
+    path = save_tiny_llama(tmp_path / "policy")
+
+Models are random (seeded) and use the character tokenizer of `mcts.charlm`, so they load in
+well under a second and never touch a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mcts.charlm import build_char_tokenizer, save_model_dir, tiny_gpt2_config, tiny_llama_config
+
+
+def char_tokenizer():
+    """The character tokenizer (pad/bos/eos set, left padding)."""
+    return build_char_tokenizer()
+
+
+def save_tiny_llama(path: str | Path, seed: int = 0, d_model: int = 32, n_layers: int = 2) -> Path:
+    """Save a random tiny Llama + char tokenizer into `path` (safetensors); return the path."""
+    from transformers import LlamaForCausalLM
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), d_model, n_layers, n_heads=2, tok=tok))
+    return save_model_dir(model.eval(), tok, path)
+
+
+def save_tiny_gpt2(path: str | Path, seed: int = 0, d_model: int = 32, n_layers: int = 2) -> Path:
+    """Save a random tiny GPT-2 (learned absolute positions) + char tokenizer into `path`."""
+    from transformers import GPT2LMHeadModel
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_gpt2_config(len(tok), d_model, n_layers, n_heads=2, tok=tok))
+    return save_model_dir(model.eval(), tok, path)

@@ -1,0 +1,145 @@
+"""Policy: batched proposals, exact log-probs, padding invariance, caps, determinism, merge, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _tiny_models import save_tiny_gpt2, save_tiny_llama
+
+from mcts.policy import Option, Policy, PolicyConfig, PolicyLoadError, merge_options
+from mcts.tasks.countdown import CountdownTask
+
+PROMPTS = ["3 7 9 4 -> 24\n", "1 2 -> 3\n", "12 5 8 9 -> 100\n"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def policy(request, tmp_path_factory) -> Policy:
+    save = save_tiny_llama if request.param == "llama" else save_tiny_gpt2
+    path = save(tmp_path_factory.mktemp(request.param))
+    return Policy.load(PolicyConfig(path=str(path), device="cpu", max_step_tokens=6, max_rollout_tokens=12))
+
+
+def _manual_logprob(policy: Policy, prompt: str, token_ids: tuple[int, ...]) -> float:
+    """Unpadded single-sequence forward pass: the reference for every logprob."""
+    prompt_ids = policy.tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + list(token_ids)])
+    with torch.no_grad():
+        logp = policy.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    n = len(prompt_ids)
+    return sum(float(logp[n - 1 + i, t]) for i, t in enumerate(token_ids))
+
+
+def test_propose_mixed_k_in_one_call(policy: Policy):
+    calls = policy.generate_calls
+    tokens = policy.tokens_generated
+    options = policy.propose(PROMPTS, [3, 1, 5], seed=0)
+    assert [len(o) for o in options] == [3, 1, 5]
+    assert policy.generate_calls == calls + 1, "mixed k must be one batched generate call"
+    flat = [o for opts in options for o in opts]
+    assert policy.tokens_generated - tokens == sum(o.num_tokens for o in flat)
+    for o in flat:
+        assert "\n" not in o.text
+        assert math.isfinite(o.logprob) and o.logprob <= 0
+        assert 1 <= o.num_tokens <= 6 == policy.cfg.max_step_tokens
+        assert o.num_tokens == len(o.token_ids)
+        if o.truncated:
+            assert o.num_tokens == 6 and not o.ended
+
+
+def test_logprobs_match_unpadded_forward_pass(policy: Policy):
+    """Prompts of different lengths share a left-padded batch: logprobs must not see the padding."""
+    options = policy.propose(PROMPTS, [2, 2, 2], seed=3)
+    for prompt, opts in zip(PROMPTS, options, strict=True):
+        for o in opts:
+            assert o.logprob == pytest.approx(_manual_logprob(policy, prompt, o.token_ids), abs=1e-4)
+    # score() re-scores the same tokens in one padded batch: same numbers.
+    flat = [(p, o) for p, opts in zip(PROMPTS, options, strict=True) for o in opts]
+    scored = policy.score([p for p, _ in flat], [o.token_ids for _, o in flat])
+    assert scored == pytest.approx([o.logprob for _, o in flat], abs=1e-4)
+
+
+def test_stop_and_eos_are_cut(policy: Policy):
+    """Over many samples some options stop at the separator: their last token is the newline."""
+    options = [o for opts in policy.propose(PROMPTS, [40, 40, 40], seed=1) for o in opts]
+    newline = policy.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stopped = [o for o in options if not o.truncated and not o.ended]
+    assert stopped, "expected some options to end at the separator"
+    for o in stopped:
+        assert list(o.token_ids[-1:]) == newline
+    for o in options:
+        if o.ended:
+            assert o.token_ids[-1] in policy.eos_token_ids
+
+
+def test_deterministic_for_a_seed(policy: Policy):
+    a = policy.propose(PROMPTS, [2, 3, 1], seed=11)
+    b = policy.propose(PROMPTS, [2, 3, 1], seed=11)
+    c = policy.propose(PROMPTS, [2, 3, 1], seed=12)
+    assert a == b
+    assert a != c
+
+
+def test_max_batch_splits_calls(policy: Policy, monkeypatch):
+    monkeypatch.setattr(policy.cfg, "max_batch", 4)
+    calls = policy.generate_calls
+    options = policy.propose(PROMPTS, [3, 3, 3], seed=0)
+    assert policy.generate_calls == calls + 3
+    assert [len(o) for o in options] == [3, 3, 3]
+
+
+def test_rollout_and_greedy(policy: Policy):
+    rolls = policy.rollout(PROMPTS, seed=0)
+    assert len(rolls) == 3
+    for r in rolls:
+        assert 1 <= r.num_tokens <= 12
+        assert r.steps == [s for s in r.text.split("\n")][: len(r.steps)]
+        assert not r.steps or r.steps[-1] != "" or r.text.endswith("\n\n")
+    assert rolls == policy.rollout(PROMPTS, seed=0)
+    g1, g2 = policy.greedy(PROMPTS), policy.greedy(PROMPTS)
+    assert g1 == g2
+    assert all(r.num_tokens <= 5 for r in policy.greedy(PROMPTS, max_new_tokens=5))
+
+
+def test_merge_options_with_task_normalizer():
+    task = CountdownTask()
+    opts = [
+        Option("3+4=7", math.log(0.3), 6, False),
+        Option("4+3=7", math.log(0.1), 6, False),
+        Option("3+4=7", math.log(0.3), 6, False),  # the same string sampled twice counts once
+        Option("7*4=28", math.log(0.2), 7, False),
+    ]
+    merged = merge_options(opts, task.normalize_step)
+    assert [m.text for m in merged] == ["3+4=7", "7*4=28"]
+    assert merged[0].count == 3 and set(merged[0].surfaces) == {"3+4=7", "4+3=7"}
+    assert merged[0].logprob == pytest.approx(math.log(0.4))
+    assert [m.prior for m in merged] == pytest.approx([0.4 / 0.6, 0.2 / 0.6])
+    assert sum(m.prior for m in merged) == pytest.approx(1.0)
+
+
+def test_merge_near_identical_and_underflow():
+    opts = [Option("12+34=46", -900.0, 9, False), Option("12+34=47", -901.0, 9, False)]
+    exact = merge_options(opts, str)
+    assert len(exact) == 2 and all(math.isfinite(m.prior) for m in exact)
+    assert exact[0].prior == pytest.approx(1 / (1 + math.exp(-1)))
+    near = merge_options(opts, str, similarity=0.8)
+    assert len(near) == 1 and near[0].text == "12+34=46" and near[0].prior == pytest.approx(1.0)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(PolicyLoadError, match="does not exist: point policy.path"):
+        Policy.load(PolicyConfig(path=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolicyLoadError, match="no config.json"):
+        Policy.load(PolicyConfig(path=str(tmp_path / "empty")))
+    src = save_tiny_llama(tmp_path / "pickled")
+    (src / "model.safetensors").unlink()
+    torch.save({}, src / "pytorch_model.bin")
+    with pytest.raises(PolicyLoadError, match=r"pytorch_model.bin.*safe_serialization=True"):
+        Policy.load(PolicyConfig(path=str(src)))
+    src = save_tiny_llama(tmp_path / "notok")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).unlink()
+    with pytest.raises(PolicyLoadError, match="no tokenizer"):
+        Policy.load(PolicyConfig(path=str(src)))
