@@ -1,0 +1,182 @@
+"""The model-backed expander: the policy proposes options, state merge removes duplicates, the
+task checks terminals, and the new nodes are valued by fast rollouts and/or critics.
+
+Per call (one search round over every tree of a batch):
+    1. one batched `policy.propose` for every leaf (k options each),
+    2. state merge per leaf (the task's normal form; near-duplicates optionally),
+    3. the task's exact check of every new node (terminal? verified correct?),
+    4. one batched `rollout` for the new non-terminal nodes (optionally a smaller policy),
+       verified by the task: a real Monte Carlo estimate of success,
+    5. one batched call of the critics (value, PRM; ORM on the rollouts) when they are given,
+    6. AlphaLLM's combination: value = w_value * V + w_prm * PRM + w_orm * mean ORM(rollouts)
+       (+ w_rollout * verified rollout success), normalised by the weights that apply.
+At terminals the verifier decides (when `verifier_at_terminals`), else the ORM does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from mcts.policy import Policy, merge_options
+from mcts.search import Child, Expansion, Leaf
+from mcts.tasks.base import Problem, Task
+
+
+class NodeCritics(Protocol):
+    """What the expander needs from the critics (implemented in `critics/`)."""
+
+    def score_nodes(self, problems: list[Problem], steps: list[list[str]]) -> dict[str, np.ndarray]:
+        """{"value": [n], "prm": [n]} for partial solutions (NaN where a critic is absent)."""
+
+    def score_outcomes(self, problems: list[Problem], steps: list[list[str]]) -> np.ndarray:
+        """ORM probability that each finished solution is correct, [n]."""
+
+
+@dataclass
+class ExpandConfig:
+    """How new nodes are valued (Hydra group `critics`, plus `search.merge_similarity`)."""
+
+    rollouts: int = 1
+    """Fast rollouts per new non-terminal node, verified by the task; 0 = critics only."""
+    w_rollout: float = 1.0
+    """Weight of the verified rollout success in the node value."""
+    w_value: float = 0.0
+    """Weight of the value function."""
+    w_prm: float = 0.0
+    """Weight of the process reward model's score of the new step."""
+    w_orm: float = 0.0
+    """Weight of the mean ORM score over the node's rollouts."""
+    verifier_at_terminals: bool = True
+    """A terminal's value is the verifier's verdict; off: the ORM's score (verdict still recorded)."""
+    merge_similarity: float = 1.0
+    """State merge threshold: 1.0 merges options equal after the task's normal form only."""
+    rollout_tokens: int = 0
+    """Token cap per rollout; 0 = the rollout policy's `max_rollout_tokens`."""
+
+
+class PolicyExpander:
+    """Expander over a `Policy` (and optionally a smaller rollout policy and critics)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        task: Task,
+        cfg: ExpandConfig | None = None,
+        rollout_policy: Policy | None = None,
+        critics: NodeCritics | None = None,
+    ):
+        self.policy, self.task, self.cfg = policy, task, cfg or ExpandConfig()
+        self.rollout_policy = rollout_policy or policy
+        self.critics = critics
+        if self.cfg.rollouts == 0 and critics is None:
+            raise ValueError("nodes need a value: set critics.rollouts >= 1 or load critics")
+
+    def prompt(self, problem: Problem, steps) -> str:
+        sep = self.task.step_separator
+        return self.task.prompt(problem) + "".join(s + sep for s in steps)
+
+    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]:
+        task, cfg, sep = self.task, self.cfg, self.task.step_separator
+        prompts = [self.prompt(leaf.problem, leaf.steps) for leaf in leaves]
+        proposals = self.policy.propose(prompts, [leaf.num_options for leaf in leaves], seed=seed, stop=sep)
+        expansions: list[Expansion] = []
+        pending: list[tuple[Child, Problem, list[str]]] = []  # new non-terminal nodes to value
+        for leaf, options in zip(leaves, proposals, strict=True):
+            tokens = sum(o.num_tokens for o in options)
+            seen = {task.normalize_step(t) for t in leaf.existing}
+            children = []
+            for opt in merge_options(options, task.normalize_step, cfg.merge_similarity):
+                if task.normalize_step(opt.text) in seen:
+                    continue
+                steps = [*leaf.steps, opt.text]
+                check = task.check(leaf.problem, steps)
+                # The model ending (EOS) or running out of tokens without an answer is a
+                # finished, wrong solution.
+                terminal = check.terminal or opt.ended or opt.truncated
+                child = Child(
+                    text=opt.text, prior=opt.prior, value=0.0, terminal=terminal, num_tokens=opt.num_tokens
+                )
+                if terminal:
+                    child.outcome = int(bool(check.success))
+                    child.success, child.verified = float(child.outcome), True
+                    child.value = float(child.outcome)
+                else:
+                    pending.append((child, leaf.problem, steps))
+                children.append(child)
+            expansions.append(Expansion(children=children, tokens=tokens))
+        leaf_of_child = {id(c): i for i, e in enumerate(expansions) for c in e.children}
+        self._value(pending, expansions, leaf_of_child, seed)
+        if self.critics is not None and not cfg.verifier_at_terminals:
+            self._terminal_orm(leaves, expansions)
+        return expansions
+
+    def _value(self, pending, expansions, leaf_of_child, seed: int) -> None:
+        """Value the new non-terminal nodes: verified rollouts and critics, all batched."""
+        if not pending:
+            return
+        cfg, task = self.cfg, self.task
+        n = len(pending)
+        parts: dict[str, np.ndarray] = {}
+        rollout_steps: list[list[list[str]]] = [[] for _ in range(n)]
+        if cfg.rollouts > 0:
+            prompts = [self.prompt(p, steps) for _, p, steps in pending for _ in range(cfg.rollouts)]
+            rollouts = self.rollout_policy.rollout(
+                prompts, seed=seed + 7919, max_new_tokens=cfg.rollout_tokens or None, sep=task.step_separator
+            )
+            success = np.zeros(n)
+            for j, r in enumerate(rollouts):
+                i = j // cfg.rollouts
+                child, problem, steps = pending[i]
+                full = steps + r.steps
+                rollout_steps[i].append(full)
+                success[i] += float(task.check(problem, full).success is True) / cfg.rollouts
+                expansions[leaf_of_child[id(child)]].tokens += r.num_tokens
+            parts["rollout"] = success
+        if self.critics is not None:
+            problems = [p for _, p, _ in pending]
+            scores = self.critics.score_nodes(problems, [steps for _, _, steps in pending])
+            parts.update({k: np.asarray(v, float) for k, v in scores.items()})
+            if cfg.rollouts > 0 and cfg.w_orm > 0:
+                flat = [(problems[i], full) for i in range(n) for full in rollout_steps[i]]
+                orm = self.critics.score_outcomes([p for p, _ in flat], [s for _, s in flat])
+                parts["orm"] = np.asarray(orm, float).reshape(n, cfg.rollouts).mean(axis=1)
+        weights = {"rollout": cfg.w_rollout, "value": cfg.w_value, "prm": cfg.w_prm, "orm": cfg.w_orm}
+        value = combine(parts, weights)
+        for i, (child, _, _) in enumerate(pending):
+            child.value = float(value[i])
+            child.critics = {k: float(parts[k][i]) for k in ("value", "prm", "orm") if k in parts}
+            if "rollout" in parts:
+                child.success, child.verified = float(parts["rollout"][i]), True
+
+    def _terminal_orm(self, leaves: list[Leaf], expansions: list[Expansion]) -> None:
+        """Value terminals by the ORM instead of the verifier (their verdict stays recorded)."""
+        owned = [
+            (c, leaf) for e, leaf in zip(expansions, leaves, strict=True) for c in e.children if c.terminal
+        ]
+        if not owned:
+            return
+        terminals = [c for c, _ in owned]
+        problems = [leaf.problem for _, leaf in owned]
+        steps = [[*leaf.steps, c.text] for c, leaf in owned]
+        orm = np.asarray(self.critics.score_outcomes(problems, steps), float)
+        for c, s in zip(terminals, orm, strict=True):
+            c.value = float(s)
+            c.critics = {"orm": float(s)}
+
+
+def combine(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted mean of the available parts (NaN entries and zero weights are skipped)."""
+    n = len(next(iter(parts.values())))
+    total, mass = np.zeros(n), np.zeros(n)
+    for name, values in parts.items():
+        w = weights.get(name, 0.0)
+        if w <= 0:
+            continue
+        ok = ~np.isnan(values)
+        total[ok] += w * values[ok]
+        mass[ok] += w
+    assert (mass > 0).all(), f"no weighted part values some nodes: parts {sorted(parts)}, weights {weights}"
+    return total / mass

@@ -1,0 +1,332 @@
+"""The search loop: select leaves in every tree, expand them all in one call, back up.
+
+The loop knows nothing about models. It talks to them through one callable, the `Expander`:
+given the selected leaves of every tree (problem, prefix steps, how many options), it returns
+their new children already valued (prior, value, verified success, terminal status). Everything
+else is arrays and kernels:
+
+    for each round:
+        kernels.select_leaves   -> up to `leaves_per_tree` leaves per live tree (virtual loss)
+        expander(leaves)        -> children for every leaf that is expanded or widened, one call
+        kernels.expand          -> write them
+        kernels.backup          -> values, verified successes, adaptive widths
+
+A tree stops when its simulations, node or token budget is spent, when every leaf is terminal,
+or (optionally) once its root has converged: the most visited first step holds
+`converged_share` of the root's visits.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mcts import kernels
+from mcts.finished import NODE_FIELDS, FinishedTree
+from mcts.tasks.base import Problem, Task
+from mcts.tree import NO_NODE, ROOT, Forest
+
+
+@dataclass
+class SearchConfig:
+    """Budgets and rules of the search (Hydra group `search`)."""
+
+    simulations: int = 64
+    """Selection rounds per tree; each round selects up to `leaves_per_tree` leaves."""
+    leaves_per_tree: int = 4
+    """Leaves selected per tree per round (virtual loss keeps them distinct); all go to the
+    policy in one batched call together with every other tree's."""
+    num_options: int = 4
+    """Options sampled when a leaf is expanded (before state merge)."""
+    c_puct: float = 1.5
+    """Exploration weight of PUCT."""
+    max_nodes: int = 2048
+    """Node capacity per tree; a tree that would exceed it stops growing."""
+    max_tokens: int = 0
+    """Policy tokens per problem (options and rollouts); 0 = no limit."""
+    max_depth: int = 12
+    """A leaf at this depth is not expanded: it becomes an unverified dead end."""
+    adaptive_branching: bool = True
+    """AlphaLLM's importance-based widening: n(s) = clip(floor(alpha * I(s)) + 1, c_min, c_max)."""
+    alpha: float = 4.0
+    c_min: int = 2
+    c_max: int = 6
+    converged_share: float = 0.0
+    """Stop a tree once its most visited first step holds this share of the root's visits
+    (after `min_simulations`); 0 disables it."""
+    min_simulations: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("simulations", "leaves_per_tree", "num_options", "max_nodes", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.adaptive_branching and not 1 <= self.c_min <= self.c_max:
+            raise ValueError(f"search needs 1 <= c_min <= c_max, got c_min={self.c_min} c_max={self.c_max}")
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One node to expand (or widen), as the expander sees it."""
+
+    problem: Problem
+    steps: tuple[str, ...]  # the prefix: option texts from the root down to this node
+    num_options: int  # options to sample
+    existing: tuple[str, ...] = ()  # texts of the children it already has (when widening)
+
+
+@dataclass
+class Child:
+    """A valued option. `value` in [0, 1] is what is backed up; `success` is backed up as a
+    verified success indicator only where `verified` (a terminal's verdict, verified rollouts)."""
+
+    text: str
+    prior: float
+    value: float
+    success: float = 0.0
+    verified: bool = False
+    terminal: bool = False
+    outcome: int = -1  # -1 unverified, 0 wrong, 1 correct (terminals only)
+    num_tokens: int = 0
+    critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `value`
+
+
+@dataclass
+class Expansion:
+    children: list[Child]
+    tokens: int  # all policy tokens spent on this leaf (options and rollouts)
+
+
+class Expander(Protocol):
+    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]: ...
+
+
+def problem_seed(base_seed: int, problem_id: str) -> int:
+    """A seed that depends on the problem only, never on batching or on which worker ran it."""
+    return (base_seed * 1_000_003 + zlib.crc32(problem_id.encode())) % (2**31 - 1)
+
+
+class SearchBatch:
+    """A forest over a batch of problems and the texts that live beside its arrays."""
+
+    def __init__(self, problems: list[Problem], task: Task, cfg: SearchConfig, seed: int):
+        self.problems, self.task, self.cfg, self.seed = problems, task, cfg, seed
+        b, cap = len(problems), cfg.max_nodes
+        self.forest = Forest(b, cap)
+        self.texts: list[dict[int, str]] = [{ROOT: ""} for _ in problems]
+        self.num_tokens = np.zeros((b, cap), np.int32)
+        self.critics = {name: np.full((b, cap), np.nan, np.float32) for name in ("value", "prm", "orm")}
+        self.tokens = np.zeros(b, np.int64)
+        self.rounds = np.zeros(b, np.int64)
+        self.live = np.ones(b, bool)
+        depth_cap = cfg.max_depth + 2
+        self.c_min = np.full(depth_cap, cfg.c_min if cfg.adaptive_branching else 0, np.int64)
+        self.c_max = np.full(depth_cap, cfg.c_max, np.int64)
+
+    def prefix(self, b: int, node: int) -> tuple[str, ...]:
+        return tuple(self.texts[b][i] for i in self.forest.path(b, node)[1:])
+
+
+def run_search(
+    problems: list[Problem],
+    task: Task,
+    expander: Expander,
+    cfg: SearchConfig,
+    seed: int = 0,
+    on_round: Callable[[SearchBatch], None] | None = None,
+) -> list[FinishedTree]:
+    """Search every problem of the batch at once; returns one finished tree per problem."""
+    batch = SearchBatch(problems, task, cfg, seed)
+    F = batch.forest.arrays
+    num_trees = len(problems)
+    out_nodes = np.zeros((num_trees, cfg.leaves_per_tree), np.int32)
+    out_kinds = np.zeros_like(out_nodes)
+    out_count = np.zeros(num_trees, np.int32)
+    scratch = np.zeros(cfg.max_nodes, np.int32)
+    alpha = cfg.alpha if cfg.adaptive_branching else -1.0
+    batch_seed = problem_seed(seed, "|".join(p.id for p in problems))
+
+    for round_index in range(cfg.simulations):
+        if not batch.live.any():
+            break
+        leaves = np.where(batch.live, cfg.leaves_per_tree, 0).astype(np.int32)
+        kernels.select_leaves(F, cfg.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
+        batch.live &= out_count > 0  # a live tree with nothing to select is fully explored
+        batch.rounds += batch.live
+
+        selections, requests = _plan(batch, out_nodes, out_kinds, out_count)
+        expansions = expander(requests, batch_seed + round_index) if requests else []
+        assert len(expansions) == len(requests), (
+            f"expander answered {len(expansions)} of {len(requests)} leaves"
+        )
+        _apply(batch, selections, expansions, alpha)
+
+        _update_budgets(batch)
+        if on_round is not None:
+            on_round(batch)
+
+    return [_finish(batch, b) for b in range(num_trees)]
+
+
+def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
+    """Turn the selections into expander requests. Returns (selections, requests), where a
+    selection is (tree, node, kind, request index or -1)."""
+    cfg, forest = batch.cfg, batch.forest
+    selections, requests = [], []
+    for b in np.flatnonzero(out_count):
+        for j in range(out_count[b]):
+            node, kind = int(out_nodes[b, j]), int(out_kinds[b, j])
+            if kind == kernels.TERMINAL:
+                selections.append((b, node, kind, -1))
+                continue
+            if kind == kernels.EXPAND:
+                if forest.depth[b, node] >= cfg.max_depth:
+                    forest.terminal[b, node] = 1  # too deep: an unverified dead end from now on
+                    selections.append((b, node, kernels.TERMINAL, -1))
+                    continue
+                reserve = cfg.c_max if cfg.adaptive_branching else cfg.num_options
+                if forest.num_nodes[b] + max(reserve, cfg.num_options) > forest.capacity:
+                    batch.live[b] = False  # node budget spent
+                    selections.append((b, node, kind, -2))
+                    continue
+                count, existing = cfg.num_options, ()
+            else:  # WIDEN
+                current = int(forest.num_children[b, node])
+                count = min(int(forest.width_target[b, node]), int(forest.child_slots[b, node])) - current
+                existing = tuple(batch.texts[b][c] for c in forest.children(b, node))
+            selections.append((b, node, kind, len(requests)))
+            requests.append(Leaf(batch.problems[b], batch.prefix(b, node), count, existing))
+    return selections, requests
+
+
+def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: float) -> None:
+    """Write the children, then back up every selection in one kernel call each."""
+    cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
+    m = len(selections)
+    tree_ids = np.array([s[0] for s in selections], np.int64)
+    node_ids = np.array([s[1] for s in selections], np.int64)
+    counts = np.zeros(m, np.int64)
+    reserve = np.zeros(m, np.int64)
+    children: list[list[Child]] = []
+    for i, (b, node, kind, req) in enumerate(selections):
+        kids = expansions[req].children if req >= 0 else []
+        if kind == kernels.WIDEN:
+            room = int(forest.child_slots[b, node] - forest.num_children[b, node])
+            kids = kids[:room]
+            if not kids:  # the policy has nothing new to offer here: stop widening this node
+                forest.child_slots[b, node] = forest.num_children[b, node]
+        elif kind == kernels.EXPAND and req >= 0:
+            kids = kids[: cfg.c_max if cfg.adaptive_branching else len(kids)]
+            reserve[i] = max(cfg.c_max if cfg.adaptive_branching else 0, len(kids))
+            if not kids:  # no option at all: an unverified dead end
+                forest.terminal[b, node] = 1
+        if req >= 0:
+            batch.tokens[b] += expansions[req].tokens
+        counts[i] = len(kids)
+        children.append(kids)
+    flat = [c for kids in children for c in kids]
+    first = np.full(m, NO_NODE, np.int32)
+    failed = kernels.expand(
+        F,
+        tree_ids,
+        node_ids,
+        counts,
+        reserve,
+        np.array([c.prior for c in flat], np.float32),
+        np.array([c.value for c in flat], np.float32),
+        np.array([c.terminal for c in flat], np.int8),
+        np.array([c.outcome for c in flat], np.int8),
+        first,
+    )
+    assert failed < 0, f"selection {failed} did not fit although its room was checked"
+
+    eval_start, eval_count = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    eval_node, eval_value, eval_success, eval_verified = [], [], [], []
+    for i, (b, node, kind, req) in enumerate(selections):
+        eval_start[i] = len(eval_node)
+        if kind == kernels.TERMINAL:  # revisit: its known verdict (or evaluation) again
+            verified = forest.outcome[b, node] >= 0
+            eval_node.append(node)
+            eval_value.append(float(forest.score[b, node]))
+            eval_success.append(float(max(forest.outcome[b, node], 0)))
+            eval_verified.append(int(verified))
+        elif kind == kernels.EXPAND and req >= 0 and not children[i]:  # a dead end is worth 0
+            eval_node.append(node)
+            eval_value.append(0.0)
+            eval_success.append(0.0)
+            eval_verified.append(0)
+        for j, child in enumerate(children[i]):
+            c = int(first[i]) + j
+            batch.texts[b][c] = child.text
+            batch.num_tokens[b, c] = child.num_tokens
+            for name, val in child.critics.items():
+                if name in batch.critics and val is not None:
+                    batch.critics[name][b, c] = val
+            eval_node.append(c)
+            eval_value.append(child.value)
+            eval_success.append(child.success if child.verified else 0.0)
+            eval_verified.append(int(child.verified))
+        eval_count[i] = len(eval_node) - eval_start[i]
+    kernels.backup(
+        F,
+        tree_ids,
+        node_ids,
+        eval_start,
+        eval_count,
+        np.array(eval_node, np.int64),
+        np.array(eval_value, np.float64),
+        np.array(eval_success, np.float64),
+        np.array(eval_verified, np.int8),
+        alpha,
+        batch.c_min,
+        batch.c_max,
+    )
+
+
+def _update_budgets(batch: SearchBatch) -> None:
+    cfg, forest = batch.cfg, batch.forest
+    if cfg.max_tokens > 0:
+        batch.live &= batch.tokens < cfg.max_tokens
+    if cfg.converged_share > 0:
+        for b in np.flatnonzero(batch.live & (batch.rounds >= cfg.min_simulations)):
+            kids = forest.children(b, ROOT)
+            if kids.size and forest.visits[b, kids].max() >= cfg.converged_share * forest.visits[b, ROOT]:
+                batch.live[b] = False
+
+
+def _finish(batch: SearchBatch, b: int) -> FinishedTree:
+    """Tree b as a FinishedTree: written nodes only (reserved, unused ids dropped), renumbered."""
+    forest = batch.forest
+    n = int(forest.num_nodes[b])
+    written = np.zeros(n, bool)
+    written[ROOT] = True
+    written[1:] = forest.parent[b, 1:n] != NO_NODE
+    new_id = np.cumsum(written) - 1
+    keep = np.flatnonzero(written)
+    arrays = forest.tree_arrays(b)
+    parent = arrays["parent"][keep]
+    nodes = {
+        "parent": np.where(parent >= 0, new_id[np.maximum(parent, 0)], NO_NODE),
+        "num_tokens": batch.num_tokens[b, keep],
+        **{name: batch.critics[name][b, keep] for name in ("value", "prm", "orm")},
+    }
+    for name in NODE_FIELDS:
+        if name not in nodes:
+            nodes[name] = arrays[name][keep]
+    problem = batch.problems[b]
+    return FinishedTree(
+        problem_id=problem.id,
+        task=batch.task.name,
+        prompt=batch.task.prompt(problem),
+        question=problem.question,
+        answer=problem.answer,
+        nodes=nodes,
+        steps=[batch.texts[b][int(i)] for i in keep],
+        seed=batch.seed,
+        simulations=int(batch.rounds[b]),
+        policy_tokens=int(batch.tokens[b]),
+        meta=dict(problem.meta),
+    )
