@@ -28,7 +28,7 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     ("child_slots", np.int16, "ids reserved for children (>= num_children); widening fills them"),
     ("width_target", np.int16, "adaptive child count n(s) from the importance I(s)"),
     ("depth", np.int16, "root 0, child = parent + 1"),
-    ("visits", np.int32, "N: backed-up visits = own terminal visits + children's visits"),
+    ("visits", np.int32, "N: own evaluations (creation, terminal revisits) + children's N"),
     ("virtual_loss", np.int16, "pending selections through the node (counted as value-0 visits)"),
     ("value_sum", np.float64, "W: sum of backed-up values in [0, 1]"),
     ("success_sum", np.float64, "S: sum of backed-up verified success indicators"),
