@@ -1,0 +1,311 @@
+"""Records -> parquet shards + manifest + dataset card + audit report (pyarrow + stdlib only).
+
+Layout of an output directory (see rewards/records.py for the columns):
+
+    out/manifest.json        config, versions, seeds, finished problem ids, shards with row counts
+    out/<kind>/<shard>.parquet   one file per kind per shard: pairs, steps, kto, sft, values, trees
+    out/audit.json           `write_audit`
+    out/README.md            `write_card`
+
+Crash safety. Every file is written to `<name>.tmp` in its own directory, fsynced, and moved into
+place with `os.replace` (atomic on POSIX). A shard's parquet files are all in place *before* the
+manifest names the shard, and a problem id counts as finished only once the manifest says so. A
+crash between the two leaves files the manifest does not know; the next `DatasetWriter` on that
+directory deletes them (and any `*.tmp`), so re-running those problems never duplicates a row.
+One writer per directory at a time: the manifest is read once, when the writer is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcts.finished import FinishedTree
+from rewards import records
+from rewards.records import KINDS
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# -- atomic files -----------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_synced(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)  # make the rename itself durable
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _replace_synced(tmp, path)
+
+
+def atomic_write_table(path: Path | str, table: pa.Table) -> None:
+    """Parquet counterpart of `atomic_write_text`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if table.num_rows:
+        pq.write_table(table, tmp)
+    else:
+        # No row group at all: `datasets` reads a file's batch size from its first row group and
+        # fails on an empty one ("BatchSize must be greater than 0"), but skips a file with none.
+        pq.ParquetWriter(tmp, table.schema).close()
+    _replace_synced(tmp, path)
+
+
+def _json_safe(obj):
+    """NaN/inf -> None so the JSON is strict (json.dumps would write the non-standard `NaN`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars, without importing numpy
+        return _json_safe(obj.item())
+    return obj
+
+
+def _dumps(obj) -> str:
+    return json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def load_manifest(out_dir: Path | str) -> dict | None:
+    """The manifest of an output directory, or None if nothing was finished there yet."""
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+# -- the writer -------------------------------------------------------------------------------------
+class DatasetWriter:
+    """Writes shards into `out_dir` and keeps `manifest.json` in step with them.
+
+    config:   the job's configuration (plain JSON-able dict), recorded in the manifest. A resumed
+              job with a different config is recorded in `config_history`, not refused: every
+              record carries its own `config_hash`.
+    versions: package versions etc., recorded as given.
+    """
+
+    def __init__(self, out_dir: Path | str, config: dict, versions: dict) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = load_manifest(self.out_dir)
+        if manifest is None:
+            manifest = {
+                "format": FORMAT_VERSION,
+                "config": config,
+                "config_history": [],
+                "versions": versions,
+                "seeds": [],
+                "finished_problem_ids": [],
+                "shards": {},
+                "rows": {k: 0 for k in KINDS},
+                "files": {k: [] for k in KINDS},
+            }
+        elif _json_safe(config) != manifest["config"]:
+            manifest["config_history"].append({"config": config, "versions": versions, "at": time.time()})
+        self.manifest = _json_safe(manifest)
+        self.swept = self._sweep_unfinished()
+
+    def _sweep_unfinished(self) -> list[str]:
+        """Delete `*.tmp` files and shard files the manifest does not name (left by a crash)."""
+        known = {f for files in self.manifest["files"].values() for f in files}
+        removed = []
+        for kind in KINDS:
+            kind_dir = self.out_dir / kind
+            if not kind_dir.is_dir():
+                continue
+            for p in sorted(kind_dir.iterdir()):
+                rel = f"{kind}/{p.name}"
+                if p.name.endswith(".tmp") or (p.suffix == ".parquet" and rel not in known):
+                    p.unlink()
+                    removed.append(rel)
+        for p in self.out_dir.glob("*.tmp"):
+            p.unlink()
+            removed.append(p.name)
+        return removed
+
+    def finished_ids(self) -> set[str]:
+        """Problem ids whose records are on disk and named by the manifest: skip these on resume."""
+        return set(self.manifest["finished_problem_ids"])
+
+    def write_shard(self, kind_rows: dict[str, list[dict]], problem_ids: list[str], shard_name: str) -> dict:
+        """Write one shard: `<kind>/<shard_name>.parquet` for every kind (0-row files for missing or
+        empty kinds), then the manifest. Returns the shard's manifest entry.
+
+        Writing a shard name again with the same problem ids is a no-op (a retried task); with other
+        ids, or ids that another shard already finished, it raises ValueError: either would duplicate
+        or silently replace records.
+        """
+        if not _SHARD_NAME.match(shard_name):
+            raise ValueError(
+                f"shard name {shard_name!r}: use letters, digits, '.', '_' or '-' (e.g. 'shard-00012')"
+            )
+        unknown = set(kind_rows) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown record kinds {sorted(unknown)}; expected a subset of {list(KINDS)}")
+        ids = sorted(set(map(str, problem_ids)))
+        shards = self.manifest["shards"]
+        if shard_name in shards:
+            if shards[shard_name]["problem_ids"] == ids:
+                return shards[shard_name]
+            raise ValueError(
+                f"shard {shard_name!r} already holds problems {shards[shard_name]['problem_ids'][:5]}..., "
+                f"not {ids[:5]}...: pick a new shard name"
+            )
+        done = self.finished_ids().intersection(ids)
+        if done:
+            raise ValueError(
+                f"problems {sorted(done)[:5]} are already finished in {self.out_dir}: "
+                "drop DatasetWriter.finished_ids() from the work before writing"
+            )
+        tables = {
+            kind: records.to_table(kind, kind_rows.get(kind, [])) for kind in KINDS
+        }  # validate all first
+        files: dict[str, str] = {}
+        for kind, table in tables.items():
+            (self.out_dir / kind).mkdir(exist_ok=True)
+            files[kind] = f"{kind}/{shard_name}.parquet"
+            atomic_write_table(self.out_dir / files[kind], table)
+        seeds = sorted({int(r["seed"]) for r in kind_rows.get("trees", [])})
+        entry = {
+            "problem_ids": ids,
+            "files": files,
+            "rows": {kind: t.num_rows for kind, t in tables.items()},
+            "seeds": seeds,
+            "written_at": time.time(),
+        }
+        new = json.loads(json.dumps(self.manifest))  # update a copy: memory follows disk, not ahead of it
+        new["shards"][shard_name] = entry
+        new["finished_problem_ids"] = sorted(set(new["finished_problem_ids"]) | set(ids))
+        new["seeds"] = sorted(set(new["seeds"]) | set(seeds))
+        for kind in KINDS:
+            new["rows"][kind] += entry["rows"][kind]
+            new["files"][kind].append(files[kind])
+        self._write_manifest(new)
+        self.manifest = new
+        return entry
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write_text(self.out_dir / MANIFEST, _dumps(manifest))
+
+
+def read_trees(out_dir: Path | str) -> list[FinishedTree]:
+    """Every finished tree of an output directory (from the files the manifest names)."""
+    manifest = load_manifest(out_dir) or {"files": {"trees": []}}
+    trees = []
+    for rel in manifest["files"]["trees"]:
+        trees += [FinishedTree.from_row(r) for r in pq.read_table(Path(out_dir) / rel).to_pylist()]
+    return trees
+
+
+def write_audit(out_dir: Path | str, audit: dict) -> Path:
+    """`out/audit.json`, atomically, strict JSON (NaN written as null)."""
+    path = Path(out_dir) / "audit.json"
+    atomic_write_text(path, _dumps(audit))
+    return path
+
+
+# -- the dataset card -------------------------------------------------------------------------------
+_TRAIN_SNIPPET = """\
+```python
+from datasets import load_dataset
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+data = lambda kind: load_dataset("parquet", data_files=f"{OUT}/{kind}/*.parquet", split="train")
+
+# step-level preference pairs: prompt / chosen / rejected
+DPOTrainer(model=POLICY, args=DPOConfig(output_dir="dpo"), train_dataset=data("pairs"), processing_class=tok).train()
+# reward model on the same pairs; `margin` (the success-rate gap) is used by the loss when present
+RewardTrainer(model=REWARD_MODEL, args=RewardConfig(output_dir="rm"), train_dataset=data("pairs"), processing_class=tok).train()
+# unpaired labels: prompt / completion / label
+KTOTrainer(model=POLICY, args=KTOConfig(output_dir="kto"), train_dataset=data("kto"), processing_class=tok).train()
+# best verified trajectory per problem: prompt / completion
+SFTTrainer(model=POLICY, args=SFTConfig(output_dir="sft"), train_dataset=data("sft"), processing_class=tok).train()
+```
+`steps` is TRL's stepwise-supervision format (prompt / completions / labels, steps separated by "\\n"),
+as read by TRL's PRM trainer; `soft_labels` holds the per-step success rates for soft-label training.
+`values` holds (prefix text, target) rows for a value head. Extra metadata columns are ignored by the
+trainers (they keep only the columns they know), so the files train as they are.
+
+Every shard has a file for every kind, 0-row files included (valid parquet with the schema, no row
+group). `datasets` skips those beside non-empty files but refuses a kind whose files are *all* empty
+("corresponds to no data"); `datasets.Dataset(pyarrow.parquet.read_table(path))` loads those.
+"""
+
+
+def write_card(out_dir: Path | str) -> Path:
+    """`out/README.md`: row counts per file, column tables, the config, how to load and train."""
+    out_dir = Path(out_dir)
+    manifest = load_manifest(out_dir)
+    if manifest is None:
+        raise ValueError(f"{out_dir} has no {MANIFEST}: write at least one shard before the dataset card")
+    docs = records.column_docs()
+    yaml = ["---", "configs:"]
+    for kind in KINDS:
+        if manifest["files"][kind]:
+            yaml += [f"- config_name: {kind}", "  data_files:"] + [
+                f"  - {f}" for f in manifest["files"][kind]
+            ]
+    yaml.append("---")
+    lines = yaml + [
+        "",
+        "# arborist tree-search preference dataset",
+        "",
+        "Derived from MCTS trees over LLM reasoning steps: the backed-up success statistics of sibling",
+        "options become step-level preferences. How far the labels are backed by the task verifier and",
+        "by fresh rollouts is in `audit.json`.",
+        "",
+        f"Finished problems: {len(manifest['finished_problem_ids'])}; seeds: {manifest['seeds']}.",
+        "",
+        "| kind | files | rows |",
+        "|---|---:|---:|",
+        *[f"| {k} | {len(manifest['files'][k])} | {manifest['rows'][k]} |" for k in KINDS],
+        "",
+        "Rows per file:",
+        "",
+        "| file | rows |",
+        "|---|---:|",
+        *[f"| {s['files'][k]} | {s['rows'][k]} |" for s in manifest["shards"].values() for k in KINDS],
+        "",
+        "## Loading and training",
+        "",
+        '`datasets.load_dataset("parquet", data_files="OUT/<kind>/*.parquet", split="train")`, or',
+        '`load_dataset("OUT", "<kind>")` through the configs above.',
+        "",
+        _TRAIN_SNIPPET,
+        "## Columns",
+        "",
+        *[f"### {k}\n\n```\n{docs[k]}\n```\n" for k in KINDS],
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(manifest["config"], indent=2, sort_keys=True),
+        "```",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["versions"].items())),
+        "",
+    ]
+    path = out_dir / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

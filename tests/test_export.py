@@ -1,0 +1,163 @@
+"""Shards, manifest, resume and crash safety of rewards.export; every kind loads with `datasets`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset, load_dataset
+
+from mcts.finished import NODE_FIELDS
+from rewards import export, records
+from rewards.derive import DeriveConfig, derive_all
+from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit, write_card
+from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
+
+CFG = DeriveConfig()
+CONFIG = {"derive": {"min_visits": 2}, "seed": 0}
+VERSIONS = {"arborist": "0.1.0"}
+
+
+def _batch(*problem_ids: str, seed: int = 0) -> tuple[dict, list[str]]:
+    trees = [golden_tree(pid, seed) for pid in problem_ids]
+    return derive_all(trees, CFG), list(problem_ids)
+
+
+def _load(out, kind, tmp_path):
+    files = [str(out / f) for f in load_manifest(out)["files"][kind]]
+    return load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_every_kind_loads_with_datasets(tmp_path):
+    out = tmp_path / "out"
+    w = DatasetWriter(out, CONFIG, VERSIONS)
+    w.write_shard(*_batch("p1", "p2"), "shard-00000")
+    unsolved = build_tree([T("1 + 1 = 2. Answer: 2", 3, 0)], prompt=GOLDEN_PROMPT, problem_id="p3")
+    entry = w.write_shard(derive_all([unsolved], CFG), ["p3"], "shard-00001")
+    assert entry["rows"]["sft"] == entry["rows"]["pairs"] == 0  # empty kinds still get a file
+    manifest = load_manifest(out)
+    for kind in records.KINDS:
+        ds = _load(out, kind, tmp_path)
+        assert ds.num_rows == manifest["rows"][kind], kind
+        assert ds.column_names == records.SCHEMAS[kind].names, kind
+    pairs = _load(out, "pairs", tmp_path)
+    assert pairs.num_rows == 4 and pairs[0]["prompt"] == GOLDEN_PROMPT and pairs[0]["margin"] > 0
+    steps = _load(out, "steps", tmp_path)
+    assert steps.features["labels"].feature.dtype == "bool"
+    assert steps[1]["labels"] == [True, True, False]
+    kto = _load(out, "kto", tmp_path)
+    assert set(kto["label"]) == {True, False}
+    # a 0-row file is a valid parquet file with the schema; `datasets` skips it beside non-empty
+    # shards (checked above: shard-00001 has no pairs or sft rows), though it refuses a split made
+    # of 0-row files only ("corresponds to no data"): wrap the table yourself then
+    empty = pq.read_table(out / "sft/shard-00001.parquet")
+    assert empty.num_rows == 0 and empty.schema.equals(records.SFT_SCHEMA)
+    assert Dataset(empty).column_names == records.SFT_SCHEMA.names
+    assert manifest["finished_problem_ids"] == ["p1", "p2", "p3"]
+    assert manifest["shards"]["shard-00000"]["rows"]["trees"] == 2
+    assert manifest["seeds"] == [0] and manifest["config"] == CONFIG and manifest["versions"] == VERSIONS
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_sees_finished_ids(tmp_path):
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    assert w.finished_ids() == set()
+    w.write_shard(*_batch("p1", "p2"), "s0")
+    again = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    assert again.finished_ids() == {"p1", "p2"} and again.swept == []
+    changed = DatasetWriter(tmp_path, {"seed": 1}, VERSIONS)
+    assert load_manifest(tmp_path)["config"] == CONFIG  # unchanged until the next shard
+    changed.write_shard(*_batch("p3"), "s1")
+    assert load_manifest(tmp_path)["config_history"][0]["config"] == {"seed": 1}
+
+
+def test_crash_between_shard_and_manifest_leaves_ids_unfinished(tmp_path, monkeypatch):
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    w.write_shard(*_batch("p1"), "s0")
+
+    def crash(self, manifest):
+        raise KeyboardInterrupt("killed before the manifest was replaced")
+
+    monkeypatch.setattr(DatasetWriter, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        w.write_shard(*_batch("p2"), "s1")
+    monkeypatch.undo()
+    assert (tmp_path / "pairs/s1.parquet").exists()  # the shard files landed...
+    assert w.finished_ids() == {"p1"}  # ...but p2 is not finished, in memory
+    resumed = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    assert resumed.finished_ids() == {"p1"}  # nor on disk
+    assert sorted(resumed.swept) == sorted(f"{k}/s1.parquet" for k in records.KINDS)
+    resumed.write_shard(*_batch("p2"), "s2")  # redone under a new name: no duplicate rows
+    files = sorted(p.name for p in (tmp_path / "pairs").iterdir())
+    assert files == ["s0.parquet", "s2.parquet"]
+    assert sorted(_load(tmp_path, "pairs", tmp_path)["problem_id"]) == ["p1", "p1", "p2", "p2"]
+
+
+def test_stray_tmp_files_are_swept(tmp_path):
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "s0")
+    (tmp_path / "pairs/s1.parquet.tmp").write_bytes(b"torn")
+    (tmp_path / "manifest.json.tmp").write_text("{")
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    assert sorted(w.swept) == ["manifest.json.tmp", "pairs/s1.parquet.tmp"]
+    assert not list(tmp_path.rglob("*.tmp")) and w.finished_ids() == {"p1"}
+
+
+def test_rewrite_is_idempotent_or_refused(tmp_path):
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    first = w.write_shard(*_batch("p1", "p2"), "s0")
+    before = (tmp_path / "manifest.json").read_text()
+    assert w.write_shard(*_batch("p2", "p1"), "s0") == first  # a retried task: no-op
+    assert (tmp_path / "manifest.json").read_text() == before
+    with pytest.raises(ValueError, match="pick a new shard name"):
+        w.write_shard(*_batch("p3"), "s0")
+    with pytest.raises(ValueError, match="already finished"):
+        w.write_shard(*_batch("p2", "p3"), "s1")
+    with pytest.raises(ValueError, match="shard name"):
+        w.write_shard(*_batch("p3"), "../evil")
+    with pytest.raises(ValueError, match="unknown record kinds"):
+        w.write_shard({"pears": []}, ["p3"], "s1")
+    assert load_manifest(tmp_path)["rows"]["pairs"] == 4
+
+
+def test_trees_round_trip_and_rederive(tmp_path):
+    trees = [golden_tree("p1"), golden_tree("p1", seed=5)]
+    derived = derive_all(trees, CFG)
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(derived, ["p1"], "s0")
+    back = read_trees(tmp_path)
+    assert len(back) == 2
+    for a, b in zip(trees, back, strict=True):
+        assert (a.problem_id, a.prompt, a.steps, a.seed, a.meta) == (
+            b.problem_id,
+            b.prompt,
+            b.steps,
+            b.seed,
+            b.meta,
+        )
+        for name, dtype in NODE_FIELDS.items():
+            assert b.nodes[name].dtype == dtype
+            np.testing.assert_array_equal(a.nodes[name], b.nodes[name], err_msg=name)
+    # everything re-derives from the stored trees alone (NaN critic scores compared as null)
+    same = lambda d: json.dumps(export._json_safe(d), sort_keys=True)  # noqa: E731
+    assert same(derive_all(back, CFG)) == same(derived)
+
+
+def test_card_and_audit(tmp_path):
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "s0")
+    card = write_card(tmp_path).read_text()
+    assert "| pairs | 1 | 2 |" in card and "| pairs/s0.parquet | 2 |" in card
+    assert 'load_dataset("parquet"' in card and "DPOTrainer" in card and "KTOTrainer" in card
+    for kind, schema in records.SCHEMAS.items():
+        assert f"- config_name: {kind}" in card
+        assert all(name in card for name in schema.names)
+    assert '"min_visits": 2' in card
+    path = write_audit(
+        tmp_path, {"pair_precision": float("nan"), "auroc": np.float64(0.75), "n": np.int64(3)}
+    )
+    audit = json.loads(path.read_text())  # strict JSON: NaN became null
+    assert audit == {"pair_precision": None, "auroc": 0.75, "n": 3}
+    assert not math.isnan(audit["auroc"])
+    with pytest.raises(ValueError, match="write at least one shard"):
+        write_card(tmp_path / "nothing")
