@@ -11,8 +11,8 @@ else is arrays and kernels:
         kernels.expand          -> write them
         kernels.backup          -> values, verified successes, adaptive widths
 
-A tree stops when its simulations, node or token budget is spent, when every leaf is terminal,
-or (optionally) once its root has converged: the most visited first step holds
+A tree stops when its simulations, node or token budget is spent, when it is fully explored
+(every leaf terminal, nothing to widen), or (optionally) once its root has converged: the most visited first step holds
 `converged_share` of the root's visits.
 """
 
@@ -288,6 +288,18 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
 
 def _update_budgets(batch: SearchBatch) -> None:
     cfg, forest = batch.cfg, batch.forest
+    # Fully explored: no leaf left to expand and no node to widen; more rounds would only
+    # revisit terminals.
+    for b in np.flatnonzero(batch.live):
+        n = int(forest.num_nodes[b])
+        written = forest.parent[b, :n] != NO_NODE
+        written[ROOT] = True
+        leaf = written & (forest.num_children[b, :n] == 0) & (forest.terminal[b, :n] == 0)
+        room = np.minimum(forest.width_target[b, :n], forest.child_slots[b, :n])
+        widen = written & (forest.terminal[b, :n] == 0) & (forest.num_children[b, :n] > 0)
+        widen &= forest.num_children[b, :n] < room
+        if not (leaf.any() or widen.any()):
+            batch.live[b] = False
     if cfg.max_tokens > 0:
         batch.live &= batch.tokens < cfg.max_tokens
     if cfg.converged_share > 0:

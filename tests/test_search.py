@@ -1,0 +1,196 @@
+"""The search loop with a deterministic fake expander (no model), and once with a real tiny LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mcts.finished import FinishedTree
+from mcts.search import Child, Expansion, Leaf, SearchConfig, problem_seed, run_search
+from mcts.tasks.base import Problem, StepCheck
+
+GOLDEN = Path(__file__).parent / "golden" / "search_visits.json"
+
+
+class PathTask:
+    """Three moves a/b/c per step; a solution is three steps long; only "b a c" is correct."""
+
+    name = "path"
+    step_separator = "\n"
+    solution = ("b", "a", "c")
+
+    def prompt(self, problem: Problem) -> str:
+        return f"{problem.question}\n"
+
+    def check(self, problem: Problem, steps: list[str]) -> StepCheck:
+        if len(steps) < 3:
+            return StepCheck(False, None)
+        return StepCheck(True, tuple(steps[:3]) == self.solution)
+
+    def normalize_step(self, step: str) -> str:
+        return step.strip()
+
+
+class FakeExpander:
+    """Options a/b/c with fixed priors; a node's value is 0.8 on the solution path, 0.2 off it."""
+
+    def __init__(self, task: PathTask):
+        self.task = task
+        self.calls: list[int] = []
+
+    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]:
+        self.calls.append(len(leaves))
+        out = []
+        for leaf in leaves:
+            kids = []
+            fresh = [(t, p) for t, p in (("a", 0.5), ("b", 0.3), ("c", 0.2)) if t not in leaf.existing]
+            for text, prior in fresh[: leaf.num_options]:
+                steps = [*leaf.steps, text]
+                check = self.task.check(leaf.problem, steps)
+                on_path = tuple(steps) == self.task.solution[: len(steps)]
+                if check.terminal:
+                    outcome = int(bool(check.success))
+                    kids.append(Child(text, prior, float(outcome), float(outcome), True, True, outcome, 1))
+                else:
+                    kids.append(Child(text, prior, 0.8 if on_path else 0.2, num_tokens=1))
+            out.append(Expansion(kids, tokens=len(kids)))
+        return out
+
+
+def _problems(n: int) -> list[Problem]:
+    return [Problem(id=f"p{i}", question=f"q{i}", answer="bac") for i in range(n)]
+
+
+def _search(**overrides) -> tuple[list[FinishedTree], FakeExpander]:
+    task = PathTask()
+    cfg = SearchConfig(
+        **{
+            "simulations": 30,
+            "leaves_per_tree": 2,
+            "num_options": 3,
+            "max_nodes": 256,
+            "adaptive_branching": False,
+            **overrides,
+        }
+    )
+    expander = FakeExpander(task)
+    return run_search(_problems(3), task, expander, cfg, seed=1), expander
+
+
+def test_search_finds_the_only_solution_and_prefers_it():
+    trees, _ = _search()
+    for tree in trees:
+        solved = [i for i in range(tree.num_nodes) if tree.nodes["outcome"][i] == 1]
+        assert len(solved) == 1 and tree.path_steps(solved[0]) == ["b", "a", "c"]
+        root_kids = tree.children(0)
+        best = root_kids[np.argmax(tree.nodes["visits"][root_kids])]
+        assert tree.steps[best] == "b", f"visits per first step: {tree.nodes['visits'][root_kids]}"
+
+
+def test_one_expander_call_per_round_serves_every_tree():
+    trees, expander = _search(simulations=5)
+    assert len(expander.calls) == 5
+    assert expander.calls[0] == 3  # round 1: the three roots, in one call
+    assert max(expander.calls) > 3  # later rounds: several leaves per tree, still one call
+
+
+def test_tree_invariants_and_round_trip():
+    trees, _ = _search()
+    for tree in trees:
+        n = tree.nodes
+        for i in range(tree.num_nodes):
+            kids = tree.children(i)
+            if kids.size:
+                # every visit ends at a node (its evaluation when it was created, a terminal's
+                # revisit) or passes on to exactly one child: an internal node was evaluated once
+                own = 0 if i == 0 else 1
+                assert n["visits"][i] == own + n["visits"][kids].sum(), f"node {i}"
+                assert n["depth"][kids].tolist() == [n["depth"][i] + 1] * kids.size
+            assert 0 <= n["success_sum"][i] <= n["verified_visits"][i] <= n["visits"][i]
+        again = FinishedTree.from_row(json.loads(json.dumps(tree.to_row())))
+        assert again.steps == tree.steps
+        for name, arr in tree.nodes.items():
+            np.testing.assert_array_equal(again.nodes[name], arr, err_msg=name)
+
+
+def test_golden_visit_counts():
+    """The whole loop (kernels + search bookkeeping) against a stored expected tree."""
+    trees, _ = _search()
+    got = {t.problem_id: {"visits": t.nodes["visits"].tolist(), "steps": t.steps} for t in trees}
+    if not GOLDEN.exists():  # first run writes it; it is committed and compared from then on
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1))
+        pytest.fail(f"wrote {GOLDEN}: review and commit it")
+    assert got == json.loads(GOLDEN.read_text())
+
+
+def test_budgets_stop_trees():
+    trees, _ = _search(max_tokens=10)
+    assert all(10 <= t.policy_tokens < 10 + 2 * 3 for t in trees)
+    trees, _ = _search(max_nodes=12, simulations=50)
+    assert all(t.num_nodes <= 12 for t in trees)
+    trees, _ = _search(converged_share=0.5, min_simulations=4, simulations=200)
+    assert all(t.simulations < 200 for t in trees)
+
+
+def test_a_fully_explored_tree_stops_by_itself():
+    trees, _ = _search(simulations=500, leaves_per_tree=4)
+    for t in trees:
+        assert t.num_nodes == 1 + 3 + 9 + 27  # every path of the 3-ary, depth-3 tree
+        assert t.simulations < 500
+
+
+def test_widening_adds_children_where_values_disagree():
+    task = PathTask()
+    cfg = SearchConfig(
+        simulations=20,
+        leaves_per_tree=1,
+        num_options=2,
+        max_nodes=256,
+        adaptive_branching=True,
+        alpha=10.0,
+        c_min=1,
+        c_max=3,
+    )
+    tree = run_search(_problems(1), task, FakeExpander(task), cfg, seed=0)[0]
+    root_kids = tree.children(0)
+    assert len(root_kids) == 3, "the root's a/b values differ by 0.6: it must be widened to c"
+
+
+def test_problem_seed_depends_on_the_problem_only():
+    assert problem_seed(3, "p1") == problem_seed(3, "p1") != problem_seed(3, "p2")
+    assert problem_seed(3, "p1") != problem_seed(4, "p1")
+
+
+@pytest.mark.slow
+def test_end_to_end_search_on_a_tiny_model(tmp_path):
+    from _tiny_models import save_tiny_llama
+
+    from mcts.expander import ExpandConfig, PolicyExpander
+    from mcts.policy import Policy, PolicyConfig
+    from mcts.tasks.countdown import CountdownTask, generate_problems
+
+    policy = Policy.load(
+        PolicyConfig(path=str(save_tiny_llama(tmp_path / "m")), max_step_tokens=10, max_rollout_tokens=30)
+    )
+    task = CountdownTask()
+    expander = PolicyExpander(policy, task, ExpandConfig(rollouts=1))
+    calls_before = policy.generate_calls
+    cfg = SearchConfig(simulations=3, leaves_per_tree=2, num_options=3, max_nodes=128)
+    trees = run_search(generate_problems(3, seed=5), task, expander, cfg, seed=0)
+    # propose + rollout per round, for all three trees together
+    assert policy.generate_calls - calls_before <= 2 * 3
+    for tree in trees:
+        assert tree.num_nodes > 1 and tree.policy_tokens > 0
+        assert tree.nodes["visits"][0] == tree.nodes["visits"][tree.children(0)].sum()  # root: no own
+        for i in range(1, tree.num_nodes):
+            if tree.nodes["terminal"][i]:
+                verdict = task.check(_as_problem(tree), tree.path_steps(i))
+                assert tree.nodes["outcome"][i] == int(bool(verdict.success))
+
+
+def _as_problem(tree: FinishedTree) -> Problem:
+    return Problem(id=tree.problem_id, question=tree.question, answer=tree.answer, meta=tree.meta)
