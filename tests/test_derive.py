@@ -316,3 +316,15 @@ def test_audit_on_golden_trees():
     assert a["pairs_per_problem"]["histogram"] == {"1": 1, "2": 1}
     none = audit_dataset(trees, pairs, rerollout=None, sample_pairs=10, greedy_success=None, seed=0)
     assert none["pair_precision"] is None and none["search_minus_greedy"] is None
+
+
+def test_rewards_layer_imports_no_model_or_cluster_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rewards.derive, rewards.records, rewards.export, rewards.audit, rewards.metrics; "
+        "print(sorted(m for m in ('torch', 'transformers', 'ray', 'numba') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
