@@ -206,26 +206,42 @@ def backup(
 
     eval_value, eval_success: float [E] in [0, 1]; eval_verified: int8 [E], 1 where eval_success
     is a verified outcome (a terminal's, or a verified rollout's), 0 for critic-only evaluations.
-    A terminal revisit evaluates the selected node itself; an expansion evaluates its new children. With alpha >= 0 the adaptive width of every
-    node on the paths is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
+    An expansion evaluates the selected node's new children; a terminal revisit (or a dead end)
+    evaluates the selected node itself. Evaluations of one selection share the path above the
+    selected node, so their totals (summed in eval order) are added to it once: k + depth
+    updates instead of k * depth. With alpha >= 0 the adaptive width of every node on the path
+    is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
     """
     parent, visits, vloss, value_sum, success_sum, verified_visits = F[0], F[6], F[7], F[8], F[9], F[15]
     for m in range(sel_tree.shape[0]):
         b = sel_tree[m]
-        node = sel_node[m]
+        s = sel_node[m]
+        node = s
         while node != NO_NODE:
             vloss[b, node] -= 1
             node = parent[b, node]
+        n_tot, w_tot, s_tot, v_tot = 0, 0.0, 0.0, 0
         for e in range(eval_start[m], eval_start[m] + eval_count[m]):
-            node = eval_node[e]
-            while node != NO_NODE:
-                visits[b, node] += 1
-                value_sum[b, node] += eval_value[e]
-                success_sum[b, node] += eval_success[e]
-                verified_visits[b, node] += eval_verified[e]
-                node = parent[b, node]
+            c = eval_node[e]
+            if c != s:
+                assert parent[b, c] == s, "an evaluated node must be the selected node or its child"
+                visits[b, c] += 1
+                value_sum[b, c] += eval_value[e]
+                success_sum[b, c] += eval_success[e]
+                verified_visits[b, c] += eval_verified[e]
+            n_tot += 1
+            w_tot += eval_value[e]
+            s_tot += eval_success[e]
+            v_tot += eval_verified[e]
+        node = s
+        while node != NO_NODE:
+            visits[b, node] += n_tot
+            value_sum[b, node] += w_tot
+            success_sum[b, node] += s_tot
+            verified_visits[b, node] += v_tot
+            node = parent[b, node]
         if alpha >= 0.0:
-            node = sel_node[m]
+            node = s
             while node != NO_NODE:
                 _refresh_width(F, b, node, alpha, c_min, c_max)
                 node = parent[b, node]

@@ -136,14 +136,26 @@ class ReferenceTree:
         while node is not None:
             node.virtual_loss -= 1
             node = node.parent
+        # Evaluations share the path above `selected`: their totals go up it once.
+        n_tot, w_tot, s_tot, v_tot = 0, 0.0, 0.0, 0
         for start, value, success, verified in evaluated:
-            node = start
-            while node is not None:
-                node.visits += 1
-                node.value_sum += value
-                node.success_sum += success
-                node.verified_visits += verified
-                node = node.parent
+            if start is not selected:
+                assert start.parent is selected, "an evaluated node must be the selected node or its child"
+                start.visits += 1
+                start.value_sum += value
+                start.success_sum += success
+                start.verified_visits += verified
+            n_tot += 1
+            w_tot += value
+            s_tot += success
+            v_tot += verified
+        node = selected
+        while node is not None:
+            node.visits += n_tot
+            node.value_sum += w_tot
+            node.success_sum += s_tot
+            node.verified_visits += v_tot
+            node = node.parent
         if alpha >= 0.0:
             node = selected
             while node is not None:
