@@ -7,7 +7,8 @@ everything needed to re-derive every record, and nothing that needs torch or num
 Per-node arrays, all of shape [num_nodes], node 0 is the root (the bare prompt):
     parent       int32   parent id, -1 for the root
     depth        int16   root 0, child = parent + 1
-    visits       int32   N: backed-up visits (own terminal visits + children's visits)
+    visits       int32   N: backed-up visits = the node's own evaluations (1 when it was created,
+                         + 1 per terminal revisit; 0 for the root) + its children's visits
     value_sum    float64 W: sum of backed-up values in [0, 1]; Q = W / N
     success_sum  float64 S: sum of backed-up verified success indicators (outcomes of terminals,
                          and of verified rollouts when they are used)

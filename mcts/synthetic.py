@@ -51,6 +51,11 @@ class Workload:
         # a rollout verified half of the time; its indicator counts only then
         tb["verified"] = (rng.random((t, k)) < 0.5).astype(np.int8)
         tb["success"] = ((tb["value"] > 0.7) & (tb["verified"] == 1)).astype(np.float64)
+        # a terminal is valued by its verdict, as the search does with a verifier
+        term = tb["terminal"] == 1
+        tb["value"] = np.where(term, tb["outcome"].clip(0, 1), tb["value"]).astype(np.float64)
+        tb["success"] = np.where(term, tb["outcome"].clip(0, 1), tb["success"]).astype(np.float64)
+        tb["verified"] = np.where(term, 1, tb["verified"]).astype(np.int8)
         depth_cap = 64
         self.c_min_by_depth = np.full(depth_cap, self.c_min if self.adaptive else 0, np.int64)
         self.c_max_by_depth = np.full(depth_cap, k, np.int64)
