@@ -1,0 +1,292 @@
+"""The embedded default policy: a tiny character-level Llama trained here on Countdown traces.
+
+`arborist search` with no `policy.path` needs a model on a fresh machine with no download, so the
+project trains its own: `bootstrap_policy()` trains it once (about 2.5 minutes on 2 CPU cores),
+evaluates it, and caches it at `<cache>/default-v1-seed{seed}/policy`, where `<cache>` is
+`$ARBORIST_CACHE` or `~/.cache/arborist`.
+
+Difficulty (`default_difficulty()`): 3-4 numbers from 1-9, targets 1-60 (the CountdownDifficulty
+defaults). DESIGN.md measured that a sub-1M model partly learns this in minutes, while numbers up
+to 20 / targets up to 100 leave it at ~2 % greedy: too weak for search to have anything to work with.
+
+Recipe (deliberately small, so the policy is useful but clearly imperfect and search matters):
+a 4-layer, d=128 Llama with tied embeddings (~0.78M parameters) over the character vocabulary of
+`mcts.charlm`; plain next-token training on solver traces `prompt + steps joined by "\\n" + "\\n" +
+</s>`, with the loss on the solution only (the prompt's random numbers are not worth modelling);
+AdamW, short warmup, cosine decay; a fixed step count, so the result is reproducible (a wall-clock
+cap is only a safety net, and `bootstrap.json` records when it was hit).
+
+Seeds: training problems come from seeds `TRAIN_SEED_BASE + seed` (1_000_000+); evaluation
+uses `EVAL_SEED` = 7, and every (numbers, target) of the first `EVAL_EXCLUDE` evaluation problems
+is removed from the training set. The problem space is small (~20k distinct problems), so problems
+drawn with other seeds (the main job's) will often have been seen in training.
+
+Measured (seed 0, 200 held-out problems; see `bootstrap.json` in the cache for each run):
+(pending: the reference run of this recipe)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mcts.charlm import build_char_tokenizer, num_params, save_model_dir, tiny_llama_config
+from mcts.policy import Policy, PolicyConfig
+from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, solve
+
+VERSION = "default-v1"
+TRAIN_SEED_BASE = 1_000_000  # training problems: seed TRAIN_SEED_BASE + bootstrap seed
+EVAL_SEED = 7  # held-out evaluation problems (bootstrap.json figures, quality benchmark)
+EVAL_EXCLUDE = 1000  # (numbers, target) of this many eval problems never appear in training
+
+
+def cache_dir() -> Path:
+    """`$ARBORIST_CACHE` or `~/.cache/arborist`."""
+    return Path(os.environ.get("ARBORIST_CACHE") or Path.home() / ".cache" / "arborist")
+
+
+def default_policy_dir(seed: int = 0) -> Path:
+    """Where `bootstrap_policy(seed)` puts the model: `<cache>/default-v1-seed{seed}/policy`."""
+    return cache_dir() / f"{VERSION}-seed{seed}" / "policy"
+
+
+def default_difficulty() -> CountdownDifficulty:
+    """3-4 numbers from 1-9, targets 1-60: see the module docstring for why."""
+    return CountdownDifficulty(min_numbers=3, max_numbers=4, max_number=9, max_target=60)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe of the embedded policy (the defaults are the shipped model's)."""
+
+    steps: int = 400  # optimizer steps (fixed: the result must not depend on machine speed)
+    batch_size: int = 128  # sequences per step
+    lr: float = 3e-3  # peak learning rate (tiny models take a high one)
+    warmup: int = 20  # linear warmup steps
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    time_cap_s: float = 170.0  # safety net only; hitting it is reported in bootstrap.json
+    threads: int = 1  # fixed: float reductions differ across thread counts, and 2 threads crawl
+    # when other processes share the cores (OpenMP spin-waits); one thread is steady everywhere
+    eval_problems: int = 200  # held-out problems for the greedy / pass@8 figures (0: skip)
+    eval_samples: int = 8
+
+
+def training_texts(n: int, seed: int, difficulty: CountdownDifficulty) -> list[tuple[str, str]]:
+    """`n` (prompt, solution) pairs from solver traces; solution = steps + "\\n" each, no EOS."""
+    task = CountdownTask()
+    held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
+    pairs: list[tuple[str, str]] = []
+    chunk = 0
+    while len(pairs) < n:
+        # Chunks with distinct seeds, so asking for more data extends the list, never reshuffles it.
+        for p in generate_problems(max(n, 1000), TRAIN_SEED_BASE + seed * 1000 + chunk, difficulty):
+            if _key(p) in held_out:
+                continue
+            steps = solve(p.meta["numbers"], p.meta["target"])
+            pairs.append((task.prompt(p), "".join(s + "\n" for s in steps)))
+        chunk += 1
+    return pairs[:n]
+
+
+def _key(p) -> tuple:
+    return tuple(sorted(p.meta["numbers"])), p.meta["target"]
+
+
+def _encode(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [n, width] and labels [n, width] (-100 on prompt and padding)."""
+    prompts = tok([p for p, _ in pairs])["input_ids"]  # each starts with <s>
+    sols = tok([s for _, s in pairs], add_special_tokens=False)["input_ids"]
+    rows = [(p, s + [tok.eos_token_id]) for p, s in zip(prompts, sols, strict=True)]
+    width = max(len(p) + len(s) for p, s in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, s) in enumerate(rows):
+        ids[i, : len(p) + len(s)] = torch.tensor(p + s)
+        labels[i, len(p) : len(p) + len(s)] = torch.tensor(s)
+    return ids, labels
+
+
+def train_policy(
+    out_dir: Path, seed: int, cfg: TrainConfig, difficulty: CountdownDifficulty, progress: bool = True
+) -> dict:
+    """Train the model from scratch into `out_dir` (safetensors + tokenizer); return a report."""
+    from tqdm import tqdm
+    from transformers import LlamaForCausalLM
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    tok = build_char_tokenizer()
+    ids, labels = _encode(training_texts(cfg.steps * cfg.batch_size, seed, difficulty), tok)
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # weight init uses the global generator
+        model = LlamaForCausalLM(
+            tiny_llama_config(
+                len(tok), cfg.d_model, cfg.n_layers, cfg.n_heads, max_len=ids.shape[1] + 64, tok=tok
+            )
+        )
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, cfg))
+        order = torch.randperm(len(ids), generator=gen)
+        capped_at = None
+        bar = tqdm(
+            range(cfg.steps),
+            desc="training default policy",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        loss_val = math.nan
+        for step in bar:
+            if time.perf_counter() - t0 > cfg.time_cap_s:
+                capped_at = step
+                break
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x, y = ids[idx], labels[idx]
+            width = int((y != -100).nonzero()[:, 1].max()) + 1  # trim the shared right padding
+            loss = model(input_ids=x[:, :width], labels=y[:, :width]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            loss_val = float(loss.detach())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_val:.3f}")
+        model.eval()
+        save_model_dir(model, tok, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+    return {
+        "steps_done": capped_at if capped_at is not None else cfg.steps,
+        "time_cap_hit": capped_at is not None,
+        "final_loss": loss_val,
+        "params": num_params(model),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        # CPU seconds: with one thread, what the wall time is on an otherwise idle machine.
+        "train_cpu_seconds": round(time.process_time() - c0, 1),
+    }
+
+
+def _lr_factor(i: int, cfg: TrainConfig) -> float:
+    if i < cfg.warmup:
+        return (i + 1) / cfg.warmup
+    frac = (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def evaluate_policy(
+    path: Path, difficulty: CountdownDifficulty, n: int = 200, samples: int = 8, seed: int = EVAL_SEED
+) -> dict:
+    """Greedy success and pass@`samples` (temperature 1) on `n` problems of seed `seed`."""
+    task = CountdownTask()
+    problems = generate_problems(n, seed, difficulty)
+    policy = Policy.load(PolicyConfig(path=str(path), device="cpu", max_rollout_tokens=64))
+    prompts = [task.prompt(p) for p in problems]
+    greedy = [
+        task.check(p, r.steps).success is True for p, r in zip(problems, policy.greedy(prompts), strict=True)
+    ]
+    outs = policy.rollout([q for q in prompts for _ in range(samples)], seed=seed)
+    hits = [task.check(problems[i // samples], r.steps).success is True for i, r in enumerate(outs)]
+    any_hit = [any(hits[i * samples : (i + 1) * samples]) for i in range(n)]
+    return {
+        "eval_seed": seed,
+        "eval_problems": n,
+        "greedy_success": sum(greedy) / n,
+        f"pass@{samples}": sum(any_hit) / n,
+        "sample_success": sum(hits) / len(hits),
+    }
+
+
+def bootstrap_policy(
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    train: TrainConfig | None = None,
+    root: Path | None = None,
+) -> Path:
+    """Return the directory of the embedded default policy, training it first if not cached.
+
+    The model is trained and evaluated in a temporary directory next to the final one, then
+    moved into place with `os.replace`, so a killed bootstrap never leaves a half-written model:
+    the directory exists only once it is complete. `train` and `root` (instead of
+    `<cache>/default-v1-seed{seed}`) are for tests and experiments.
+    """
+    train = train or TrainConfig()
+    root = Path(root) if root is not None else default_policy_dir(seed).parent
+    final = root / "policy"
+    if final.is_dir() and not force:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    difficulty = default_difficulty()
+    tmp = Path(tempfile.mkdtemp(prefix=".policy-tmp-", dir=root))
+    try:
+        if progress:
+            print(f"arborist: training the default policy into {final} (once, ~3 min)", file=sys.stderr)
+        t0 = time.perf_counter()
+        report = train_policy(tmp, seed, train, difficulty, progress=progress)
+        if report["time_cap_hit"]:
+            print(
+                f"arborist: training hit its {train.time_cap_s:.0f} s safety cap at step "
+                f"{report['steps_done']}/{train.steps}; the model is not the reproducible one",
+                file=sys.stderr,
+            )
+        if train.eval_problems:
+            report.update(evaluate_policy(tmp, difficulty, train.eval_problems, train.eval_samples))
+        report.update(
+            version=VERSION,
+            seed=seed,
+            train_seed=TRAIN_SEED_BASE + seed,
+            train=asdict(train),
+            difficulty=asdict(difficulty),
+            wall_seconds=round(time.perf_counter() - t0, 1),
+            weights_sha256=weights_hash(tmp),
+            torch=torch.__version__,
+        )
+        (tmp / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished the same bootstrap first (the target is a non-empty
+            # directory): theirs is complete and equivalent, keep it.
+            if not (final / "bootstrap.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        figures = {k: report[k] for k in ("greedy_success", "pass@8") if k in report}
+        print(f"arborist: default policy ready ({report['params']} params, {figures})", file=sys.stderr)
+    return final
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 of the model's tensors (names, dtypes, shapes, bytes): equal iff equal weights."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors = load_file(f)
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,61 @@
+"""Embedded default policy: reproducible tiny bootstrap, loadable, atomic, cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mcts.embedded as embedded
+from mcts.embedded import TrainConfig, bootstrap_policy, default_policy_dir, training_texts, weights_hash
+from mcts.policy import Policy, PolicyConfig
+from mcts.tasks.countdown import CountdownTask, generate_problems
+
+TINY = TrainConfig(
+    steps=30, batch_size=16, d_model=32, n_layers=1, n_heads=2, eval_problems=10, eval_samples=2
+)
+
+
+def test_tiny_bootstrap_is_reproducible_and_loads(tmp_path):
+    a = bootstrap_policy(seed=3, train=TINY, root=tmp_path / "a", progress=False)
+    b = bootstrap_policy(seed=3, train=TINY, root=tmp_path / "b", progress=False)
+    c = bootstrap_policy(seed=4, train=TINY, root=tmp_path / "c", progress=False)
+    assert weights_hash(a) == weights_hash(b) != weights_hash(c)
+    report = json.loads((a / "bootstrap.json").read_text())
+    assert report["steps_done"] == 30 and not report["time_cap_hit"]
+    assert report["weights_sha256"] == weights_hash(a)
+    assert {"greedy_success", "pass@2", "params", "wall_seconds", "difficulty"} <= report.keys()
+    policy = Policy.load(PolicyConfig(path=str(a), device="cpu", max_step_tokens=8))
+    task = CountdownTask()
+    [opts] = policy.propose([task.prompt(generate_problems(1, 0)[0])], [4], seed=0)
+    assert len(opts) == 4
+    # Cached: a second call returns at once without retraining.
+    assert bootstrap_policy(seed=3, train=TINY, root=tmp_path / "a", progress=False) == a
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy"]
+
+
+def test_killed_bootstrap_leaves_no_model(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C during evaluation
+
+    monkeypatch.setattr(embedded, "evaluate_policy", boom)
+    with pytest.raises(KeyboardInterrupt):
+        bootstrap_policy(seed=0, train=TINY, root=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == [], "neither a final nor a temporary directory may remain"
+
+
+def test_training_data_is_held_out_and_cache_dir(monkeypatch, tmp_path):
+    diff = embedded.default_difficulty()
+    held = {
+        (tuple(sorted(p.meta["numbers"])), p.meta["target"])
+        for p in generate_problems(embedded.EVAL_EXCLUDE, embedded.EVAL_SEED, diff)
+    }
+    pairs = training_texts(2000, 0, diff)
+    task = CountdownTask()
+    for prompt, solution in pairs[:300]:
+        nums, target = prompt.strip().split(" -> ")
+        assert (tuple(sorted(map(int, nums.split()))), int(target)) not in held
+        assert solution.endswith("\n")
+    monkeypatch.setenv("ARBORIST_CACHE", str(tmp_path))
+    assert default_policy_dir(5) == tmp_path / "default-v1-seed5" / "policy"
+    assert task.prompt(generate_problems(1, 0, diff)[0]).endswith("\n")
