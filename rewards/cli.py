@@ -1,0 +1,155 @@
+"""The `arborist` command.
+
+    arborist search [hydra overrides]            the main job (rewards.pipeline); e.g. out=DIR seed=N
+                                                 task=countdown|jsonl task.path=FILE task.num_problems=N
+                                                 policy.path=DIR search.simulations=N ray.address=auto
+                                                 ray.num_workers=N; `arborist search --help` lists all
+    arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
+    arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
+
+Bad input (a malformed problem file, an unknown task, a missing model directory, pickle weights,
+an invalid number in an override) ends with one line `arborist: error: ...` on stderr, exit
+status 2, no traceback, and nothing written: `search` composes and checks the whole config before
+Hydra, Ray or the output directory are touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_env() -> None:
+    """Settings that must be in place before transformers or Ray are imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers 5 reads it at import time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from critics.models import CriticLoadError
+    from mcts.policy import PolicyLoadError
+    from mcts.tasks.base import TaskInputError
+    from rewards.pipeline import JobInputError
+
+    return (
+        JobInputError,
+        TaskInputError,
+        PolicyLoadError,
+        CriticLoadError,
+        HydraException,
+        OmegaConfBaseException,
+    )
+
+
+def one_line(err: BaseException) -> str:
+    """A user-facing one-line message for a config or input error."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError
+
+    if isinstance(err, MissingConfigException):
+        # "In 'config': Could not find 'task/nope'" + a list of options: name the group and its options.
+        missing = (err.missing_cfg_file or "").split("/")
+        group = missing[0] if len(missing) > 1 else None
+        options = [o for o in (err.options or []) if not o.endswith("schema")]
+        if group and options:
+            return (
+                f"unknown {group} {missing[-1]!r}: choose one of {', '.join(options)} ({group}={options[0]})"
+            )
+    cause = err.__cause__
+    if isinstance(cause, ConfigAttributeError) and getattr(cause, "full_key", None):
+        return (
+            f"unknown setting {cause.full_key!r}: {str(cause).splitlines()[0]} "
+            "(`arborist search --cfg job` lists every setting)"
+        )
+    head = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if cause is not None and str(cause).strip():
+        detail = str(cause).strip().splitlines()[0]
+        key = getattr(cause, "full_key", None)
+        head = re.sub(r"^Error merging override ", "", head)
+        if key and key not in head:
+            head = f"{head} ({key})"
+        return f"{head}: {detail}"
+    return head
+
+
+def _fail(err: BaseException) -> int:
+    print(f"arborist: error: {one_line(err)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def search(overrides: list[str]) -> int:
+    """`arborist search`: check the composed config, then hand over to the Hydra app."""
+    from rewards import pipeline
+
+    # Hydra's own flags (--help, --cfg job, -m ...) are Hydra's business: pass them through.
+    if not any(a.startswith("-") for a in overrides):
+        try:
+            pipeline.check_config(pipeline.compose(overrides))
+        except _input_errors() as e:
+            return _fail(e)
+    sys.argv = ["arborist search", *overrides]
+    pipeline.main()  # exits 2 itself on input errors it finds later (an unreachable cluster)
+    return 0
+
+
+def bootstrap(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="arborist bootstrap", description="Train the embedded default policy (and critics) now."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="retrain even if cached")
+    args = parser.parse_args(argv)
+    from mcts.embedded import bootstrap_policy
+
+    policy = bootstrap_policy(args.seed, force=args.force)
+    print(f"arborist: default policy: {policy}")
+    try:
+        from critics.bootstrap import ensure_default_critics
+    except ImportError:
+        print("arborist: critics are not part of this build; the job values nodes by verified rollouts")
+        return 0
+    print(f"arborist: default critics: {ensure_default_critics(args.seed)}")
+    return 0
+
+
+def train_critics(argv: list[str]) -> int:
+    """`arborist train-critics DATASET_DIR [--out DIR] ...`: the critics package's own command line."""
+    try:
+        from critics.train import main_train_critics
+    except ImportError:
+        print("arborist: error: critics are not part of this build", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return main_train_critics(argv)
+
+
+COMMANDS = {"search": search, "bootstrap": bootstrap, "train-critics": train_critics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_env()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else EXIT_BAD_INPUT
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(
+            f"arborist: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)} "
+            "(arborist search runs the job)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
