@@ -311,7 +311,7 @@ class Policy:
         `max_step_tokens`. Returns one list of options per prompt, in prompt order."""
         assert len(prompts) == len(num_options), f"{len(prompts)} prompts, {len(num_options)} counts"
         flat = [p for p, k in zip(prompts, num_options, strict=True) for _ in range(k)]
-        seqs = self._generate(flat, seed, sample=True, max_new=self.cfg.max_step_tokens, stop=stop)
+        seqs = self._generate(flat, seed, True, self.cfg.max_step_tokens, stop, want_logprob=True)
         out: list[list[Option]] = []
         it = iter(seqs)
         for k in num_options:
@@ -370,24 +370,36 @@ class Policy:
 
     # -- internals ----------------------------------------------------------------------------
 
+    # Keep generate's raw logits only while they are small; otherwise (a 150k vocabulary, a big
+    # batch) re-score the kept tokens with one forward pass: same numbers, bounded memory.
+    _MAX_LOGIT_ELEMENTS = 1 << 27
+
     @torch.inference_mode()
     def _generate(
-        self, prompts: list[str], seed: int, sample: bool, max_new: int, stop: str | None
+        self,
+        prompts: list[str],
+        seed: int,
+        sample: bool,
+        max_new: int,
+        stop: str | None,
+        want_logprob: bool = False,
     ) -> list[dict]:
-        """Generate for every prompt; per sequence return its kept token ids, text, logprob
-        (temperature-1 log-probs of the kept tokens), and whether it ended/was truncated."""
+        """Generate for every prompt; per sequence return its kept token `ids`, `text`, `logprob`
+        (temperature-1 log-probs of the kept tokens; NaN unless `want_logprob`), `ended`, `truncated`."""
         tok, cfg = self.tokenizer, self.cfg
         kwargs = dict(
             max_new_tokens=max_new,
             pad_token_id=tok.pad_token_id,
             eos_token_id=self.eos_token_ids,
             return_dict_in_generate=True,
-            output_logits=True,
             do_sample=sample,
             repetition_penalty=1.0,
         )
         if sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        from_logits = want_logprob and cfg.max_batch * max_new * vocab <= self._MAX_LOGIT_ELEMENTS
+        kwargs["output_logits"] = from_logits
         results: list[dict] = []
         devices = [self.device] if self.device.type == "cuda" else []
         # fork_rng: seeding must not disturb the caller's global RNG streams.
@@ -396,20 +408,33 @@ class Policy:
             for lo in range(0, len(prompts), cfg.max_batch):
                 enc = tok(prompts[lo : lo + cfg.max_batch], return_tensors="pt", padding=True)
                 enc = enc.to(self.device)
+                width = enc["input_ids"].shape[1]
                 if stop:
-                    width = enc["input_ids"].shape[1]
                     kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tok, stop, width)])
                 out = self.model.generate(**enc, **kwargs)
                 self.generate_calls += 1
-                new = out.sequences[:, enc["input_ids"].shape[1] :]
-                logits = torch.stack(out.logits, dim=1).float()
-                lp = logits.log_softmax(-1).gather(-1, new[..., None]).squeeze(-1).cpu()
-                for row, row_lp in zip(new.cpu().tolist(), lp, strict=True):
-                    results.append(self._cut(row, row_lp, stop, max_new))
+                new = out.sequences[:, width:]
+                lp = None
+                if from_logits:  # one step at a time: never a float copy of all the logits
+                    lp = torch.stack(
+                        [
+                            step.float().log_softmax(-1).gather(-1, new[:, t, None]).squeeze(-1)
+                            for t, step in enumerate(out.logits)
+                        ],
+                        dim=1,
+                    ).cpu()
+                for r, row in enumerate(new.cpu().tolist()):
+                    cut = self._cut(row, stop, max_new)
+                    cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if lp is not None else math.nan
+                    results.append(cut)
+        if want_logprob and not from_logits:
+            scores = self.score(prompts, [r["ids"] for r in results])
+            for r, sc in zip(results, scores, strict=True):
+                r["logprob"] = sc
         self.tokens_generated += sum(len(r["ids"]) for r in results)
         return results
 
-    def _cut(self, row: list[int], row_lp: torch.Tensor, stop: str | None, max_new: int) -> dict:
+    def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
         """Find where one generated row really ends (first EOS, or the token that completed
         `stop`); tokens after it are padding from sequences that finished earlier."""
         eos = set(self.eos_token_ids)
@@ -425,22 +450,10 @@ class Policy:
                     hi = mid
                 else:
                     lo = mid + 1
-            ids = body[:lo]
-            return dict(
-                ids=ids,
-                text=text[: text.index(stop)],
-                logprob=float(row_lp[:lo].sum()),
-                ended=False,
-                truncated=False,
-            )
+            return dict(ids=body[:lo], text=text[: text.index(stop)], ended=False, truncated=False)
         if end is not None:
-            ids = row[: end + 1]
-            return dict(
-                ids=ids, text=text, logprob=float(row_lp[: end + 1].sum()), ended=True, truncated=False
-            )
-        return dict(
-            ids=row, text=text, logprob=float(row_lp.sum()), ended=False, truncated=len(row) >= max_new
-        )
+            return dict(ids=row[: end + 1], text=text, ended=True, truncated=False)
+        return dict(ids=row, text=text, ended=False, truncated=len(row) >= max_new)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -60,6 +60,16 @@ def test_logprobs_match_unpadded_forward_pass(policy: Policy):
     assert scored == pytest.approx([o.logprob for _, o in flat], abs=1e-4)
 
 
+def test_big_vocab_path_rescores_to_the_same_logprobs(policy: Policy, monkeypatch):
+    """When generate's logits would be too big to keep, a forward pass gives the same numbers."""
+    a = policy.propose(PROMPTS, [2, 1, 2], seed=5)
+    monkeypatch.setattr(Policy, "_MAX_LOGIT_ELEMENTS", 0)
+    b = policy.propose(PROMPTS, [2, 1, 2], seed=5)
+    for x, y in zip([o for opts in a for o in opts], [o for opts in b for o in opts], strict=True):
+        assert x.token_ids == y.token_ids
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
 def test_stop_and_eos_are_cut(policy: Policy):
     """Over many samples some options stop at the separator: their last token is the newline."""
     options = [o for opts in policy.propose(PROMPTS, [40, 40, 40], seed=1) for o in opts]
