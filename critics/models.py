@@ -1,0 +1,263 @@
+"""Learned critics over `transformers` models with a one-logit head: loading, text layout, scoring.
+
+| kind  | model class                           | where the logit is read                |
+|-------|---------------------------------------|----------------------------------------|
+| value | AutoModelForSequenceClassification    | last token of prompt + steps           |
+| orm   | AutoModelForSequenceClassification    | last token of prompt + steps           |
+| prm   | AutoModelForTokenClassification       | the separator token ending each step   |
+
+All have `num_labels=1`; the probability is sigmoid(logit). Text layout (TRL's stepwise supervision,
+`prompt` / `completions` / `labels`): the prompt tokenized without special tokens and prefixed
+with BOS when the tokenizer has one, then each step's tokens followed by the separator's tokens.
+A PRM label sits on the last separator token of its step; the value function and ORM read the
+same sequence's last token (the separator after the last step), so all three see the exact text
+the policy conditioned on. Sequences are right-padded.
+
+Critic directories are `save_pretrained` output (safetensors + tokenizer) plus `critic.json`
+(kind, training figures). Nothing is downloaded: `local_files_only=True`, safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcts.policy import resolve_device
+from mcts.tasks.base import Problem, Task
+
+SEQ_KINDS = ("value", "orm")
+CLASSES = {
+    "value": "sequence classification",
+    "orm": "sequence classification",
+    "prm": "token classification",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CriticLoadError(ValueError):
+    """A critic directory cannot be loaded; the message is one line saying how to fix it."""
+
+
+def auto_class(kind: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    assert kind in CLASSES, f"unknown critic kind {kind!r}: use one of {sorted(CLASSES)}"
+    return AutoModelForSequenceClassification if kind in SEQ_KINDS else AutoModelForTokenClassification
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto": bfloat16 (float16 without bf16 support) on GPU, float32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise CriticLoadError(
+            f"critics.dtype={dtype} is not supported: use auto, float32, bfloat16 or float16"
+        )
+    return _DTYPES[dtype]
+
+
+# -- text layout ------------------------------------------------------------------------------------
+class StepEncoder:
+    """Token ids of prompt + steps in the TRL stepwise layout, and the position ending each step."""
+
+    def __init__(self, tokenizer, separator: str):
+        self.tok = tokenizer
+        self.sep_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+        assert self.sep_ids, f"the tokenizer encodes the step separator {separator!r} to no token"
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def encode(self, prompts: list[str], steps: list[list[str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(ids per item, step-end positions per item). Tokenizes every distinct piece once, in one
+        batched call: a round of search repeats the same prompts and steps many times."""
+        pieces = sorted({*prompts, *(s for row in steps for s in row)})
+        table = dict(zip(pieces, self.tok(pieces, add_special_tokens=False)["input_ids"], strict=True))
+        all_ids, all_ends = [], []
+        for prompt, row in zip(prompts, steps, strict=True):
+            ids = self.bos + table[prompt]
+            ends = []
+            for s in row:
+                ids = ids + table[s] + self.sep_ids
+                ends.append(len(ids) - 1)
+            all_ids.append(ids)
+            all_ends.append(ends)
+        return all_ids, all_ends
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [n, width] and attention mask [n, width]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def step_logits(model, kind: str, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Logits [n, k] at `ends` [n, k] (PRM: per step end; value/ORM: `ends` is the last token, k=1,
+    and the model pools it itself)."""
+    out = model(input_ids=ids, attention_mask=mask).logits.float()
+    if kind in SEQ_KINDS:
+        return out.view(-1, 1)
+    return out[..., 0].gather(1, ends)
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+class ModelCritic:
+    """A value function, PRM or ORM over a local model; `score` implements `critics.base.Critic`.
+
+    `forward_calls` counts model forwards (one per `batch_size` chunk of a `score` call).
+    """
+
+    def __init__(self, model, tokenizer, kind: str, task: Task, device, batch_size: int = 256):
+        assert kind in CLASSES, f"unknown critic kind {kind!r}"
+        self.model, self.tok, self.kind, self.task = model, tokenizer, kind, task
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.encoder = StepEncoder(tokenizer, task.step_separator)
+        self.forward_calls = 0
+
+    def score(self, problems: list[Problem], steps: list[list[str]]) -> np.ndarray:
+        """Probability per item [n]: PRM = its last step's soundness; value/ORM = the whole text."""
+        assert len(steps) == len(problems), f"{len(problems)} problems but {len(steps)} step lists"
+        probs = self.score_texts([self.task.prompt(p) for p in problems], steps, every_step=False)
+        return np.array([p[-1] for p in probs]) if probs else np.zeros(0)
+
+    @torch.inference_mode()
+    def score_texts(
+        self, prompts: list[str], steps: list[list[str]], every_step: bool = True
+    ) -> list[np.ndarray]:
+        """Per item, probabilities [k]: the PRM with `every_step` scores each step end (k = steps, the
+        TRL stepwise positions), otherwise k = 1 (last step end, or the pooled value/ORM logit).
+        One forward per `batch_size` chunk."""
+        n = len(prompts)
+        ids, ends = self.encoder.encode(prompts, steps)
+        at = [
+            e if (e and every_step and self.kind == "prm") else [e[-1] if e else len(r) - 1]
+            for r, e in zip(ids, ends, strict=True)
+        ]
+        out: list[np.ndarray] = [np.zeros(0)] * n
+        # Similar lengths share a chunk, so little compute goes to padding.
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        for lo in range(0, n, self.batch_size):
+            chunk = order[lo : lo + self.batch_size]
+            x, mask = pad_right([ids[i] for i in chunk], self.tok.pad_token_id)
+            width = max(len(at[i]) for i in chunk)
+            pos = torch.tensor([at[i] + [at[i][-1]] * (width - len(at[i])) for i in chunk])
+            logits = step_logits(
+                self.model, self.kind, x.to(self.device), mask.to(self.device), pos.to(self.device)
+            )
+            self.forward_calls += 1
+            probs = logits.sigmoid().cpu().numpy()
+            for j, i in enumerate(chunk):
+                out[i] = probs[j, : len(at[i])] if self.kind == "prm" else probs[j, :1]
+        return out
+
+
+def check_critic_dir(path: str | Path, kind: str) -> Path:
+    """Raise `CriticLoadError` (one line) unless `path` is a loadable, safe critic of `kind`."""
+    from transformers import AutoConfig
+
+    name = f"critics.{kind}_path={path}"
+    p = Path(path).expanduser()
+    if not str(path) or not p.is_dir():
+        raise CriticLoadError(
+            f"{name} does not exist: point it at a directory written by `arborist train-critics` "
+            f"(or by save_pretrained), or set it to '' to turn the {kind} critic off"
+        )
+    if not (p / "config.json").is_file():
+        raise CriticLoadError(f"{name} has no config.json: it must be a directory written by save_pretrained")
+    if not any(p.glob("*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        how = "re-save it with model.save_pretrained(dir, safe_serialization=True)"
+        if pickles:
+            raise CriticLoadError(
+                f"{name} has only pickle weights ({', '.join(pickles[:3])}), never loaded: {how}"
+            )
+        raise CriticLoadError(f"{name} has no *.safetensors weights: {how}")
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    archs = config.architectures or []
+    wanted = "ForSequenceClassification" if kind in SEQ_KINDS else "ForTokenClassification"
+    if archs and not any(a.endswith(wanted) for a in archs):
+        raise CriticLoadError(
+            f"{name} holds a {archs[0]}, but a {kind} critic is a {CLASSES[kind]} model (*{wanted}): "
+            "train one from it with `arborist train-critics DATASET --base DIR`"
+        )
+    if config.num_labels != 1:
+        raise CriticLoadError(
+            f"a {kind} critic needs num_labels=1: {p} has num_labels={config.num_labels}; train one with "
+            f"`arborist train-critics`, or load the trunk with from_pretrained(dir, num_labels=1) and fine-tune it"
+        )
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CriticLoadError(
+            f"{name} has no tokenizer: save it next to the model with tokenizer.save_pretrained(dir)"
+        )
+    meta = read_meta(p)
+    if meta.get("kind") not in (None, kind):
+        raise CriticLoadError(f"{name} is a {meta['kind']} critic (critic.json), not a {kind} critic")
+    return p
+
+
+def read_meta(path: str | Path) -> dict:
+    """`critic.json` of a critic directory ({} when absent: a user-brought model)."""
+    f = Path(path) / "critic.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:  # padding is on the right and masked; any id does
+        if tok.eos_token is None:
+            raise CriticLoadError(
+                f"{path}: the tokenizer has neither a pad nor an eos token: set one and save it"
+            )
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_critic(
+    path: str | Path, kind: str, task: Task, device: str = "auto", dtype: str = "auto", batch_size: int = 256
+) -> ModelCritic:
+    """Load a critic of `kind` ("value", "prm", "orm") from a local directory."""
+    p = check_critic_dir(path, kind)
+    dev = resolve_device(device)
+    tok = load_tokenizer(p)
+    model = auto_class(kind).from_pretrained(
+        p, local_files_only=True, use_safetensors=True, dtype=resolve_dtype(dtype, dev)
+    )
+    # Sequence classifiers pool the last non-pad token; they need to know which id pads.
+    model.config.pad_token_id = tok.pad_token_id
+    return ModelCritic(model.to(dev).eval(), tok, kind, task, dev, batch_size)
+
+
+def init_from_policy(policy_dir: str | Path, kind: str, seed: int = 0):
+    """(model, tokenizer): the policy checkpoint's trunk with a fresh one-logit head for `kind`.
+
+    Starting from the policy is the cheap route to a good critic: its trunk already reads the
+    task's text. The head is seeded, so training is reproducible.
+    """
+    torch.manual_seed(seed)
+    tok = load_tokenizer(policy_dir)
+    model = auto_class(kind).from_pretrained(
+        policy_dir, num_labels=1, local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.problem_type = "regression"  # one logit; trained with BCE, read with sigmoid
+    return model, tok
+
+
+def save_critic(model, tok, kind: str, path: str | Path, meta: dict) -> Path:
+    """save_pretrained (safetensors) + tokenizer + critic.json {"kind", ...meta}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "critic.json").write_text(json.dumps({"kind": kind, **meta}, indent=2, default=float) + "\n")
+    return path

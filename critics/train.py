@@ -1,0 +1,293 @@
+"""Train the value function, PRM and ORM from finished search trees.
+
+    arborist train-critics DATASET_DIR [--out DIR] [--base DIR]   (rewards.cli calls `main_train_critics`)
+
+Reads `DATASET_DIR/trees/*.parquet` (one `FinishedTree.to_row()` per row; only the files the
+manifest lists as finished when there is a manifest), derives labels (`critics.labels`), and
+fine-tunes each critic from a base checkpoint, by default the policy that searched: its trunk
+already reads the task's text, so only a one-logit head is new.
+
+Losses (binary cross-entropy on the sigmoid of the logit):
+- value: soft targets S / V at the last token;
+- PRM: hard step labels at every step end (TRL stepwise layout), soft with `prm_soft`;
+- ORM: verified outcomes at the last token, each class weighted to half the loss when
+  `balance_orm` (a few wrong answers must not be drowned by many right ones, or vice versa).
+
+Problems are split train / validation by id; the validation AUROC and ECE of each critic go into
+its `critic.json` and the returned report. The output directory appears atomically (built in a
+temporary directory beside it, then moved into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from critics.base import KINDS
+from critics.labels import Labels, all_labels, split_by_problem
+from critics.models import StepEncoder, init_from_policy, pad_right, save_critic, step_logits
+from mcts.finished import FinishedTree
+from mcts.policy import resolve_device
+from rewards.metrics import auroc, ece
+
+
+@dataclass
+class TrainCriticsConfig:
+    """How the critics are fine-tuned (the defaults are the embedded critics' recipe)."""
+
+    kinds: tuple[str, ...] = KINDS
+    """Which critics to train."""
+    steps: int = 200
+    """Optimizer steps per critic (fixed, so the result does not depend on machine speed)."""
+    batch_size: int = 64
+    """Rows per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warmup, cosine decay to 5 %)."""
+    warmup: int = 10
+    weight_decay: float = 0.01
+    min_verified: int = 2
+    """Value targets only for nodes with at least this many verified visits."""
+    prm_soft: bool = False
+    """Train the PRM on soft labels (S / V) instead of hard ones."""
+    balance_orm: bool = True
+    """Weight the ORM's two classes equally in the loss."""
+    val_fraction: float = 0.1
+    """Share of problems held out for the validation figures (0: none)."""
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    """torch threads while training (fixed: float reductions differ across thread counts)."""
+    progress: bool = True
+
+
+def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
+    """Trees of a dataset directory: the manifest's finished `trees` files, else `trees/*.parquet`."""
+    import pyarrow.parquet as pq
+
+    root = Path(dataset_dir)
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        files = [root / f for f in json.loads(manifest.read_text()).get("files", {}).get("trees", [])]
+    else:
+        files = sorted((root / "trees").glob("*.parquet"))
+    if not files:
+        raise ValueError(
+            f"{root} has no trees/*.parquet: point train-critics at the output directory of `arborist search`"
+        )
+    return [FinishedTree.from_row(r) for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def _lr_factor(i: int, cfg: TrainCriticsConfig) -> float:
+    if i < cfg.warmup:
+        return (i + 1) / cfg.warmup
+    frac = (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+class _Rows:
+    """Encoded rows of one critic: ids, labelled positions, targets and loss weights per position."""
+
+    def __init__(self, labels: Labels, enc: StepEncoder, kind: str, targets: list[list[float]], weights=None):
+        self.ids, ends = enc.encode(labels.prompts, labels.steps)
+        self.pos = [e if kind == "prm" else [len(r) - 1] for r, e in zip(self.ids, ends, strict=True)]
+        self.targets = targets
+        self.weights = weights or [[1.0] * len(t) for t in targets]
+        for p, t in zip(self.pos, targets, strict=True):
+            assert len(p) == len(t), f"{len(p)} labelled positions but {len(t)} targets"
+
+    def batch(self, idx, pad_id: int, device):
+        x, mask = pad_right([self.ids[i] for i in idx], pad_id)
+        k = max(len(self.pos[i]) for i in idx)
+        pos = torch.zeros(len(idx), k, dtype=torch.long)
+        tgt, w = torch.zeros(len(idx), k), torch.zeros(len(idx), k)  # weight 0 = padding position
+        for j, i in enumerate(idx):
+            n = len(self.pos[i])
+            pos[j, :n] = torch.tensor(self.pos[i])
+            tgt[j, :n] = torch.tensor(self.targets[i], dtype=torch.float32)
+            w[j, :n] = torch.tensor(self.weights[i], dtype=torch.float32)
+        return x.to(device), mask.to(device), pos.to(device), tgt.to(device), w.to(device)
+
+
+def _targets(kind: str, labels: Labels, cfg: TrainCriticsConfig):
+    if kind == "prm" and not cfg.prm_soft:
+        targets = [[float(h) for h in row] for row in labels.hard]
+    else:
+        targets = labels.soft
+    weights = None
+    if kind == "orm" and cfg.balance_orm:
+        rate = labels.positive_rate()
+        if 0 < rate < 1:
+            weights = [[0.5 / rate if h else 0.5 / (1 - rate) for h in row] for row in labels.hard]
+    return targets, weights
+
+
+def train_one(
+    kind: str, train: Labels, val: Labels, base_dir: str | Path, sep: str, cfg: TrainCriticsConfig
+) -> tuple[object, object, dict]:
+    """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report)."""
+    t0 = time.perf_counter()
+    assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
+    device = resolve_device(cfg.device)
+    model, tok = init_from_policy(base_dir, kind, cfg.seed)
+    model.to(device).train()
+    enc = StepEncoder(tok, sep)
+    rows = _Rows(train, enc, kind, *_targets(kind, train, cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order, cursor, losses = torch.randperm(len(train), generator=gen), 0, []
+    from tqdm import tqdm
+
+    bar = tqdm(range(cfg.steps), desc=f"training {kind} critic", disable=not cfg.progress, file=sys.stderr)
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):  # next epoch: a fresh permutation
+            order, cursor = torch.randperm(len(train), generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size].tolist()
+        cursor += cfg.batch_size
+        x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
+        logits = step_logits(model, kind, x, mask, pos)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, tgt, reduction="none")
+        loss = (bce * w).sum() / w.sum().clamp(min=1e-8)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    model.eval()
+    report = {
+        "train_rows": len(train),
+        "train_positions": train.positions(),
+        "train_positive_rate": train.positive_rate(),
+        "steps": cfg.steps,
+        "first_loss": float(np.mean(losses[:10])) if losses else float("nan"),
+        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        **evaluate(model, tok, kind, val, sep, device),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return model, tok, report
+
+
+@torch.inference_mode()
+def evaluate(model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256) -> dict:
+    """Validation AUROC (vs the binary label) and ECE (vs the soft target) over every labelled
+    position; NaN when there are no rows or one class only."""
+    if not len(labels):
+        return {"val_rows": 0, "val_auroc": float("nan"), "val_ece": float("nan")}
+    rows = _Rows(labels, StepEncoder(tok, sep), kind, labels.soft)
+    probs, hard, soft = [], [], []
+    for lo in range(0, len(labels), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(labels))))
+        x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
+        p = step_logits(model, kind, x, mask, pos).sigmoid()
+        keep = (w > 0).cpu().numpy()
+        probs.append(p.cpu().numpy()[keep])
+        soft.append(tgt.cpu().numpy()[keep])
+        hard += [h for i in idx for h in labels.hard[i]]
+    probs, soft = np.concatenate(probs), np.concatenate(soft)
+    return {
+        "val_rows": len(labels),
+        "val_auroc": auroc(probs, np.array(hard)),
+        "val_ece": ece(probs, soft),
+    }
+
+
+def train_critics(
+    trees: list[FinishedTree],
+    out_dir: str | Path,
+    policy_dir: str | Path,
+    cfg: TrainCriticsConfig | None = None,
+    sep: str = "\n",
+    meta: dict | None = None,
+) -> dict:
+    """Train `cfg.kinds` from `trees` into `out_dir/<kind>` (starting from `policy_dir`'s trunk);
+    returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash)."""
+    cfg = cfg or TrainCriticsConfig()
+    out = Path(out_dir)
+    labels = all_labels(trees, cfg.min_verified)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
+    reports: dict[str, dict] = {}
+    try:
+        for kind in cfg.kinds:
+            train, val = split_by_problem(labels[kind], cfg.val_fraction, cfg.seed)
+            model, tok, report = train_one(kind, train, val, policy_dir, sep, cfg)
+            reports[kind] = report
+            info = {"base": str(policy_dir), "trees": len(trees), "train": report, "config": asdict(cfg)}
+            save_critic(model, tok, kind, tmp / kind, {**info, **(meta or {})})
+            if cfg.progress:
+                figures = {
+                    k: round(v, 3) for k, v in report.items() if k.startswith("val_a") or k == "final_loss"
+                }
+                print(f"arborist: {kind} critic trained ({figures}, {report['seconds']} s)", file=sys.stderr)
+        (tmp / "report.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+        old = out.parent / f".{out.name}-old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return reports
+
+
+def train_critics_from_dir(
+    dataset_dir: str | Path,
+    out_dir: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    cfg: TrainCriticsConfig | None = None,
+) -> dict:
+    """`arborist train-critics`: trees of `dataset_dir` -> critics in `out_dir` (default
+    `dataset_dir/critics`), fine-tuned from `base_dir` (default: the embedded policy)."""
+    trees = read_tree_dir(dataset_dir)
+    if base_dir is None:
+        from mcts.embedded import bootstrap_policy
+
+        base_dir = bootstrap_policy((cfg or TrainCriticsConfig()).seed)
+    out = Path(out_dir) if out_dir is not None else Path(dataset_dir) / "critics"
+    return train_critics(trees, out, base_dir, cfg, meta={"dataset": str(dataset_dir)})
+
+
+def main_train_critics(argv: list[str] | None = None) -> int:
+    """Command line of `arborist train-critics`; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="arborist train-critics", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dataset_dir", help="output directory of `arborist search` (reads trees/*.parquet)")
+    ap.add_argument("--out", default=None, help="where the critics go (default: DATASET_DIR/critics)")
+    ap.add_argument("--base", default=None, help="checkpoint to start from (default: the embedded policy)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of value,prm,orm")
+    ap.add_argument("--steps", type=int, default=TrainCriticsConfig.steps)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        print(f"arborist train-critics: --kinds={args.kinds}: use a subset of value,prm,orm", file=sys.stderr)
+        return 2
+    cfg = TrainCriticsConfig(kinds=kinds, steps=args.steps, seed=args.seed, device=args.device)
+    try:
+        reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
+    except (ValueError, OSError) as e:
+        print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(reports, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_train_critics())

@@ -1,0 +1,296 @@
+"""Critics: batched scoring (one forward per call), TRL stepwise positions against a manual forward,
+labels from a hand-built tree, training that learns, one-line load errors, and critics-only search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _tiny_models import save_tiny_llama
+from _trees import golden_tree
+
+from critics.base import CriticsConfig, CriticSet
+from critics.labels import Labels, orm_labels, prm_labels, value_labels
+from critics.models import CriticLoadError, ModelCritic, init_from_policy, load_critic, save_critic
+from critics.train import TrainCriticsConfig, main_train_critics, train_critics, train_one
+from critics.verifier import VerifierCritic
+from mcts.expander import PolicyExpander
+from mcts.policy import Option, Rollout
+from mcts.search import SearchConfig, run_search
+from mcts.tasks.countdown import CountdownTask, make_problem
+
+TASK = CountdownTask()
+PROBLEMS = [
+    make_problem("a", [3, 7, 9, 4], 24),
+    make_problem("b", [1, 2], 3),
+    make_problem("c", [2, 5, 8], 18),
+]
+STEPS = [["7*4=28", "28-3=25"], [], ["2+5=7"]]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def critic_dirs(policy_dir, tmp_path_factory):
+    """Untrained critics (policy trunk + random head) saved the way training saves them."""
+    root = tmp_path_factory.mktemp("critics")
+    for kind in ("value", "prm", "orm"):
+        model, tok = init_from_policy(policy_dir, kind, seed=1)
+        torch.nn.init.normal_(_head(model).weight, std=0.5)  # a head with visible effect
+        save_critic(model, tok, kind, root / kind, {"note": "test"})
+    return root
+
+
+def _head(model):
+    return model.score if hasattr(model, "score") else model.classifier
+
+
+def _critic(critic_dirs, kind, batch_size=256) -> ModelCritic:
+    return load_critic(critic_dirs / kind, kind, TASK, device="cpu", batch_size=batch_size)
+
+
+@pytest.mark.parametrize("kind", ["value", "prm", "orm"])
+def test_one_forward_per_call_shapes_and_ranges(critic_dirs, kind):
+    critic = _critic(critic_dirs, kind)
+    scores = critic.score(PROBLEMS, STEPS)
+    assert critic.forward_calls == 1, "a batch must be one forward"
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    small = _critic(critic_dirs, kind, batch_size=2)
+    again = small.score(PROBLEMS, STEPS)
+    assert small.forward_calls == 2, "chunks of batch_size: ceil(3 / 2) forwards"
+    np.testing.assert_allclose(again, scores, atol=1e-5)  # padding and chunking do not change a score
+
+
+def _manual(model, tok, text: str) -> torch.Tensor:
+    """Unpadded single-row forward: logits [len] (token classifier) or [1] (sequence classifier)."""
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, ..., 0].float()
+
+
+def test_prm_scores_step_ends_like_a_manual_forward(critic_dirs):
+    critic = _critic(critic_dirs, "prm")
+    prompts = [TASK.prompt(p) for p in PROBLEMS]
+    per_step = critic.score_texts(prompts, STEPS, every_step=True)
+    assert critic.forward_calls == 1
+    for prompt, steps, probs in zip(prompts, STEPS, per_step, strict=True):
+        text = prompt + "".join(s + "\n" for s in steps)
+        logits = _manual(critic.model, critic.tok, text)
+        # TRL stepwise layout: each step's label sits on the "\n" that ends it.
+        ends = [i for i, t in enumerate(critic.tok(text)["input_ids"]) if critic.tok.decode([t]) == "\n"][1:]
+        assert len(probs) == max(1, len(steps))
+        if steps:
+            np.testing.assert_allclose(probs, logits[ends].sigmoid().numpy(), atol=1e-5)
+    last = critic.score(PROBLEMS, STEPS)
+    assert last[0] == pytest.approx(per_step[0][-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["value", "orm"])
+def test_sequence_critics_read_the_last_token(critic_dirs, kind):
+    critic = _critic(critic_dirs, kind)
+    scores = critic.score(PROBLEMS, STEPS)
+    for p, steps, s in zip(PROBLEMS, STEPS, scores, strict=True):
+        text = TASK.prompt(p) + "".join(x + "\n" for x in steps)
+        assert s == pytest.approx(float(_manual(critic.model, critic.tok, text).sigmoid()), abs=1e-5)
+
+
+def test_labels_from_golden_tree():
+    """Golden tree (tests/_trees.py): N, S per node worked out in its docstring."""
+    tree = golden_tree()
+    value = value_labels([tree], min_verified=2)
+    got = {n[0][1]: (s[0], h[0]) for n, s, h in zip(value.nodes, value.soft, value.hard, strict=True)}
+    assert got == {1: (0.8, True), 2: (0.125, True), 3: (0.0, False), 6: (0.2, True)}
+    assert [row[-1] for row in value.steps] == ["3 + 2 = 5", "3 * 2 = 6", "5 - 3 = 2", "6 + 5 = 11"]
+    assert set(got) - set(value_labels([tree], min_verified=6).nodes[0][0][1:]) >= {3, 6}
+
+    prm = prm_labels([tree])
+    rows = {tuple(i for _, i in n): h for n, h in zip(prm.nodes, prm.hard, strict=True)}
+    assert rows == {
+        (1, 4): [True, True],
+        (1, 5): [True, False],
+        (2, 6, 9): [True, True, True],
+        (2, 6, 10): [True, True, False],
+        (2, 7): [True, False],
+        (3, 8): [False, False],
+    }
+    soft = dict(zip([tuple(i for _, i in n) for n in prm.nodes], prm.soft, strict=True))
+    assert soft[(2, 6, 10)] == pytest.approx([0.125, 0.2, 0.0])
+
+    orm = orm_labels([tree, golden_tree(seed=1)])  # the same solutions twice: kept once
+    got = {n[0][1]: h[0] for n, h in zip(orm.nodes, orm.hard, strict=True)}
+    assert got == {4: True, 5: False, 9: True, 10: False, 7: False, 8: False}
+
+
+def _toy_labels(n: int) -> Labels:
+    """Separable: a step with '+' is sound, one with '-' is not."""
+    rng = np.random.default_rng(0)
+    out = Labels("orm")
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(1, 9, 2))
+        good = i % 2 == 0
+        step = f"{a}+{b}={a + b}" if good else f"{max(a, b)}-{min(a, b)}={abs(a - b)}"
+        out.problem_ids.append(f"t{i}")
+        out.prompts.append(f"{a} {b} -> {a + b}\n")
+        out.steps.append([step])
+        out.soft.append([float(good)])
+        out.hard.append([good])
+        out.nodes.append([(f"t{i}", 1)])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["orm", "prm"])
+def test_training_reduces_the_loss(policy_dir, kind):
+    labels = _toy_labels(64)
+    labels.kind = kind
+    cfg = TrainCriticsConfig(steps=40, batch_size=16, lr=3e-3, progress=False)
+    model, tok, report = train_one(kind, labels, _toy_labels(32), policy_dir, "\n", cfg)
+    assert report["final_loss"] < 0.7 * report["first_loss"], report
+    assert report["val_auroc"] > 0.9, report
+
+
+def test_load_errors_are_one_line(policy_dir, critic_dirs, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    def err(path, kind="value") -> str:
+        with pytest.raises(CriticLoadError) as e:
+            load_critic(path, kind, TASK, device="cpu")
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    assert "does not exist" in err(tmp_path / "nope")
+    assert "ForSequenceClassification" in err(policy_dir)  # a causal LM is not a value critic
+    assert "ForTokenClassification" in err(critic_dirs / "value", "prm")
+    three = LlamaForSequenceClassification.from_pretrained(policy_dir, num_labels=3)
+    three.save_pretrained(tmp_path / "three")
+    assert "a value critic needs num_labels=1" in err(tmp_path / "three")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((critic_dirs / "value" / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    assert "pickle" in err(pickled)
+    assert "orm critic" in err(critic_dirs / "orm", "value")  # critic.json says what it is
+
+
+def test_verifier_critic():
+    v = VerifierCritic(TASK)
+    p = make_problem("v", [3, 7, 9, 4], 24)
+    out = v.score([p, p, p], [["7*4=28", "28-4=24"], ["3+7=10"], ["3+3=6"]])
+    assert np.isnan(out[1]) and out[2] == 0.0  # partial: no verdict; invalid step: wrong
+    assert v.score([p], [["9-3=6", "6*4=24"]])[0] == 1.0
+
+
+def test_config_maps_onto_the_expander_and_default_needs_a_dir(critic_dirs, capsys):
+    cfg = CriticsConfig(rollouts=0, w_value=2.0, w_prm=0.5, verifier_at_terminals=False)
+    ec = cfg.expand_config(merge_similarity=0.9)
+    assert (ec.rollouts, ec.w_value, ec.w_prm, ec.verifier_at_terminals, ec.merge_similarity) == (
+        0,
+        2.0,
+        0.5,
+        False,
+        0.9,
+    )
+    assert CriticSet.load(CriticsConfig(value_path="", prm_path="", orm_path=""), TASK) is None
+    assert CriticSet.load(CriticsConfig(), TASK, default_dir=None) is None
+    assert "only read the built-in Countdown task" in capsys.readouterr().err
+    loaded = CriticSet.load(CriticsConfig(device="cpu", orm_path=""), TASK, default_dir=critic_dirs)
+    assert loaded.value.kind == "value" and loaded.prm.kind == "prm" and loaded.orm is None
+    nodes = loaded.score_nodes(PROBLEMS, STEPS)
+    assert nodes["value"].shape == nodes["prm"].shape == (3,)
+    assert np.isnan(loaded.score_outcomes(PROBLEMS, STEPS)).all()
+
+
+class ScriptedPolicy:
+    """A deterministic stand-in for the policy that writes valid Countdown steps (a random tiny
+    model writes unparsable text, so every node would be terminal and no critic would run)."""
+
+    def __init__(self):
+        self.generate_calls = 0
+
+    @staticmethod
+    def _moves(prompt: str) -> list[str]:
+        head, *done = [line for line in prompt.split("\n") if line]
+        pool = [int(x) for x in head.split("->")[0].split()]
+        for step in done:  # "a op b=c": a and b leave the pool, c joins it
+            left, c = step.split("=")
+            a, b = (int(x) for x in left.replace("*", "+").replace("-", "+").split("+"))
+            pool.remove(a)
+            pool.remove(b)
+            pool.append(int(c))
+        if len(pool) < 2:
+            return []
+        a, b = sorted(pool[:2], reverse=True)
+        return [f"{a}+{b}={a + b}", f"{a}*{b}={a * b}", f"{a}-{b}={a - b}"]
+
+    def propose(self, prompts, num_options, seed, stop="\n"):
+        self.generate_calls += 1
+        out = []
+        for prompt, k in zip(prompts, num_options, strict=True):
+            moves = self._moves(prompt) or ["done"]
+            out.append([Option(moves[i % len(moves)], -1.0 - i, 4, ended=False) for i in range(k)])
+        return out
+
+    def rollout(self, prompts, seed, max_new_tokens=None, sep="\n"):
+        self.generate_calls += 1
+        out = []
+        for prompt in prompts:
+            steps = []
+            while moves := self._moves(prompt + "".join(s + "\n" for s in steps)):
+                steps.append(moves[0])
+            out.append(Rollout("\n".join(steps), 4 * len(steps), steps, ended=True))
+        return out
+
+
+def test_critics_only_search_end_to_end(critic_dirs):
+    policy = ScriptedPolicy()
+    cfg = CriticsConfig(device="cpu", rollouts=0, w_orm=1.0, verifier_at_terminals=False)
+    critics = CriticSet.load(cfg, TASK, default_dir=critic_dirs)
+    calls = {"expander": 0}
+    expander = PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics)
+
+    def counting(leaves, seed):
+        calls["expander"] += 1
+        return expander(leaves, seed)
+
+    trees = run_search(PROBLEMS, TASK, counting, SearchConfig(simulations=3, max_depth=3), seed=0)
+    assert policy.generate_calls == calls["expander"], "critics-only: no rollout generate calls"
+    # value and PRM: one forward per expander call at most (new non-terminal nodes, batched)
+    assert 1 <= critics.value.forward_calls == critics.prm.forward_calls <= calls["expander"]
+    assert critics.orm.forward_calls <= calls["expander"]  # terminals valued by the ORM
+    for t in trees:
+        inner = (t.nodes["depth"] > 0) & ~t.nodes["terminal"]
+        assert not np.isnan(t.nodes["value"][inner]).any() and not np.isnan(t.nodes["prm"][inner]).any()
+        assert (t.nodes["verified_visits"][0] <= t.nodes["visits"][0]).all()
+
+
+def test_train_critics_from_search_trees(policy_dir, tmp_path):
+    """Trees of a tiny rollouts-valued search -> dataset dir -> `train-critics` -> loadable critics."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    expander = PolicyExpander(ScriptedPolicy(), TASK, CriticsConfig(rollouts=1).expand_config())
+    trees = run_search(PROBLEMS, TASK, expander, SearchConfig(simulations=4, max_depth=3), seed=0)
+    (tmp_path / "ds" / "trees").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([t.to_row() for t in trees]), tmp_path / "ds" / "trees" / "s0.parquet"
+    )
+    argv = [str(tmp_path / "ds"), "--base", str(policy_dir), "--steps", "3", "--kinds", "orm,prm"]
+    assert main_train_critics(argv) == 0
+    for kind in ("orm", "prm"):
+        meta = json.loads((tmp_path / "ds" / "critics" / kind / "critic.json").read_text())
+        assert meta["kind"] == kind and meta["train"]["steps"] == 3
+        load_critic(tmp_path / "ds" / "critics" / kind, kind, TASK, device="cpu")
+    assert not list(tmp_path.glob("ds/.critics-*")), "no temporary directory left behind"
+    assert main_train_critics([str(tmp_path / "empty")]) == 2
+    reports = train_critics(
+        trees,
+        tmp_path / "direct",
+        policy_dir,
+        TrainCriticsConfig(kinds=("value",), steps=2, min_verified=1, progress=False),
+    )
+    assert reports["value"]["train_rows"] > 0
