@@ -6,7 +6,8 @@ Per call (one search round over every tree of a batch):
     2. state merge per leaf (the task's normal form; near-duplicates optionally),
     3. the task's exact check of every new node (terminal? verified correct?),
     4. one batched `rollout` for the new non-terminal nodes (optionally a smaller policy),
-       verified by the task: a real Monte Carlo estimate of success,
+       verified by the task: a real Monte Carlo estimate of success; a verified-correct rollout is
+       handed back (`Child.graft`) so the search can keep the solution it found in the tree,
     5. one batched call of the critics (value, PRM; ORM on the rollouts) when they are given,
     6. AlphaLLM's combination: value = w_value * V + w_prm * PRM + w_orm * mean ORM(rollouts)
        (+ w_rollout * verified rollout success), normalised by the weights that apply.
@@ -132,7 +133,10 @@ class PolicyExpander:
                 child, problem, steps = pending[i]
                 full = steps + r.steps
                 rollout_steps[i].append(full)
-                success[i] += float(task.check(problem, full).success is True) / cfg.rollouts
+                won = task.check(problem, full).success is True
+                success[i] += float(won) / cfg.rollouts
+                if won and not child.graft:
+                    child.graft = tuple(r.steps[: _solution_length(task, problem, steps, r.steps)])
                 expansions[leaf_of_child[id(child)]].tokens += r.num_tokens
             parts["rollout"] = success
         if self.critics is not None:
@@ -165,6 +169,14 @@ class PolicyExpander:
         for c, s in zip(terminals, orm, strict=True):
             c.value = float(s)
             c.critics = {"orm": float(s)}
+
+
+def _solution_length(task: Task, problem: Problem, prefix: list[str], continuation: list[str]) -> int:
+    """How many continuation steps it takes to reach the first terminal (the verdict's step)."""
+    for j in range(1, len(continuation) + 1):
+        if task.check(problem, prefix + continuation[:j]).terminal:
+            return j
+    return len(continuation)
 
 
 def combine(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

@@ -55,6 +55,10 @@ class SearchConfig:
     alpha: float = 4.0
     c_min: int = 2
     c_max: int = 6
+    keep_solved_rollouts: bool = True
+    """Graft a verified-correct rollout into the tree as a path of unvisited nodes (as rStar-Math
+    keeps its rollouts), so the solution the search found is in the tree; needs adaptive
+    branching, which lets the grafted node be widened with sampled options later."""
     converged_share: float = 0.0
     """Stop a tree once its most visited first step holds this share of the root's visits
     (after `min_simulations`); 0 disables it."""
@@ -92,6 +96,7 @@ class Child:
     outcome: int = -1  # -1 unverified, 0 wrong, 1 correct (terminals only)
     num_tokens: int = 0
     critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `value`
+    graft: tuple[str, ...] = ()  # steps of a verified-correct rollout from this node, to keep
 
 
 @dataclass
@@ -194,8 +199,9 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                     continue
                 count, existing = cfg.num_options, ()
             else:  # WIDEN
-                current = int(forest.num_children[b, node])
-                count = min(int(forest.width_target[b, node]), int(forest.child_slots[b, node])) - current
+                # sample a full set: duplicates of existing children are dropped, and the best
+                # of the rest (by prior) fill the places up to the node's width (see _apply)
+                count = cfg.num_options
                 existing = tuple(batch.texts[b][c] for c in forest.children(b, node))
             selections.append((b, node, kind, len(requests)))
             requests.append(Leaf(batch.problems[b], batch.prefix(b, node), count, existing))
@@ -214,8 +220,8 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
     for i, (b, node, kind, req) in enumerate(selections):
         kids = expansions[req].children if req >= 0 else []
         if kind == kernels.WIDEN:
-            room = int(forest.child_slots[b, node] - forest.num_children[b, node])
-            kids = kids[:room]
+            target = min(int(forest.width_target[b, node]), int(forest.child_slots[b, node]))
+            kids = sorted(kids, key=lambda c: -c.prior)[: target - int(forest.num_children[b, node])]
             if not kids:  # the policy has nothing new to offer here: stop widening this node
                 forest.child_slots[b, node] = forest.num_children[b, node]
         elif kind == kernels.EXPAND and req >= 0:
@@ -284,6 +290,57 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
         batch.c_min,
         batch.c_max,
     )
+    if cfg.keep_solved_rollouts and cfg.adaptive_branching:
+        grafts = [
+            (b, int(first[i]) + j, child.graft)
+            for i, (b, _node, _kind, _req) in enumerate(selections)
+            for j, child in enumerate(children[i])
+            if child.graft
+        ]
+        _graft(batch, grafts)
+
+
+def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...]]]) -> None:
+    """Append each solved rollout below its node as a chain of unvisited nodes, level by level
+    (one `expand` call per level for all chains). Unvisited nodes add nothing to any N, W or S:
+    PUCT sees them through their score (1.0, on a verified path) and prior, and a chain's parent
+    gets width c_min so that selection still widens it with options of its own."""
+    cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
+    tips = [(b, node, steps) for b, node, steps in grafts if steps]
+    level = 0
+    while tips:
+        room = [t for t in tips if forest.num_nodes[t[0]] + cfg.c_max <= forest.capacity]
+        if not room:
+            return
+        m = len(room)
+        last = np.array([len(steps) == level + 1 for _, _, steps in room], np.int8)
+        tree_ids = np.array([b for b, _, _ in room], np.int64)
+        node_ids = np.array([node for _, node, _ in room], np.int64)
+        first = np.full(m, NO_NODE, np.int32)
+        failed = kernels.expand(
+            F,
+            tree_ids,
+            node_ids,
+            np.ones(m, np.int64),
+            np.full(m, cfg.c_max, np.int64),
+            np.ones(m, np.float32),
+            np.ones(m, np.float32),
+            last,
+            np.where(last == 1, 1, -1).astype(np.int8),
+            first,
+        )
+        assert failed < 0, f"graft {failed} did not fit although its room was checked"
+        forest.width_target[tree_ids, node_ids] = np.maximum(
+            forest.width_target[tree_ids, node_ids], cfg.c_min
+        )
+        for (b, _node, steps), c in zip(room, first.tolist(), strict=True):
+            batch.texts[b][c] = steps[level]
+        tips = [
+            (b, c, steps)
+            for (b, _, steps), c in zip(room, first.tolist(), strict=True)
+            if len(steps) > level + 1
+        ]
+        level += 1
 
 
 def _update_budgets(batch: SearchBatch) -> None:

@@ -194,3 +194,46 @@ def test_end_to_end_search_on_a_tiny_model(tmp_path):
 
 def _as_problem(tree: FinishedTree) -> Problem:
     return Problem(id=tree.problem_id, question=tree.question, answer=tree.answer, meta=tree.meta)
+
+
+class GraftingExpander(FakeExpander):
+    """Like FakeExpander, but its 'rollout' from the first step "b" solves the problem."""
+
+    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]:
+        out = super().__call__(leaves, seed)
+        for leaf, expansion in zip(leaves, out, strict=True):
+            for child in expansion.children:
+                if not leaf.steps and child.text == "b":
+                    child.graft = ("a", "c")
+        return out
+
+
+def test_a_solved_rollout_is_grafted_as_an_unvisited_verified_path():
+    task = PathTask()
+    cfg = SearchConfig(
+        simulations=1,
+        leaves_per_tree=1,
+        num_options=3,
+        max_nodes=64,
+        adaptive_branching=True,
+        c_min=2,
+        c_max=3,
+    )
+    tree = run_search(_problems(1), task, GraftingExpander(task), cfg, seed=0)[0]
+    solved = [i for i in range(tree.num_nodes) if tree.nodes["outcome"][i] == 1]
+    assert len(solved) == 1 and tree.path_steps(solved[0]) == ["b", "a", "c"]
+    chain = tree.path(solved[0])[1:]  # the grafted "a" and "c"
+    assert tree.nodes["visits"][chain].tolist() == [0, 0], "grafts add no visits"
+    assert tree.nodes["visits"][0] == 3  # one evaluation per first step, nothing from the graft
+    # the search goes on from there: the grafted terminal is reachable and counted when revisited
+    tree = run_search(
+        _problems(1),
+        task,
+        GraftingExpander(task),
+        SearchConfig(simulations=12, leaves_per_tree=1, num_options=3, max_nodes=128, c_min=2, c_max=3),
+        seed=0,
+    )[0]
+    for i in range(tree.num_nodes):
+        kids = tree.children(i)
+        if kids.size:
+            assert tree.nodes["visits"][i] >= tree.nodes["visits"][kids].sum()
