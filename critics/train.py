@@ -48,7 +48,7 @@ class TrainCriticsConfig:
 
     kinds: tuple[str, ...] = KINDS
     """Which critics to train."""
-    steps: int = 200
+    steps: int = 150
     """Optimizer steps per critic (fixed, so the result does not depend on machine speed)."""
     batch_size: int = 64
     """Rows per step."""
@@ -56,8 +56,9 @@ class TrainCriticsConfig:
     """Peak learning rate (AdamW, linear warmup, cosine decay to 5 %)."""
     warmup: int = 10
     weight_decay: float = 0.01
-    min_verified: int = 2
-    """Value targets only for nodes with at least this many verified visits."""
+    min_verified: int = 1
+    """Value targets only for nodes with at least this many verified visits (1: a leaf's single
+    verified rollout is a noisy but unbiased 0/1 target, and there are many of them)."""
     prm_soft: bool = False
     """Train the PRM on soft labels (S / V) instead of hard ones."""
     balance_orm: bool = True

@@ -1,0 +1,202 @@
+"""Critic quality on held-out Countdown problems, and search guided by the critics vs by rollouts.
+
+    python -m benchmarks.critics --json out/benchmarks/critics.json [--plot out/benchmarks/critics.png]
+    python -m benchmarks.critics --quick --json /tmp/critics.json      # 40 problems, for a smoke run
+
+1. Held-out problems: the first `--problems` of `mcts.embedded.EVAL_SEED` (never in the policy's
+   training set, and removed from the critics' bootstrap problems).
+2. Rollouts search: every new node valued by one verified fast rollout (no critics). Its trees
+   are the held-out trees the critics are measured on, against the verifier:
+   - value: non-terminal nodes with >= `--min-verified` verified visits; AUROC vs "a verified
+     success lies below", ECE vs the success rate S / V;
+   - PRM: every step of every root-to-terminal path (each node once); AUROC vs the hard label,
+     ECE vs the hard label (the PRM is trained on hard labels);
+   - ORM: verified terminals; AUROC and ECE vs the verdict.
+3. Critics search: the same problems, simulations and seed, nodes valued by the value function +
+   PRM (weights 1 / 1) with no rollouts; terminals decided by the verifier in both.
+   `search_success_*` = share of problems whose tree holds a verified correct solution;
+   `tokens_*` = policy tokens per problem (options + rollouts).
+
+Writes JSON with `auroc_value`, `auroc_prm`, `auroc_orm`, `ece_value`, `ece_prm`, `ece_orm`,
+`search_success_critics`, `search_success_rollouts`, `tokens_critics`, `tokens_rollouts` (+ details),
+prints a table, and draws a plot when `--plot` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from critics.base import CriticsConfig, CriticSet
+from critics.bootstrap import ensure_default_critics
+from critics.labels import Labels, orm_labels, prm_labels, value_labels
+from critics.models import ModelCritic
+from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, bootstrap_policy, default_difficulty
+from mcts.expander import PolicyExpander
+from mcts.finished import FinishedTree
+from mcts.policy import Policy, PolicyConfig
+from mcts.search import SearchConfig, run_search
+from mcts.tasks.countdown import CountdownTask, generate_problems
+from rewards.derive import node_stats
+from rewards.metrics import auroc, ece
+
+TASK = CountdownTask()
+
+
+def agreement(critic: ModelCritic, labels: Labels, calibrate_on: str) -> dict:
+    """AUROC vs the binary labels and ECE vs `calibrate_on` ("soft" or "hard") over every labelled
+    position, each (tree, node) counted once."""
+    probs = critic.score_texts(labels.prompts, labels.steps, every_step=True)
+    seen, p, hard, soft = set(), [], [], []
+    for row_p, row_n, row_h, row_s in zip(probs, labels.nodes, labels.hard, labels.soft, strict=True):
+        for x, node, h, s in zip(row_p, row_n, row_h, row_s, strict=True):
+            if node in seen:
+                continue
+            seen.add(node)
+            p.append(x)
+            hard.append(h)
+            soft.append(s)
+    p, hard = np.array(p), np.array(hard, bool)
+    target = np.array(soft) if calibrate_on == "soft" else hard.astype(float)
+    return {"auroc": auroc(p, hard), "ece": ece(p, target), "n": len(p), "positive_rate": float(hard.mean())}
+
+
+def summary(trees: list[FinishedTree]) -> dict:
+    solved = [bool(node_stats(t).verified_below[0]) for t in trees]
+    any_hit = [t.nodes["success_sum"][0] > 0 for t in trees]  # rollout successes included
+    return {
+        "success": float(np.mean(solved)),
+        "success_incl_rollout_hits": float(np.mean(any_hit)),
+        "tokens": float(np.mean([t.policy_tokens for t in trees])),
+        "nodes": float(np.mean([t.num_nodes for t in trees])),
+    }
+
+
+def run(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    policy_dir = Path(args.policy) if args.policy else bootstrap_policy(args.seed)
+    critics_dir = Path(args.critics) if args.critics else ensure_default_critics(args.seed, policy_dir)
+    assert args.problems <= EVAL_EXCLUDE, f"--problems {args.problems}: at most {EVAL_EXCLUDE} are held out"
+    problems = generate_problems(args.problems, EVAL_SEED, default_difficulty())
+    policy = Policy.load(
+        PolicyConfig(path=str(policy_dir), device="cpu", max_step_tokens=16, max_rollout_tokens=48)
+    )
+    search = SearchConfig(simulations=args.simulations, max_depth=4)
+    t0 = time.perf_counter()
+    rollout_cfg = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=1, w_value=0.0, w_prm=0.0)
+    plain = run_search(
+        problems, TASK, PolicyExpander(policy, TASK, rollout_cfg.expand_config()), search, args.seed
+    )
+    t_rollouts = time.perf_counter() - t0
+
+    cfg = CriticsConfig(device="cpu", dtype="float32", rollouts=0, w_rollout=0.0, w_value=1.0, w_prm=1.0)
+    critics = CriticSet.load(cfg, TASK, default_dir=critics_dir)
+    t0 = time.perf_counter()
+    guided = run_search(
+        problems, TASK, PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics), search, args.seed
+    )
+    t_critics = time.perf_counter() - t0
+
+    orm = CriticSet.load(
+        CriticsConfig(device="cpu", dtype="float32", value_path="", prm_path=""), TASK, critics_dir
+    ).orm
+    quality = {
+        "value": agreement(critics.value, value_labels(plain, args.min_verified), "soft"),
+        "prm": agreement(critics.prm, prm_labels(plain), "hard"),
+        "orm": agreement(orm, orm_labels(plain), "hard"),
+    }
+    s_plain, s_guided = summary(plain), summary(guided)
+    result = {f"auroc_{k}": q["auroc"] for k, q in quality.items()}
+    result |= {f"ece_{k}": q["ece"] for k, q in quality.items()}
+    result |= {
+        "search_success_critics": s_guided["success"],
+        "search_success_rollouts": s_plain["success"],
+        "tokens_critics": s_guided["tokens"],
+        "tokens_rollouts": s_plain["tokens"],
+        "search_success_rollouts_incl_rollout_hits": s_plain["success_incl_rollout_hits"],
+        "seconds_critics": round(t_critics, 1),
+        "seconds_rollouts": round(t_rollouts, 1),
+        "critics": quality,
+        "search": {"critics": s_guided, "rollouts": s_plain},
+        "config": {
+            "problems": args.problems,
+            "eval_seed": EVAL_SEED,
+            "simulations": args.simulations,
+            "seed": args.seed,
+            "min_verified": args.min_verified,
+            "policy": str(policy_dir),
+            "critics": str(critics_dir),
+            "critic_weights": {"w_value": cfg.w_value, "w_prm": cfg.w_prm, "rollouts": cfg.rollouts},
+        },
+    }
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"{'critic':8} {'AUROC':>7} {'ECE':>7} {'n':>6} {'pos':>6}")
+    for k, q in r["critics"].items():
+        print(f"{k:8} {q['auroc']:7.3f} {q['ece']:7.3f} {q['n']:6d} {q['positive_rate']:6.2f}")
+    print(f"\n{'search valued by':18} {'success':>8} {'tokens/problem':>15} {'seconds':>8}")
+    for name in ("rollouts", "critics"):
+        print(
+            f"{name:18} {r[f'search_success_{name}']:8.3f} {r[f'tokens_{name}']:15.1f} {r[f'seconds_{name}']:8.1f}"
+        )
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    kinds = list(r["critics"])
+    a.bar(kinds, [r[f"auroc_{k}"] for k in kinds], color="tab:blue")
+    a.axhline(0.5, color="grey", lw=0.8, ls="--")
+    a.set_ylim(0, 1)
+    a.set_title("critic AUROC vs the verifier (held out)")
+    names = ["rollouts", "critics"]
+    b.bar(names, [r[f"tokens_{n}"] for n in names], color="tab:orange")
+    for i, n in enumerate(names):
+        b.text(i, r[f"tokens_{n}"], f"success {r[f'search_success_{n}']:.2f}", ha="center", va="bottom")
+    b.set_title("policy tokens per problem")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", required=True, help="where the JSON result goes")
+    ap.add_argument("--plot", default=None, help="optional PNG")
+    ap.add_argument("--problems", type=int, default=200, help="held-out problems")
+    ap.add_argument("--simulations", type=int, default=12)
+    ap.add_argument("--min-verified", type=int, default=2, help="verified visits a value-target node needs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", default=None, help="policy directory (default: the embedded policy)")
+    ap.add_argument("--critics", default=None, help="critics directory (default: the embedded critics)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="40 problems")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.problems = 40
+    r = run(args)
+    print_table(r)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2, default=float) + "\n")
+    if args.plot:
+        plot(r, Path(args.plot))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The embedded default critics: trained once here from the default policy's own search trees.
+
+`ensure_default_critics(seed)` returns `<cache>/default-v1-seed{seed}/critics` (beside the default
+policy of `mcts.embedded`, `<cache>` = `$ARBORIST_CACHE` or `~/.cache/arborist`) with `value/`,
+`prm/`, `orm/` and `report.json`, building it first when it is missing or was trained on other
+policy weights (each `critic.json` records the policy's weights hash):
+
+1. search `BootstrapCriticsConfig.problems` Countdown problems with the default policy, every new
+   node valued by one verified fast rollout (no critics: the labels must come from the verifier);
+   the problems are drawn with seed `CRITICS_SEED_BASE + seed`, and every (numbers, target) of the
+   held-out evaluation problems (`mcts.embedded.EVAL_SEED`, first `EVAL_EXCLUDE`) is removed;
+2. train the three critics from those trees (`critics.train`), each starting from the policy's trunk.
+
+The whole run is seeded; the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from critics.base import KINDS, CriticsConfig
+from critics.train import TrainCriticsConfig, train_critics
+from mcts.expander import PolicyExpander
+from mcts.finished import FinishedTree
+from mcts.policy import Policy, PolicyConfig
+from mcts.search import SearchConfig, run_search
+from mcts.tasks.base import Problem
+from mcts.tasks.countdown import CountdownTask, generate_problems
+
+CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
+
+
+@dataclass(frozen=True)
+class BootstrapCriticsConfig:
+    """How the default critics are built (the defaults are the shipped recipe)."""
+
+    problems: int = 128
+    """Training problems searched (one batch: one policy call per round serves all of them)."""
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=10, max_depth=4))
+    """Search of the bootstrap trees; nodes are valued by one verified rollout each."""
+    train: TrainCriticsConfig = field(default_factory=TrainCriticsConfig)
+    max_step_tokens: int = 16
+    """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
+    max_rollout_tokens: int = 48
+    threads: int = 2
+
+
+def default_critics_dir(seed: int = 0) -> Path:
+    """`<cache>/default-v1-seed{seed}/critics`, beside the default policy."""
+    from mcts.embedded import default_policy_dir
+
+    return default_policy_dir(seed).parent / "critics"
+
+
+def training_problems(n: int, seed: int) -> list[Problem]:
+    """`n` bootstrap problems, none of them one of the held-out evaluation problems."""
+    from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, default_difficulty
+
+    difficulty = default_difficulty()
+    key = lambda p: (tuple(sorted(p.meta["numbers"])), p.meta["target"])  # noqa: E731
+    held_out = {key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
+    pool = generate_problems(4 * n + 100, CRITICS_SEED_BASE + seed, difficulty)
+    out = [p for p in pool if key(p) not in held_out][:n]
+    assert len(out) == n, f"only {len(out)} of {n} bootstrap problems are not held out"
+    return out
+
+
+def rollout_trees(
+    policy_dir: str | Path, problems: list[Problem], search: SearchConfig, seed: int, **policy_caps
+) -> list[FinishedTree]:
+    """Trees of a search valued by verified rollouts alone (one per new node)."""
+    task = CountdownTask()
+    policy = Policy.load(PolicyConfig(path=str(policy_dir), device="cpu", **policy_caps))
+    plain = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=1, w_value=0.0, w_prm=0.0)
+    expander = PolicyExpander(policy, task, plain.expand_config())
+    return run_search(problems, task, expander, search, seed=seed)
+
+
+def _fresh(final: Path, policy_sha: str) -> bool:
+    if not (final / "report.json").is_file():
+        return False
+    for kind in KINDS:
+        meta = final / kind / "critic.json"
+        if not meta.is_file() or json.loads(meta.read_text()).get("policy_sha256") != policy_sha:
+            return False
+    return True
+
+
+def ensure_default_critics(
+    seed: int = 0,
+    policy_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    cfg: BootstrapCriticsConfig | None = None,
+    root: str | Path | None = None,
+) -> Path:
+    """Directory of the default critics for the default policy of `seed` (or `policy_dir`),
+    built first when missing or stale. `cfg` and `root` are for tests and experiments."""
+    import torch
+
+    from mcts.embedded import bootstrap_policy, weights_hash
+
+    cfg = cfg or BootstrapCriticsConfig()
+    policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
+    final = Path(root) if root is not None else default_critics_dir(seed)
+    sha = weights_hash(policy_dir)
+    if not force and _fresh(final, sha):
+        return final
+    if progress:
+        print(f"arborist: training the default critics into {final} (once, ~2 min)", file=sys.stderr)
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        problems = training_problems(cfg.problems, seed)
+        trees = rollout_trees(
+            policy_dir,
+            problems,
+            cfg.search,
+            seed,
+            max_step_tokens=cfg.max_step_tokens,
+            max_rollout_tokens=cfg.max_rollout_tokens,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    search_s = time.perf_counter() - t0
+    solved = sum(bool((t.nodes["terminal"] & (t.nodes["outcome"] == 1)).any()) for t in trees)
+    meta = {
+        "policy_sha256": sha,
+        "policy_dir": str(policy_dir),
+        "bootstrap": {
+            "seed": seed,
+            "problem_seed": CRITICS_SEED_BASE + seed,
+            "problems": len(problems),
+            "search_success": solved / max(1, len(trees)),
+            "nodes": sum(t.num_nodes for t in trees),
+            "search_seconds": round(search_s, 1),
+            "config": asdict(cfg),
+        },
+    }
+    reports = train_critics(trees, final, policy_dir, cfg.train, meta=meta)
+    total = time.perf_counter() - t0
+    summary = {**meta["bootstrap"], "train_seconds": round(total - search_s, 1), "seconds": round(total, 1)}
+    (final / "bootstrap.json").write_text(
+        json.dumps({**summary, "critics": reports}, indent=2, default=float)
+    )
+    if progress:
+        aurocs = {k: round(r["val_auroc"], 3) for k, r in reports.items()}
+        print(
+            f"arborist: default critics ready in {total:.0f} s (validation AUROC {aurocs})", file=sys.stderr
+        )
+    return final
