@@ -6,8 +6,8 @@ Per call (one search round over every tree of a batch):
     2. state merge per leaf (the task's normal form; near-duplicates optionally),
     3. the task's exact check of every new node (terminal? verified correct?),
     4. one batched `rollout` for the new non-terminal nodes (optionally a smaller policy),
-       verified by the task: a real Monte Carlo estimate of success; a verified-correct rollout is
-       handed back (`Child.graft`) so the search can keep the solution it found in the tree,
+       verified by the task: a real Monte Carlo estimate of success; the rollout's path and verdict
+       are handed back (`Child.graft`) so the search can keep what it paid for in the tree,
     5. one batched call of the critics (value, PRM; ORM on the rollouts) when they are given,
     6. AlphaLLM's combination: value = w_value * V + w_prm * PRM + w_orm * mean ORM(rollouts)
        (+ w_rollout * verified rollout success), normalised by the weights that apply.
@@ -133,10 +133,11 @@ class PolicyExpander:
                 child, problem, steps = pending[i]
                 full = steps + r.steps
                 rollout_steps[i].append(full)
-                won = task.check(problem, full).success is True
-                success[i] += float(won) / cfg.rollouts
-                if won and not child.graft:
+                verdict = task.check(problem, full)
+                success[i] += float(verdict.success is True) / cfg.rollouts
+                if not child.graft:  # the first rollout's path, cut at its verdict
                     child.graft = tuple(r.steps[: _solution_length(task, problem, steps, r.steps)])
+                    child.graft_outcome = int(bool(verdict.success)) if verdict.terminal else -1
                 expansions[leaf_of_child[id(child)]].tokens += r.num_tokens
             parts["rollout"] = success
         if self.critics is not None:

@@ -55,10 +55,12 @@ class SearchConfig:
     alpha: float = 4.0
     c_min: int = 2
     c_max: int = 6
-    keep_solved_rollouts: bool = True
-    """Graft a verified-correct rollout into the tree as a path of unvisited nodes (as rStar-Math
-    keeps its rollouts), so the solution the search found is in the tree; needs adaptive
-    branching, which lets the grafted node be widened with sampled options later."""
+    keep_rollouts: str = "all"
+    """Graft rollouts into the tree as paths of unvisited nodes, as rStar-Math keeps its
+    rollouts: "all", "solved" (verified-correct ones only) or "none". The tokens were paid for
+    anyway; kept, a solution found by a rollout is in the tree, and later expansions branch from
+    the rollout's intermediate states instead of regenerating them. Needs adaptive branching,
+    which lets a grafted node be widened with sampled options of its own."""
     converged_share: float = 0.0
     """Stop a tree once its most visited first step holds this share of the root's visits
     (after `min_simulations`); 0 disables it."""
@@ -96,7 +98,8 @@ class Child:
     outcome: int = -1  # -1 unverified, 0 wrong, 1 correct (terminals only)
     num_tokens: int = 0
     critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `value`
-    graft: tuple[str, ...] = ()  # steps of a verified-correct rollout from this node, to keep
+    graft: tuple[str, ...] = ()  # steps of a rollout from this node (up to its verdict), to keep
+    graft_outcome: int = -1  # the rollout's verdict: 1 correct, 0 wrong, -1 no terminal reached
 
 
 @dataclass
@@ -290,32 +293,35 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
         batch.c_min,
         batch.c_max,
     )
-    if cfg.keep_solved_rollouts and cfg.adaptive_branching:
+    if cfg.keep_rollouts != "none" and cfg.adaptive_branching:
         grafts = [
-            (b, int(first[i]) + j, child.graft)
+            (b, int(first[i]) + j, child.graft, child.graft_outcome)
             for i, (b, _node, _kind, _req) in enumerate(selections)
             for j, child in enumerate(children[i])
-            if child.graft
+            if child.graft and (cfg.keep_rollouts == "all" or child.graft_outcome == 1)
         ]
         _graft(batch, grafts)
 
 
-def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...]]]) -> None:
-    """Append each solved rollout below its node as a chain of unvisited nodes, level by level
-    (one `expand` call per level for all chains). Unvisited nodes add nothing to any N, W or S:
-    PUCT sees them through their score (1.0, on a verified path) and prior, and a chain's parent
-    gets width c_min so that selection still widens it with options of its own."""
+def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int]]) -> None:
+    """Append each rollout below its node as a chain of unvisited nodes, level by level (one
+    `expand` call per level for all chains). Unvisited nodes add nothing to any N, W or S: PUCT
+    sees them through their score (the rollout's verdict) and prior (one sample of
+    `num_options`); a chain's parent gets width c_min, so selection still widens it with options
+    of its own. The chain ends in a terminal when the rollout reached a verdict."""
     cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
-    tips = [(b, node, steps) for b, node, steps in grafts if steps]
+    tips = [g for g in grafts if g[2]]
+    prior = 1.0 / cfg.num_options
     level = 0
     while tips:
-        room = [t for t in tips if forest.num_nodes[t[0]] + cfg.c_max <= forest.capacity]
-        if not room:
+        tips = [t for t in tips if forest.num_nodes[t[0]] + cfg.c_max <= forest.capacity]
+        if not tips:
             return
-        m = len(room)
-        last = np.array([len(steps) == level + 1 for _, _, steps in room], np.int8)
-        tree_ids = np.array([b for b, _, _ in room], np.int64)
-        node_ids = np.array([node for _, node, _ in room], np.int64)
+        m = len(tips)
+        tree_ids = np.array([t[0] for t in tips], np.int64)
+        node_ids = np.array([t[1] for t in tips], np.int64)
+        last = np.array([len(t[2]) == level + 1 and t[3] >= 0 for t in tips], np.int8)
+        verdict = np.array([t[3] for t in tips], np.int8)
         first = np.full(m, NO_NODE, np.int32)
         failed = kernels.expand(
             F,
@@ -323,22 +329,20 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...]]]) -
             node_ids,
             np.ones(m, np.int64),
             np.full(m, cfg.c_max, np.int64),
-            np.ones(m, np.float32),
-            np.ones(m, np.float32),
+            np.full(m, prior, np.float32),
+            np.maximum(verdict, 0).astype(np.float32),
             last,
-            np.where(last == 1, 1, -1).astype(np.int8),
+            np.where(last == 1, verdict, -1).astype(np.int8),
             first,
         )
         assert failed < 0, f"graft {failed} did not fit although its room was checked"
         forest.width_target[tree_ids, node_ids] = np.maximum(
             forest.width_target[tree_ids, node_ids], cfg.c_min
         )
-        for (b, _node, steps), c in zip(room, first.tolist(), strict=True):
+        for (b, _node, steps, _v), c in zip(tips, first.tolist(), strict=True):
             batch.texts[b][c] = steps[level]
         tips = [
-            (b, c, steps)
-            for (b, _, steps), c in zip(room, first.tolist(), strict=True)
-            if len(steps) > level + 1
+            (t[0], c, t[2], t[3]) for t, c in zip(tips, first.tolist(), strict=True) if len(t[2]) > level + 1
         ]
         level += 1
 

@@ -204,7 +204,9 @@ class GraftingExpander(FakeExpander):
         for leaf, expansion in zip(leaves, out, strict=True):
             for child in expansion.children:
                 if not leaf.steps and child.text == "b":
-                    child.graft = ("a", "c")
+                    child.graft, child.graft_outcome = ("a", "c"), 1
+                elif not leaf.steps and child.text == "a":
+                    child.graft, child.graft_outcome = ("a", "a"), 0
         return out
 
 
@@ -225,6 +227,16 @@ def test_a_solved_rollout_is_grafted_as_an_unvisited_verified_path():
     chain = tree.path(solved[0])[1:]  # the grafted "a" and "c"
     assert tree.nodes["visits"][chain].tolist() == [0, 0], "grafts add no visits"
     assert tree.nodes["visits"][0] == 3  # one evaluation per first step, nothing from the graft
+    failed = [i for i in range(tree.num_nodes) if tree.path_steps(i) == ["a", "a", "a"]]
+    assert len(failed) == 1 and tree.nodes["terminal"][failed[0]] and tree.nodes["outcome"][failed[0]] == 0
+    solved_only = run_search(
+        _problems(1),
+        task,
+        GraftingExpander(task),
+        SearchConfig(**{**cfg.__dict__, "keep_rollouts": "solved"}),
+        seed=0,
+    )[0]
+    assert solved_only.num_nodes == tree.num_nodes - 2
     # the search goes on from there: the grafted terminal is reachable and counted when revisited
     tree = run_search(
         _problems(1),
