@@ -38,9 +38,9 @@ CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BA
 class BootstrapCriticsConfig:
     """How the default critics are built (the defaults are the shipped recipe)."""
 
-    problems: int = 128
+    problems: int = 800
     """Training problems searched (one batch: one policy call per round serves all of them)."""
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=10, max_depth=4))
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=16, max_depth=4))
     """Search of the bootstrap trees; nodes are valued by one verified rollout each."""
     train: TrainCriticsConfig = field(default_factory=TrainCriticsConfig)
     max_step_tokens: int = 16

@@ -48,7 +48,7 @@ class TrainCriticsConfig:
 
     kinds: tuple[str, ...] = KINDS
     """Which critics to train."""
-    steps: int = 150
+    steps: int = 250
     """Optimizer steps per critic (fixed, so the result does not depend on machine speed)."""
     batch_size: int = 64
     """Rows per step."""
