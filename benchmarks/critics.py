@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True, help="where the JSON result goes")
     ap.add_argument("--plot", default=None, help="optional PNG")
     ap.add_argument("--problems", type=int, default=200, help="held-out problems")
-    ap.add_argument("--simulations", type=int, default=16)
+    ap.add_argument("--simulations", type=int, default=12)
     ap.add_argument("--min-verified", type=int, default=2, help="verified visits a value-target node needs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", default=None, help="policy directory (default: the embedded policy)")
