@@ -211,10 +211,12 @@ class WorkerPool:
 
 @dataclass
 class Hooks:
-    """Test hooks: `on_shard(shard_name, pool, busy)` after each shard is written, where `busy`
-    lists the worker indices that have a batch in flight at that moment."""
+    """Test hooks. `on_submit(n, worker, pool)` right after the n-th batch submission (1-based) went
+    to worker index `worker`, so that batch is in flight; `on_shard(shard_name)` after each shard
+    is written (raising there simulates a driver crash between shards)."""
 
-    on_shard: Callable[[str, WorkerPool, list[int]], None] | None = None
+    on_submit: Callable[[int, int, WorkerPool], None] | None = None
+    on_shard: Callable[[str], None] | None = None
 
 
 def stream_batches(
@@ -236,10 +238,14 @@ def stream_batches(
     inflight: dict = {}  # ObjectRef -> (worker index, (batch index, problems))
     failures: Counter = Counter()
     by_worker: Counter = Counter()
+    submitted = 0
     while queue or inflight:
         while queue and free:
             w, item = free.popleft(), queue.popleft()
             inflight[pool.actors[w].run_batch.remote(item[1], seed)] = (w, item)
+            submitted += 1
+            if hooks is not None and hooks.on_submit is not None:
+                hooks.on_submit(submitted, w, pool)
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         tick()
         for ref in ready:
@@ -262,7 +268,7 @@ def stream_batches(
             by_worker[stats["pid"]] += 1
             name = on_done(item[0], trees, stats)
             if hooks is not None and hooks.on_shard is not None:
-                hooks.on_shard(name, pool, sorted(w for w, _ in inflight.values()))
+                hooks.on_shard(name)
     return {"retries": sum(failures.values()), "by_worker": {str(k): v for k, v in by_worker.items()}}
 
 

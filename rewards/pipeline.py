@@ -96,8 +96,14 @@ class PolicyConf(PolicyConfig):
     """A smaller policy for fast rollouts; "" = the policy itself."""
     bootstrap_seed: int = 0
     """Training seed of the embedded default policy (used when `path` is "")."""
+    allow_embedded: bool = True
+    """An empty `path` means the embedded default; false (policy=hf): an empty path is an error."""
 
     def __post_init__(self) -> None:
+        if not self.path and not self.allow_embedded:
+            raise ValueError(
+                "policy.path is empty: set policy.path=DIR (a local Hugging Face model directory)"
+            )
         if self.temperature <= 0:
             raise ValueError(f"policy.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -262,6 +268,9 @@ def to_schema(cfg: DictConfig | Config) -> Config:
     """The typed config; every group's `__post_init__` checks its numbers. Raises JobInputError."""
     if isinstance(cfg, Config):
         return cfg
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # to_object would quietly fall back to the schema's default
+        raise JobInputError(f"{missing[0]} is required: set {missing[0]}=...")
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
@@ -382,7 +391,9 @@ def resolve_models(job: Job) -> dict[str, Any]:
     if wants_default and embedded and conf.task.name == "countdown":
         from critics.bootstrap import ensure_default_critics
 
-        critics_dir = str(ensure_default_critics(conf.policy.bootstrap_seed))
+        critics_dir = str(
+            ensure_default_critics(conf.policy.bootstrap_seed, policy_dir=policy, progress=conf.progress)
+        )
     return {"policy": policy, "critics_dir": critics_dir, "bootstrap_s": time.perf_counter() - t0}
 
 

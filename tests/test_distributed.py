@@ -1,0 +1,95 @@
+"""Failures: a worker SIGKILLed mid-batch, the driver SIGKILLed mid-job, and a real cluster.
+
+Each run must end with every problem in the dataset exactly once and the same records as the
+uninterrupted `reference_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NUM_PROBLEMS
+
+from rewards.pipeline import compose, run
+
+
+def _tree_ids(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    return sorted(
+        r["problem_id"] for f in manifest["files"]["trees"] for r in pq.read_table(out / f).to_pylist()
+    )
+
+
+def test_sigkill_a_worker_mid_batch(reference_run, job_overrides, records, tmp_path):
+    from rewards.distributed import Hooks
+
+    killed: list[int] = []
+
+    def kill_worker(n: int, worker: int, pool) -> None:
+        if n == 3:  # batch 3 was just handed to `worker`: it is in flight (queued or running) now
+            pid = pool.pids()[worker]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = tmp_path / "out"
+    metrics = run(compose(job_overrides(out)), hooks=Hooks(on_submit=kill_worker))
+    assert killed and metrics["retries"] >= 1, "the killed worker's batch was resubmitted"
+    assert _tree_ids(out) == sorted(f"w{i}" for i in range(NUM_PROBLEMS)), "every problem exactly once"
+    assert records(out) == records(reference_run)
+
+
+def _arborist(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rewards.cli", *args]  # the `arborist` console script's entry
+
+
+def test_sigkill_the_driver_then_resume(ray_session, reference_run, job_overrides, records, tmp_path):
+    """Kill the driver process after its first shard; a rerun finishes the same dataset.
+
+    The driver joins the tests' Ray session by address (what `ray.address=auto` does on a cluster),
+    so Ray itself survives the kill, as a cluster would; the dead driver's actors go with it."""
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = _arborist("search", *job_overrides(out, f"ray.address={address}", "ray.num_workers=1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 180
+    while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert manifest.exists(), f"no shard landed before the driver exited: {err[-2000:]}"
+    shards = len(json.loads(manifest.read_text())["shards"])
+    assert shards < NUM_PROBLEMS // 2, "the driver must die mid-job, not after it"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"dataset written to {out}" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["problems_resumed"] == 2 * shards
+    assert _tree_ids(out) == sorted(f"w{i}" for i in range(NUM_PROBLEMS))
+    assert records(out) == records(reference_run)
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(
+    not os.environ.get("ARBORIST_RAY_CLUSTER"),
+    reason="needs a running `ray start --head` cluster: set ARBORIST_RAY_CLUSTER=auto (CI's .ci/run does)",
+)
+def test_job_on_a_ray_start_cluster(reference_run, job_overrides, records, tmp_path):
+    """`arborist search ray.address=auto` against the cluster CI started; same records."""
+    out = tmp_path / "out"
+    address = os.environ["ARBORIST_RAY_CLUSTER"]
+    cmd = _arborist("search", *job_overrides(out, f"ray.address={address}"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"dataset written to {out}" in done.stdout
+    assert records(out) == records(reference_run)

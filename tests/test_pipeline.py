@@ -1,0 +1,114 @@
+"""The job end to end, in-process on the shared Ray session: output layout, determinism across
+worker counts, resume after a crash between shards, and the tiny experiment on Countdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import NUM_PROBLEMS
+
+from rewards.pipeline import JobInputError, check_config, compose, run
+
+LAYOUT = ("pairs", "steps", "kto", "sft", "values", "trees")
+
+
+def test_run_writes_every_file_of_the_layout(reference_run, job_overrides):
+    out = reference_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = [f"w{i}" for i in range(NUM_PROBLEMS)]
+    assert manifest["finished_problem_ids"] == sorted(ids)
+    assert sorted(manifest["shards"]) == [f"shard-{i:05d}" for i in range(NUM_PROBLEMS // 2)]
+    for kind in LAYOUT:
+        files = sorted(p.name for p in (out / kind).iterdir())
+        assert files == [f"shard-{i:05d}.parquet" for i in range(NUM_PROBLEMS // 2)], kind
+        rows = sum(pq.read_metadata(out / kind / f).num_rows for f in files)
+        assert rows == manifest["rows"][kind], (
+            f"{kind}: {rows} rows on disk, manifest says {manifest['rows'][kind]}"
+        )
+    trees = [r["problem_id"] for f in manifest["files"]["trees"] for r in pq.read_table(out / f).to_pylist()]
+    assert sorted(trees) == sorted(ids), "every problem exactly once"
+    assert manifest["rows"]["steps"] > 0 and manifest["rows"]["values"] > NUM_PROBLEMS
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["problems_done"] == metrics["problems_total"] == NUM_PROBLEMS
+    assert metrics["nodes"] > 2 * NUM_PROBLEMS and metrics["nodes_per_s"] > 0
+    assert metrics["rows"] == manifest["rows"] and metrics["retries"] == 0
+    assert sum(metrics["batches_by_worker"].values()) == NUM_PROBLEMS // 2
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["num_trees"] == NUM_PROBLEMS and audit["greedy_success"] is not None
+    card = (out / "README.md").read_text()
+    assert "config_name: trees" in card and f"Finished problems: {NUM_PROBLEMS}" in card
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_records_rederive_from_the_trees(reference_run, job_overrides, records):
+    """out/trees holds enough to re-derive every other kind exactly."""
+    from conftest import canonical_rows
+
+    from rewards.derive import derive_all
+    from rewards.export import read_trees
+    from rewards.pipeline import to_schema
+    from rewards.records import to_table
+
+    conf = to_schema(compose(job_overrides(reference_run)))
+    rows = derive_all(read_trees(reference_run), conf.rewards.derive_config(_config_hash(reference_run)))
+    on_disk = records(reference_run)
+    for kind in LAYOUT:
+        assert canonical_rows(to_table(kind, rows[kind]).to_pylist()) == on_disk[kind], kind
+
+
+def _config_hash(out: Path) -> str:
+    return json.loads((out / "metrics.json").read_text())["config_hash"]
+
+
+def test_one_worker_writes_the_same_records_as_two(reference_run, job_overrides, records, tmp_path):
+    run(compose(job_overrides(tmp_path / "out", "ray.num_workers=1")))
+    assert records(tmp_path / "out") == records(reference_run)
+    assert _config_hash(tmp_path / "out") == _config_hash(reference_run), "ray settings shape no record"
+
+
+def test_crash_between_shards_resumes_to_the_same_dataset(reference_run, job_overrides, records, tmp_path):
+    from rewards.distributed import Hooks
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(name: str) -> None:
+        raise Crash(name)
+
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        run(compose(job_overrides(out)), hooks=Hooks(on_shard=crash))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 1 and len(manifest["finished_problem_ids"]) == 2
+    assert not (out / "audit.json").exists(), "an interrupted job writes no audit"
+
+    metrics = run(compose(job_overrides(out)))
+    assert metrics["problems_resumed"] == 2 and metrics["batches_run"] == NUM_PROBLEMS // 2 - 1
+    assert records(out) == records(reference_run)
+    assert json.loads((out / "audit.json").read_text()) == json.loads(
+        (reference_run / "audit.json").read_text()
+    )
+
+    again = run(compose(job_overrides(out)))  # everything done: nothing is searched or written twice
+    assert again["batches_run"] == 0 and records(out) == records(reference_run)
+
+
+def test_resume_refuses_another_batch_layout(reference_run, job_overrides):
+    with pytest.raises(JobInputError, match="search.batch_problems"):
+        check_config(compose(job_overrides(reference_run, "search.batch_problems=3")))
+
+
+def test_tiny_experiment_on_countdown(ray_session, tiny_policy, tmp_path):
+    """The default task at tiny size, one worker."""
+    out = tmp_path / "out"
+    metrics = run(
+        compose(["experiment=tiny", f"policy.path={tiny_policy}", f"out={out}", "ray.num_workers=1"])
+    )
+    assert metrics["status"] == "finished" and metrics["problems_done"] == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["finished_problem_ids"]) == 6 and manifest["rows"]["trees"] == 6
