@@ -35,89 +35,87 @@ EXPAND, TERMINAL, WIDEN = 0, 1, 2
 _SELECTED, _EXHAUSTED = 1, 2
 
 
-@njit(cache=True)
-def _child_score(F, b, c, c_puct, sqrt_parent):
-    visits, vloss, value_sum, prior, score = F[6], F[7], F[8], F[10], F[11]
-    n = visits[b, c] + vloss[b, c]
-    q = value_sum[b, c] / n if n > 0 else np.float64(score[b, c])
-    return q + c_puct * np.float64(prior[b, c]) * sqrt_parent / (1.0 + n)
+@njit(cache=True, error_model="numpy")
+def _flat(a):
+    return a.reshape(a.size)
 
 
-@njit(cache=True)
-def _wants_widening(F, b, s):
-    num_children, child_slots, width_target, terminal = F[2], F[3], F[4], F[12]
-    room = min(np.int64(width_target[b, s]), np.int64(child_slots[b, s]))
-    return terminal[b, s] == 0 and num_children[b, s] > 0 and num_children[b, s] < room
-
-
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
     """Select up to `leaves[b]` distinct nodes in every tree b (0 leaves the tree untouched).
 
     leaves: int32 [B]; out_nodes, out_kinds: int32 [B, max(leaves)]; out_count: int32 [B];
     scratch: int32 [capacity], reused to clear the marks. Virtual loss is added on each path.
     """
-    first_child, num_children, terminal, mark, vloss, visits = F[1], F[2], F[12], F[14], F[7], F[6]
-    parent = F[0]
-    num_trees = visits.shape[0]
-    for b in range(num_trees):
+    num_trees, cap = F[0].shape
+    # Flat views of the [B, capacity] fields, indexed at b * capacity + node: one multiply per
+    # tree instead of a 2-D index (or a view) per access.
+    parent, first_child, num_children, child_slots = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[3])
+    width_target, visits, vloss, value_sum = _flat(F[4]), _flat(F[6]), _flat(F[7]), _flat(F[8])
+    prior, score, terminal, mark = _flat(F[10]), _flat(F[11]), _flat(F[12]), _flat(F[14])
+    for b0 in range(num_trees):
+        b = b0 * cap  # offset of tree b0
         count = 0
         num_marked = 0
-        while count < leaves[b] and mark[b, ROOT] != _EXHAUSTED:
+        while count < leaves[b0] and mark[b + ROOT] != _EXHAUSTED:
             s = ROOT
             kind = -1
             while True:
-                if terminal[b, s] != 0 or num_children[b, s] == 0:
-                    if mark[b, s] == _SELECTED or vloss[b, s] > 0:
-                        mark[b, s] = _EXHAUSTED  # only reachable for the root
+                if terminal[b + s] != 0 or num_children[b + s] == 0:
+                    if mark[b + s] == _SELECTED or vloss[b + s] > 0:
+                        mark[b + s] = _EXHAUSTED  # only reachable for the root
                         scratch[num_marked] = s
                         num_marked += 1
                         break
-                    kind = TERMINAL if terminal[b, s] != 0 else EXPAND
+                    kind = TERMINAL if terminal[b + s] != 0 else EXPAND
                     break
-                if mark[b, s] != _SELECTED and _wants_widening(F, b, s):
+                room = min(np.int64(width_target[b + s]), np.int64(child_slots[b + s]))
+                if mark[b + s] != _SELECTED and num_children[b + s] < room:  # wants widening
                     kind = WIDEN
                     break
-                sqrt_parent = math.sqrt(np.float64(visits[b, s] + vloss[b, s]))
+                sqrt_parent = math.sqrt(np.float64(visits[b + s] + vloss[b + s]))
                 best = NO_NODE
                 best_score = -np.inf
-                first = first_child[b, s]
-                for c in range(first, first + num_children[b, s]):
-                    if mark[b, c] == _EXHAUSTED:
+                first = first_child[b + s]
+                for c in range(first, first + num_children[b + s]):
+                    if mark[b + c] == _EXHAUSTED:
                         continue
-                    is_leaf = terminal[b, c] != 0 or num_children[b, c] == 0
-                    if is_leaf and (mark[b, c] == _SELECTED or vloss[b, c] > 0):
-                        continue
-                    sc = _child_score(F, b, c, c_puct, sqrt_parent)
+                    if (terminal[b + c] != 0 or num_children[b + c] == 0) and (
+                        mark[b + c] == _SELECTED or vloss[b + c] > 0
+                    ):
+                        continue  # a leaf already selected (or pending)
+                    n = visits[b + c] + vloss[b + c]
+                    q = value_sum[b + c] / n if n > 0 else np.float64(score[b + c])
+                    sc = q + c_puct * np.float64(prior[b + c]) * sqrt_parent / (1.0 + n)
                     if sc > best_score:
                         best_score = sc
                         best = c
                 if best == NO_NODE:
-                    mark[b, s] = _EXHAUSTED
+                    mark[b + s] = _EXHAUSTED
                     scratch[num_marked] = s
                     num_marked += 1
                     break
                 s = best
             if kind < 0:
                 continue  # hit an exhausted node: descend again from the root
-            if mark[b, s] == 0:
+            if mark[b + s] == 0:
                 scratch[num_marked] = s
                 num_marked += 1
-            mark[b, s] = _SELECTED
-            out_nodes[b, count] = s
-            out_kinds[b, count] = kind
+            mark[b + s] = _SELECTED
+            out_nodes[b0, count] = s
+            out_kinds[b0, count] = kind
             count += 1
             node = s
             while node != NO_NODE:
-                vloss[b, node] += 1
-                node = parent[b, node]
-        out_count[b] = count
+                vloss[b + node] += 1
+                node = parent[b + node]
+        out_count[b0] = count
         for i in range(num_marked):
-            mark[b, scratch[i]] = 0
+            mark[b + scratch[i]] = 0
     return out_count
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, outcomes, out_first):
     """Write children for M selected nodes (children of selection m are rows
     start_m .. start_m + counts[m] of the flat child arrays, in order).
@@ -127,66 +125,72 @@ def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, ou
     terminals, outcomes: int8 [sum counts]; out_first: int32 [M], id of the first new child
     (NO_NODE if counts[m] == 0). Returns -1 on success, else the index m that did not fit.
     """
-    parent, first_child, num_children, child_slots, width_target, depth = F[0], F[1], F[2], F[3], F[4], F[5]
-    visits, vloss, value_sum, success_sum, prior, score = F[6], F[7], F[8], F[9], F[10], F[11]
-    terminal, outcome, num_nodes = F[12], F[13], F[16]
-    capacity = parent.shape[1]
+    num_nodes = F[16]
+    capacity = F[0].shape[1]
+    parent, first_child, num_children, child_slots = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[3])
+    width_target, depth, visits, vloss = _flat(F[4]), _flat(F[5]), _flat(F[6]), _flat(F[7])
+    value_sum, success_sum, prior, score = _flat(F[8]), _flat(F[9]), _flat(F[10]), _flat(F[11])
+    terminal, outcome, verified_visits = _flat(F[12]), _flat(F[13]), _flat(F[15])
     row = 0
     for m in range(tree_ids.shape[0]):
-        b, s, k = tree_ids[m], node_ids[m], counts[m]
+        t, s, k = tree_ids[m], node_ids[m], counts[m]
         out_first[m] = NO_NODE
         if k == 0:
             continue
-        if num_children[b, s] == 0:
+        b = t * capacity  # flat offset of tree t (see select_leaves)
+        if num_children[b + s] == 0:
             slots = max(k, reserve[m])
-            if num_nodes[b] + slots > capacity:
+            if num_nodes[t] + slots > capacity:
                 return m
-            first_child[b, s] = num_nodes[b]
-            child_slots[b, s] = slots
-            num_nodes[b] += slots
-        elif num_children[b, s] + k > child_slots[b, s]:
+            first_child[b + s] = num_nodes[t]
+            child_slots[b + s] = slots
+            num_nodes[t] += slots
+        elif num_children[b + s] + k > child_slots[b + s]:
             return m
-        start = first_child[b, s] + num_children[b, s]
+        start = first_child[b + s] + num_children[b + s]
+        d = depth[b + s] + 1
         for j in range(k):
-            c = start + j
-            parent[b, c] = s
-            first_child[b, c] = NO_NODE
-            num_children[b, c] = 0
-            child_slots[b, c] = 0
-            width_target[b, c] = 0
-            depth[b, c] = depth[b, s] + 1
-            visits[b, c] = 0
-            vloss[b, c] = 0
-            value_sum[b, c] = 0.0
-            success_sum[b, c] = 0.0
-            prior[b, c] = priors[row + j]
-            score[b, c] = scores[row + j]
-            terminal[b, c] = terminals[row + j]
-            outcome[b, c] = outcomes[row + j]
-        num_children[b, s] += k
+            c = b + start + j
+            parent[c] = s
+            first_child[c] = NO_NODE
+            num_children[c] = 0
+            child_slots[c] = 0
+            width_target[c] = 0
+            depth[c] = d
+            visits[c] = 0
+            vloss[c] = 0
+            value_sum[c] = 0.0
+            success_sum[c] = 0.0
+            verified_visits[c] = 0
+            prior[c] = priors[row + j]
+            score[c] = scores[row + j]
+            terminal[c] = terminals[row + j]
+            outcome[c] = outcomes[row + j]
+        num_children[b + s] += k
         out_first[m] = start
         row += k
     return -1
 
 
-@njit(cache=True)
-def _refresh_width(F, b, s, alpha, c_min, c_max):
-    first_child, num_children, width_target, depth = F[1], F[2], F[4], F[5]
-    visits, value_sum = F[6], F[8]
-    if num_children[b, s] == 0 or visits[b, s] == 0:
+@njit(cache=True, error_model="numpy")
+def _refresh_width(
+    first_child, num_children, width_target, depth, visits, value_sum, b, s, alpha, c_min, c_max
+):
+    """n(s) from I(s) = max_c |Q(c) - Q(s)|, over flat fields (b: the tree's flat offset)."""
+    if num_children[b + s] == 0 or visits[b + s] == 0:
         return
-    q_s = value_sum[b, s] / visits[b, s]
+    q_s = value_sum[b + s] / visits[b + s]
     importance = 0.0
-    first = first_child[b, s]
-    for c in range(first, first + num_children[b, s]):
-        if visits[b, c] > 0:
-            importance = max(importance, abs(value_sum[b, c] / visits[b, c] - q_s))
-    d = min(np.int64(depth[b, s]), c_min.shape[0] - 1)
+    first = b + first_child[b + s]
+    for c in range(first, first + num_children[b + s]):
+        if visits[c] > 0:
+            importance = max(importance, abs(value_sum[c] / visits[c] - q_s))
+    d = min(np.int64(depth[b + s]), c_min.shape[0] - 1)
     n = np.int64(math.floor(alpha * importance)) + 1
-    width_target[b, s] = max(c_min[d], min(n, c_max[d]))
+    width_target[b + s] = max(c_min[d], min(n, c_max[d]))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def backup(
     F,
     sel_tree,
@@ -212,42 +216,57 @@ def backup(
     updates instead of k * depth. With alpha >= 0 the adaptive width of every node on the path
     is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
     """
-    parent, visits, vloss, value_sum, success_sum, verified_visits = F[0], F[6], F[7], F[8], F[9], F[15]
+    cap = F[0].shape[1]
+    parent, first_child, num_children, width_target = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[4])
+    depth, visits, vloss, value_sum = _flat(F[5]), _flat(F[6]), _flat(F[7]), _flat(F[8])
+    success_sum, verified_visits = _flat(F[9]), _flat(F[15])
     for m in range(sel_tree.shape[0]):
-        b = sel_tree[m]
+        b = sel_tree[m] * cap  # flat offset of the tree (see select_leaves)
         s = sel_node[m]
         node = s
         while node != NO_NODE:
-            vloss[b, node] -= 1
-            node = parent[b, node]
+            vloss[b + node] -= 1
+            node = parent[b + node]
         n_tot, w_tot, s_tot, v_tot = 0, 0.0, 0.0, 0
         for e in range(eval_start[m], eval_start[m] + eval_count[m]):
             c = eval_node[e]
             if c != s:
-                assert parent[b, c] == s, "an evaluated node must be the selected node or its child"
-                visits[b, c] += 1
-                value_sum[b, c] += eval_value[e]
-                success_sum[b, c] += eval_success[e]
-                verified_visits[b, c] += eval_verified[e]
+                assert parent[b + c] == s, "an evaluated node must be the selected node or its child"
+                visits[b + c] += 1
+                value_sum[b + c] += eval_value[e]
+                success_sum[b + c] += eval_success[e]
+                verified_visits[b + c] += eval_verified[e]
             n_tot += 1
             w_tot += eval_value[e]
             s_tot += eval_success[e]
             v_tot += eval_verified[e]
         node = s
         while node != NO_NODE:
-            visits[b, node] += n_tot
-            value_sum[b, node] += w_tot
-            success_sum[b, node] += s_tot
-            verified_visits[b, node] += v_tot
-            node = parent[b, node]
+            visits[b + node] += n_tot
+            value_sum[b + node] += w_tot
+            success_sum[b + node] += s_tot
+            verified_visits[b + node] += v_tot
+            node = parent[b + node]
         if alpha >= 0.0:
             node = s
             while node != NO_NODE:
-                _refresh_width(F, b, node, alpha, c_min, c_max)
-                node = parent[b, node]
+                _refresh_width(
+                    first_child,
+                    num_children,
+                    width_target,
+                    depth,
+                    visits,
+                    value_sum,
+                    b,
+                    node,
+                    alpha,
+                    c_min,
+                    c_max,
+                )
+                node = parent[b + node]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def most_visited_path(F, b, out):
     """Follow the most visited child from the root (ties: lowest id); writes ids to `out`
     (int32 [max_depth + 1]) and returns the path length (root included)."""
@@ -266,7 +285,7 @@ def most_visited_path(F, b, out):
         s = best
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def subtree_has_success(F, b, out):
     """out[s] = 1 if a verified-correct terminal lies in s's subtree (int8 [capacity])."""
     parent, outcome, num_nodes = F[0], F[13], F[16]

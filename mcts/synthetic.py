@@ -69,12 +69,12 @@ class Workload:
         return self.alpha if self.adaptive else -1.0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _row(b, node, rows):
     return (np.int64(node) * 2654435761 + np.int64(b) * 40503) % rows
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _apply_round(
     F,
     t_prior,
@@ -131,7 +131,8 @@ def _apply_round(
         r = _row(tree_ids[i], node_ids[i], rows)
         existing = num_children[tree_ids[i], node_ids[i]]
         for j in range(counts[i]):
-            col = (existing + j) % k
+            col = existing + j  # existing < k and j < k: a subtraction instead of a modulo
+            col = col - k if col >= k else col
             priors[row + j] = t_prior[r, col]
             scores[row + j] = t_value[r, col]
             terms[row + j] = t_terminal[r, col]
@@ -155,7 +156,8 @@ def _apply_round(
             r = _row(b, s, rows)
             existing = num_children[b, s] - counts[i]
             for j in range(counts[i]):
-                col = (existing + j) % k
+                col = existing + j
+                col = col - k if col >= k else col
                 eval_node[e] = first[i] + j
                 values[e] = t_value[r, col]
                 succ[e] = t_success[r, col]
@@ -168,35 +170,70 @@ def _apply_round(
     return -1
 
 
-def run_kernels(w: Workload) -> Forest:
-    forest = Forest(w.num_trees, w.capacity)
-    F = forest.arrays
-    tb = w.tables
-    out_nodes = np.zeros((w.num_trees, w.leaves_per_tree), np.int32)
-    out_kinds = np.zeros_like(out_nodes)
-    out_count = np.zeros(w.num_trees, np.int32)
-    scratch = np.zeros(w.capacity, np.int32)
-    leaves = np.full(w.num_trees, w.leaves_per_tree, np.int32)
-    for _ in range(w.simulations):
-        kernels.select_leaves(F, w.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
+@njit(cache=True, error_model="numpy")
+def _run_rounds(F, tables, simulations, c_puct, leaves, reserve_all, alpha, c_min, c_max):
+    """The whole synthetic search in one compiled loop: per round, one `select_leaves` over the
+    forest, then the table lookup, `expand` and `backup`. The search proper calls the same
+    kernels from Python around a model call; here the "model" is a table, so the loop is
+    compiled too and the benchmark times tree operations, not interpreter dispatch."""
+    t_prior, t_value, t_success, t_verified, t_terminal, t_outcome, t_count = tables
+    num_trees = leaves.shape[0]
+    width = 1
+    for b in range(num_trees):
+        width = max(width, leaves[b])
+    out_nodes = np.zeros((num_trees, width), np.int32)
+    out_kinds = np.zeros((num_trees, width), np.int32)
+    out_count = np.zeros(num_trees, np.int32)
+    scratch = np.zeros(F[0].shape[1], np.int32)
+    for _ in range(simulations):
+        kernels.select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
         failed = _apply_round(
             F,
-            tb["prior"],
-            tb["value"],
-            tb["success"],
-            tb["verified"],
-            tb["terminal"],
-            tb["outcome"],
-            tb["count"],
+            t_prior,
+            t_value,
+            t_success,
+            t_verified,
+            t_terminal,
+            t_outcome,
+            t_count,
             out_nodes,
             out_kinds,
             out_count,
-            w.adaptive,
-            w.alpha_or_off,
-            w.c_min_by_depth,
-            w.c_max_by_depth,
+            reserve_all,
+            alpha,
+            c_min,
+            c_max,
         )
-        assert failed < 0, f"synthetic workload overflowed its capacity {w.capacity} (selection {failed})"
+        if failed >= 0:
+            return failed
+    return -1
+
+
+def run_kernels(w: Workload) -> Forest:
+    forest = Forest(w.num_trees, w.capacity)
+    tb = w.tables
+    tables = (
+        tb["prior"],
+        tb["value"],
+        tb["success"],
+        tb["verified"],
+        tb["terminal"],
+        tb["outcome"],
+        tb["count"],
+    )
+    leaves = np.full(w.num_trees, w.leaves_per_tree, np.int32)
+    failed = _run_rounds(
+        forest.arrays,
+        tables,
+        w.simulations,
+        w.c_puct,
+        leaves,
+        w.adaptive,
+        w.alpha_or_off,
+        w.c_min_by_depth,
+        w.c_max_by_depth,
+    )
+    assert failed < 0, f"synthetic workload overflowed its capacity {w.capacity} (selection {failed})"
     return forest
 
 
