@@ -390,16 +390,17 @@ def build_spec(job, models: dict) -> WorkerSpec:
     )
 
 
-def run_job(job, models: dict, hooks: Hooks | None = None) -> dict:
+def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None = None) -> dict:
     """Search every batch not yet in `job.out`'s manifest, write shards as they complete, then the
-    audit, the dataset card and `metrics.json`. Returns the metrics."""
+    audit, the dataset card and `metrics.json`. Returns the metrics. `started`: the job's
+    `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too)."""
     from mcts.tasks.registry import make_task
     from rewards.derive import derive_all
     from rewards.export import DatasetWriter, atomic_write_text, load_manifest, write_audit, write_card
     from rewards.pipeline import shard_name, versions
 
     conf, out = job.conf, job.out
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if started is None else started
     writer = DatasetWriter(out, job.config, {**versions(), "policy_dir": models["policy"]})
     if writer.swept:
         log.info("removed %d files of an interrupted shard: %s", len(writer.swept), writer.swept[:3])
@@ -483,7 +484,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None) -> dict:
         status="finished",
         retries=stream["retries"],
         batches_by_worker=stream["by_worker"],
-        wall_seconds=round(time.perf_counter() - t_start + models["bootstrap_s"], 1),
+        wall_seconds=round(time.perf_counter() - t_start, 1),
         audit={k: audit.get(k) for k in ("pair_precision", "search_success", "greedy_success")},
     )
     return metrics

@@ -407,18 +407,21 @@ def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from rewards import distributed
 
+    started = time.perf_counter()
     job = check_config(cfg)
     ray_conf = job.conf.ray
     with distributed.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
         models = resolve_models(job)  # after Ray is up: a bad ray.address fails before a bootstrap
-        metrics = distributed.run_job(job, models, hooks=hooks)
+        metrics = distributed.run_job(job, models, hooks=hooks, started=started)
     report_done(metrics)
     return metrics
 
 
 def report_done(metrics: dict) -> None:
     """Tell the user where the dataset went (stdout, so scripts can capture it)."""
-    rows = metrics["rows"]
+    from rewards.records import KINDS
+
+    rows = {k: metrics["rows"][k] for k in KINDS}
     audit = metrics.get("audit", {})
     print(f"arborist: dataset written to {metrics['out']}")
     print(
