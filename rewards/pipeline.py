@@ -34,7 +34,7 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from critics.base import CriticsConfig
 from mcts.policy import PolicyConfig
@@ -273,9 +273,6 @@ def to_schema(cfg: DictConfig | Config) -> Config:
         raise JobInputError(f"{missing[0]} is required: set {missing[0]}=...")
     try:
         return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", "") or "a key"
-        raise JobInputError(f"{key} is required: set {key}=...") from None
     except (ValueError, OmegaConfBaseException) as e:
         raise JobInputError(str(e).splitlines()[0]) from None
 
