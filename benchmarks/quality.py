@@ -1,0 +1,190 @@
+"""Quality: how often greedy decoding, best-of-N and tree search solve held-out problems.
+
+    python -m benchmarks.quality --problems 200 --json results/quality.json [--plot results/quality.png]
+
+On Countdown problems drawn with the evaluation seed (`mcts.embedded.EVAL_SEED`, whose problems
+never appear in the default policy's training data), with the embedded default policy (or
+`--policy DIR`):
+
+- greedy_success        greedy decoding's answer verifies
+- search_success        the search tree holds a verified-correct solution
+- search_pick_success   the answer the tree itself prefers (follow the most visited child from the
+                        root down to a terminal), without asking the verifier, is correct
+- best_of_n_success     any of N temperature-1 samples verifies, where the samples of a problem may
+                        spend as many policy tokens as search spent on that problem on average
+                        (samples that would cross the budget are not counted)
+- tokens_per_problem_search / tokens_per_problem_best_of_n: policy tokens generated per problem,
+  options and rollouts included for search.
+
+Search here: 8 options per expansion, adaptive width 4..8 (so a node whose options all failed
+is still widened), every rollout kept in the tree, one leaf per tree per round. It is valued by
+verified fast rollouts (the critics benchmark compares critic-guided
+search) and does not stop when it finds a solution: it spends its simulations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from benchmarks._report import environment, format_table, write_json
+from mcts.expander import ExpandConfig, PolicyExpander
+from mcts.finished import FinishedTree
+from mcts.policy import Policy, PolicyConfig
+from mcts.search import SearchConfig, run_search
+from mcts.tasks.base import Problem
+from mcts.tasks.countdown import CountdownTask, generate_problems
+
+
+def tree_pick(tree: FinishedTree) -> bool:
+    """Follow the most visited child from the root; correct if that path ends at a verified-correct
+    terminal. The choice uses visit counts only; the verdict is looked up afterwards."""
+    node = 0
+    while True:
+        kids = tree.children(node)
+        if kids.size == 0:
+            return bool(tree.nodes["terminal"][node]) and tree.nodes["outcome"][node] == 1
+        node = int(kids[np.argmax(tree.nodes["visits"][kids])])
+
+
+def best_of_n(
+    policy: Policy, task: CountdownTask, problems: list[Problem], budget: float, seed: int, chunk: int = 8
+) -> tuple[list[bool], list[int]]:
+    """Sample `chunk` solutions per unfinished problem per call until each problem's token budget
+    is spent; a problem counts as solved when a sample within its budget verifies."""
+    solved = [False] * len(problems)
+    spent = [0] * len(problems)
+    open_ = list(range(len(problems)))
+    call = 0
+    while open_:
+        prompts = [task.prompt(problems[i]) for i in open_ for _ in range(chunk)]
+        outs = policy.rollout(prompts, seed=seed + call)
+        call += 1
+        still = []
+        for j, i in enumerate(open_):
+            for r in outs[j * chunk : (j + 1) * chunk]:
+                if spent[i] + r.num_tokens > budget:
+                    spent[i] = int(budget) + 1  # this sample crosses the budget: stop here
+                    break
+                spent[i] += r.num_tokens
+                solved[i] |= task.check(problems[i], r.steps).success is True
+            if spent[i] <= budget:
+                still.append(i)
+        open_ = still
+    return solved, [min(s, int(budget)) for s in spent]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--simulations", type=int, default=64)
+    ap.add_argument("--leaves-per-tree", type=int, default=1)
+    ap.add_argument("--num-options", type=int, default=8)
+    ap.add_argument("--c-min", type=int, default=4)
+    ap.add_argument("--c-max", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=50, help="problems searched together")
+    ap.add_argument("--policy", default="", help="policy directory (default: the embedded policy)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="")
+    args = ap.parse_args(argv)
+
+    from mcts.embedded import EVAL_SEED, bootstrap_policy, default_difficulty
+
+    path = args.policy or str(bootstrap_policy(seed=0))
+    policy = Policy.load(PolicyConfig(path=path))
+    task = CountdownTask()
+    problems = generate_problems(args.problems, EVAL_SEED, default_difficulty())
+    prompts = [task.prompt(p) for p in problems]
+
+    t0 = time.perf_counter()
+    greedy = [
+        task.check(p, r.steps).success is True for p, r in zip(problems, policy.greedy(prompts), strict=True)
+    ]
+    t_greedy = time.perf_counter() - t0
+
+    cfg = SearchConfig(
+        simulations=args.simulations,
+        leaves_per_tree=args.leaves_per_tree,
+        num_options=args.num_options,
+        max_nodes=4096,
+        c_min=args.c_min,
+        c_max=args.c_max,
+    )
+    expander = PolicyExpander(policy, task, ExpandConfig(rollouts=1))
+    t0 = time.perf_counter()
+    trees: list[FinishedTree] = []
+    for lo in range(0, len(problems), args.batch):
+        trees += run_search(problems[lo : lo + args.batch], task, expander, cfg, seed=args.seed)
+        print(f"search: {len(trees)}/{len(problems)} problems", file=sys.stderr)
+    t_search = time.perf_counter() - t0
+    search_tokens = float(np.mean([t.policy_tokens for t in trees]))
+
+    t0 = time.perf_counter()
+    bon, bon_tokens = best_of_n(policy, task, problems, budget=search_tokens, seed=args.seed + 1)
+    t_bon = time.perf_counter() - t0
+
+    result = {
+        "problems": len(problems),
+        "eval_seed": EVAL_SEED,
+        "policy": path,
+        "simulations": args.simulations,
+        "leaves_per_tree": args.leaves_per_tree,
+        "num_options": args.num_options,
+        "c_min": args.c_min,
+        "c_max": args.c_max,
+        "greedy_success": float(np.mean(greedy)),
+        "best_of_n_success": float(np.mean(bon)),
+        "search_success": float(np.mean([bool((t.nodes["outcome"] == 1).any()) for t in trees])),
+        "search_pick_success": float(np.mean([tree_pick(t) for t in trees])),
+        "tokens_per_problem_search": search_tokens,
+        "tokens_per_problem_best_of_n": float(np.mean(bon_tokens)),
+        "nodes_per_problem": float(np.mean([t.num_nodes for t in trees])),
+        "seconds": {"greedy": t_greedy, "search": t_search, "best_of_n": t_bon},
+        "environment": environment(),
+    }
+    rows = [
+        {"method": "greedy", "success": result["greedy_success"], "tokens": None},
+        {
+            "method": "best-of-N (same tokens)",
+            "success": result["best_of_n_success"],
+            "tokens": result["tokens_per_problem_best_of_n"],
+        },
+        {
+            "method": f"search ({args.simulations} sims), found",
+            "success": result["search_success"],
+            "tokens": search_tokens,
+        },
+        {
+            "method": "search, tree's own pick",
+            "success": result["search_pick_success"],
+            "tokens": search_tokens,
+        },
+    ]
+    print(
+        format_table(
+            rows,
+            [("method", "method", "s"), ("success", "success", ".3f"), ("tokens", "tokens/problem", ".0f")],
+        )
+    )
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        from benchmarks._report import bar_plot
+
+        bar_plot(
+            args.plot,
+            [r["method"] for r in rows],
+            {"success": [r["success"] for r in rows]},
+            ylabel="success rate",
+            title=f"Countdown, {len(problems)} held-out problems",
+            log=False,
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
