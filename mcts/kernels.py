@@ -1,7 +1,7 @@
 """numba kernels over `Forest.arrays`: select, expand, back up, adaptive widening, summaries.
 
 Every kernel is a pure function of arrays (`@njit(cache=True)`), takes the forest as one tuple
-`F = Forest.arrays` and a few small arrays, and loops over trees itself, so one call serves the
+`F = Forest.arrays` (flat [num_trees * capacity] fields, then num_nodes) and a few small arrays, and loops over trees itself, so one call serves the
 whole forest. Arithmetic is float64 in a fixed order so that `mcts.reference` (plain Python, the
 same rules) gives bit-identical visit counts; the tests hold both to that.
 
@@ -36,8 +36,9 @@ _SELECTED, _EXHAUSTED = 1, 2
 
 
 @njit(cache=True, error_model="numpy")
-def _flat(a):
-    return a.reshape(a.size)
+def capacity_of(F):
+    """Nodes per tree: the fields are flat [num_trees * capacity] arrays (see `Forest.arrays`)."""
+    return F[0].shape[0] // F[16].shape[0]
 
 
 @njit(cache=True, error_model="numpy")
@@ -47,12 +48,12 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
     leaves: int32 [B]; out_nodes, out_kinds: int32 [B, max(leaves)]; out_count: int32 [B];
     scratch: int32 [capacity], reused to clear the marks. Virtual loss is added on each path.
     """
-    num_trees, cap = F[0].shape
-    # Flat views of the [B, capacity] fields, indexed at b * capacity + node: one multiply per
-    # tree instead of a 2-D index (or a view) per access.
-    parent, first_child, num_children, child_slots = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[3])
-    width_target, visits, vloss, value_sum = _flat(F[4]), _flat(F[6]), _flat(F[7]), _flat(F[8])
-    prior, score, terminal, mark = _flat(F[10]), _flat(F[11]), _flat(F[12]), _flat(F[14])
+    num_trees, cap = F[16].shape[0], capacity_of(F)
+    # The fields are flat, indexed at b * capacity + node: one multiply per tree instead of a
+    # 2-D index per access.
+    parent, first_child, num_children, child_slots = F[0], F[1], F[2], F[3]
+    width_target, visits, vloss, value_sum = F[4], F[6], F[7], F[8]
+    prior, score, terminal, mark = F[10], F[11], F[12], F[14]
     for b0 in range(num_trees):
         b = b0 * cap  # offset of tree b0
         count = 0
@@ -126,11 +127,11 @@ def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, ou
     (NO_NODE if counts[m] == 0). Returns -1 on success, else the index m that did not fit.
     """
     num_nodes = F[16]
-    capacity = F[0].shape[1]
-    parent, first_child, num_children, child_slots = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[3])
-    width_target, depth, visits, vloss = _flat(F[4]), _flat(F[5]), _flat(F[6]), _flat(F[7])
-    value_sum, success_sum, prior, score = _flat(F[8]), _flat(F[9]), _flat(F[10]), _flat(F[11])
-    terminal, outcome, verified_visits = _flat(F[12]), _flat(F[13]), _flat(F[15])
+    capacity = capacity_of(F)
+    parent, first_child, num_children, child_slots = F[0], F[1], F[2], F[3]
+    width_target, depth, visits, vloss = F[4], F[5], F[6], F[7]
+    value_sum, success_sum, prior, score = F[8], F[9], F[10], F[11]
+    terminal, outcome, verified_visits = F[12], F[13], F[15]
     row = 0
     for m in range(tree_ids.shape[0]):
         t, s, k = tree_ids[m], node_ids[m], counts[m]
@@ -216,10 +217,10 @@ def backup(
     updates instead of k * depth. With alpha >= 0 the adaptive width of every node on the path
     is refreshed (c_min, c_max: int [max_depth + 1], indexed by depth).
     """
-    cap = F[0].shape[1]
-    parent, first_child, num_children, width_target = _flat(F[0]), _flat(F[1]), _flat(F[2]), _flat(F[4])
-    depth, visits, vloss, value_sum = _flat(F[5]), _flat(F[6]), _flat(F[7]), _flat(F[8])
-    success_sum, verified_visits = _flat(F[9]), _flat(F[15])
+    cap = capacity_of(F)
+    parent, first_child, num_children, width_target = F[0], F[1], F[2], F[4]
+    depth, visits, vloss, value_sum = F[5], F[6], F[7], F[8]
+    success_sum, verified_visits = F[9], F[15]
     for m in range(sel_tree.shape[0]):
         b = sel_tree[m] * cap  # flat offset of the tree (see select_leaves)
         s = sel_node[m]
@@ -271,16 +272,17 @@ def most_visited_path(F, b, out):
     """Follow the most visited child from the root (ties: lowest id); writes ids to `out`
     (int32 [max_depth + 1]) and returns the path length (root included)."""
     first_child, num_children, visits = F[1], F[2], F[6]
+    o = b * capacity_of(F)
     s = ROOT
     length = 0
     while True:
         out[length] = s
         length += 1
-        if num_children[b, s] == 0 or length == out.shape[0]:
+        if num_children[o + s] == 0 or length == out.shape[0]:
             return length
-        best = first_child[b, s]
-        for c in range(best + 1, first_child[b, s] + num_children[b, s]):
-            if visits[b, c] > visits[b, best]:
+        best = first_child[o + s]
+        for c in range(best + 1, first_child[o + s] + num_children[o + s]):
+            if visits[o + c] > visits[o + best]:
                 best = c
         s = best
 
@@ -289,10 +291,11 @@ def most_visited_path(F, b, out):
 def subtree_has_success(F, b, out):
     """out[s] = 1 if a verified-correct terminal lies in s's subtree (int8 [capacity])."""
     parent, outcome, num_nodes = F[0], F[13], F[16]
+    o = b * capacity_of(F)
     out[:] = 0
     for c in range(num_nodes[b]):
-        if outcome[b, c] == 1:
+        if outcome[o + c] == 1:
             node = c
             while node != NO_NODE and out[node] == 0:
                 out[node] = 1
-                node = parent[b, node]
+                node = parent[o + node]

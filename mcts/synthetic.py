@@ -71,7 +71,24 @@ class Workload:
 
 @njit(cache=True, error_model="numpy")
 def _row(b, node, rows):
-    return (np.int64(node) * 2654435761 + np.int64(b) * 40503) % rows
+    # rows is a power of two, so the mask equals Python's `% rows` on these non-negative keys
+    return (np.int64(node) * 2654435761 + np.int64(b) * 40503) & (rows - 1)
+
+
+@njit(cache=True, error_model="numpy")
+def round_buffers(leaves, k):
+    """Scratch arrays for `_apply_round`, sized for sum(leaves) selections of <= k children."""
+    m_max = 0
+    for b in range(leaves.shape[0]):
+        m_max += leaves[b]
+    return (
+        np.zeros((6, m_max), np.int64),
+        np.zeros(m_max * (k + 1), np.int64),
+        np.zeros((2, m_max * k), np.float32),
+        np.zeros((2, m_max * (k + 1)), np.float64),
+        np.zeros((3, m_max * (k + 1)), np.int8),
+        np.zeros(m_max, np.int32),
+    )
 
 
 @njit(cache=True, error_model="numpy")
@@ -91,45 +108,50 @@ def _apply_round(
     alpha,
     c_min,
     c_max,
+    buffers,
 ):
-    """Look every selection up in the table, write the expansions, back them all up."""
+    """Look every selection up in the table, write the expansions, back them all up.
+    `buffers` (from `round_buffers`) are reused every round: allocating a dozen small arrays per
+    round cost ~5 % of the synthetic search."""
+    buf_i, buf_e, buf_f32, buf_f64, buf_i8, buf_first = buffers
     num_children, depth, width_target, child_slots, outcome = F[2], F[5], F[4], F[3], F[13]
+    cap = kernels.capacity_of(F)
     rows, k = t_prior.shape
     m_total = 0
     for b in range(sel_count.shape[0]):
         m_total += sel_count[b]
-    tree_ids = np.empty(m_total, np.int64)
-    node_ids = np.empty(m_total, np.int64)
-    counts = np.zeros(m_total, np.int64)
-    reserve = np.zeros(m_total, np.int64)
+    tree_ids, node_ids, counts, reserve = (
+        buf_i[0, :m_total],
+        buf_i[1, :m_total],
+        buf_i[2, :m_total],
+        buf_i[3, :m_total],
+    )
+    counts[:] = 0
+    reserve[:] = 0
     m = 0
     for b in range(sel_count.shape[0]):
         for j in range(sel_count[b]):
             s = sel_nodes[b, j]
+            x = b * cap + s  # flat index (see Forest.arrays)
             tree_ids[m], node_ids[m] = b, s
             if sel_kinds[b, j] == 0:  # EXPAND
                 counts[m] = t_count[_row(b, s, rows)]
-                reserve[m] = c_max[min(depth[b, s], c_max.shape[0] - 1)] if reserve_all else counts[m]
+                reserve[m] = c_max[min(depth[x], c_max.shape[0] - 1)] if reserve_all else counts[m]
             elif sel_kinds[b, j] == 2:  # WIDEN
-                counts[m] = min(width_target[b, s], child_slots[b, s]) - num_children[b, s]
+                counts[m] = min(width_target[x], child_slots[x]) - num_children[x]
             m += 1
     total = 0
     for i in range(m_total):
         total += counts[i]
-    priors = np.empty(total, np.float32)
-    scores = np.empty(total, np.float32)
-    terms = np.empty(total, np.int8)
-    outs = np.empty(total, np.int8)
-    values = np.empty(total + m_total, np.float64)
-    succ = np.empty(total + m_total, np.float64)
-    verified = np.empty(total + m_total, np.int8)
-    eval_node = np.empty(total + m_total, np.int64)
-    eval_start = np.zeros(m_total, np.int64)
-    eval_count = np.zeros(m_total, np.int64)
+    priors, scores = buf_f32[0, :total], buf_f32[1, :total]
+    terms, outs, verified = buf_i8[0, :total], buf_i8[1, :total], buf_i8[2, : total + m_total]
+    values, succ = buf_f64[0, : total + m_total], buf_f64[1, : total + m_total]
+    eval_node = buf_e[: total + m_total]
+    eval_start, eval_count = buf_i[4, :m_total], buf_i[5, :m_total]
     row = 0
     for i in range(m_total):
         r = _row(tree_ids[i], node_ids[i], rows)
-        existing = num_children[tree_ids[i], node_ids[i]]
+        existing = num_children[tree_ids[i] * cap + node_ids[i]]
         for j in range(counts[i]):
             col = existing + j  # existing < k and j < k: a subtraction instead of a modulo
             col = col - k if col >= k else col
@@ -138,7 +160,7 @@ def _apply_round(
             terms[row + j] = t_terminal[r, col]
             outs[row + j] = t_outcome[r, col]
         row += counts[i]
-    first = np.empty(m_total, np.int32)
+    first = buf_first[:m_total]
     failed = kernels.expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terms, outs, first)
     if failed >= 0:
         return failed
@@ -148,13 +170,13 @@ def _apply_round(
         eval_start[i] = e
         if counts[i] == 0:  # a terminal revisit: its known outcome again
             eval_node[e] = s
-            values[e] = max(np.float64(outcome[b, s]), 0.0)
+            values[e] = max(np.float64(outcome[b * cap + s]), 0.0)
             succ[e] = values[e]
-            verified[e] = 1 if outcome[b, s] >= 0 else 0
+            verified[e] = 1 if outcome[b * cap + s] >= 0 else 0
             e += 1
         else:
             r = _row(b, s, rows)
-            existing = num_children[b, s] - counts[i]
+            existing = num_children[b * cap + s] - counts[i]
             for j in range(counts[i]):
                 col = existing + j
                 col = col - k if col >= k else col
@@ -184,7 +206,8 @@ def _run_rounds(F, tables, simulations, c_puct, leaves, reserve_all, alpha, c_mi
     out_nodes = np.zeros((num_trees, width), np.int32)
     out_kinds = np.zeros((num_trees, width), np.int32)
     out_count = np.zeros(num_trees, np.int32)
-    scratch = np.zeros(F[0].shape[1], np.int32)
+    scratch = np.zeros(kernels.capacity_of(F), np.int32)
+    buffers = round_buffers(leaves, t_prior.shape[1])
     for _ in range(simulations):
         kernels.select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
         failed = _apply_round(
@@ -203,6 +226,7 @@ def _run_rounds(F, tables, simulations, c_puct, leaves, reserve_all, alpha, c_mi
             alpha,
             c_min,
             c_max,
+            buffers,
         )
         if failed >= 0:
             return failed

@@ -1,7 +1,7 @@
 """The forest: many search trees stored as one preallocated structure of arrays.
 
-Every field is a 2-D array of shape [num_trees, capacity]; node ids are per tree, the root is
-node `ROOT` of every tree. The children of a node are one contiguous block
+Every field is a 2-D array of shape [num_trees, capacity] (the kernels see flat views); node ids
+are per tree, the root is node `ROOT` of every tree. The children of a node are one contiguous block
 `first_child[b, s] : first_child[b, s] + num_children[b, s]`; when adaptive branching is on, an
 expansion reserves `child_slots >= num_children` ids so that the node can be widened later
 without moving its block.
@@ -69,8 +69,10 @@ class Forest:
 
     @property
     def arrays(self) -> tuple:
-        """The field arrays in `FIELDS` order, plus `num_nodes` last: what every kernel takes."""
-        return tuple(getattr(self, name) for name in FIELD_NAMES) + (self.num_nodes,)
+        """What every kernel takes: the fields in `FIELDS` order as flat [num_trees * capacity]
+        views (node s of tree b at b * capacity + s), plus `num_nodes` last. Flat, because a
+        reshape inside a kernel is a C call per field per call; the 2-D attributes share memory."""
+        return tuple(getattr(self, name).reshape(-1) for name in FIELD_NAMES) + (self.num_nodes,)
 
     @classmethod
     def bytes_per_node(cls) -> int:

@@ -14,6 +14,7 @@ from mcts.synthetic import (
     Workload,
     _apply_round,
     reference_tables,
+    round_buffers,
     run_kernels,
     run_reference,
     visits_identical,
@@ -45,7 +46,7 @@ def apply_round(w: Workload, forest: Forest, nodes, kinds, count) -> None:
     failed = _apply_round(
         forest.arrays, tb["prior"], tb["value"], tb["success"], tb["verified"], tb["terminal"],
         tb["outcome"], tb["count"], nodes, kinds, count, w.adaptive, w.alpha_or_off,
-        w.c_min_by_depth, w.c_max_by_depth,
+        w.c_min_by_depth, w.c_max_by_depth, round_buffers(np.full(forest.num_trees, nodes.shape[1], np.int32), w.k),
     )  # fmt: skip
     assert failed < 0, f"selection {failed} did not fit in capacity {w.capacity}"
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mcts import kernels
-from mcts.synthetic import Workload, _apply_round, run_reference, visits_identical
+from mcts.synthetic import Workload, _apply_round, round_buffers, run_reference, visits_identical
 from mcts.tree import NO_NODE, ROOT, Forest
 
 HASH_NODE, HASH_TREE = 2654435761, 40503  # the synthetic table's row hash (mcts.synthetic._row)
@@ -34,6 +34,7 @@ def run_checked(w: Workload) -> Forest:
     kinds = np.zeros_like(nodes)
     count = np.zeros(w.num_trees, np.int32)
     scratch = np.zeros(w.capacity, np.int32)
+    buffers = round_buffers(leaves, w.k)
     for r in range(w.simulations):
         kernels.select_leaves(F, w.c_puct, leaves, nodes, kinds, count, scratch)
         assert not forest.mark.any(), f"round {r}: select_leaves left marks at {np.argwhere(forest.mark)}"
@@ -43,7 +44,7 @@ def run_checked(w: Workload) -> Forest:
         failed = _apply_round(
             F, tb["prior"], tb["value"], tb["success"], tb["verified"], tb["terminal"], tb["outcome"],
             tb["count"], nodes, kinds, count, w.adaptive, w.alpha_or_off, w.c_min_by_depth,
-            w.c_max_by_depth,
+            w.c_max_by_depth, buffers,
         )  # fmt: skip
         assert failed < 0, f"round {r}: selection {failed} overflowed capacity {w.capacity}"
         assert not forest.virtual_loss.any(), f"round {r}: virtual loss left after backup"
