@@ -55,6 +55,10 @@ class SearchConfig:
     alpha: float = 4.0
     c_min: int = 2
     c_max: int = 6
+    root_width: int = 0
+    """Children the root is widened to (its c_min = c_max; 0: as every depth). AlphaLLM's bounds
+    depend on depth; the first step is where a weak policy most needs alternatives, and the
+    importance rule alone never widens a root whose children all look equally bad."""
     keep_rollouts: str = "all"
     """Graft rollouts into the tree as paths of unvisited nodes, as rStar-Math keeps its
     rollouts: "all", "solved" (verified-correct ones only) or "none". The tokens were paid for
@@ -72,6 +76,8 @@ class SearchConfig:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
         if self.adaptive_branching and not 1 <= self.c_min <= self.c_max:
             raise ValueError(f"search needs 1 <= c_min <= c_max, got c_min={self.c_min} c_max={self.c_max}")
+        if self.root_width < 0:
+            raise ValueError(f"search.root_width must be >= 0 (0: as other depths), got {self.root_width}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,8 @@ class SearchBatch:
         depth_cap = cfg.max_depth + 2
         self.c_min = np.full(depth_cap, cfg.c_min if cfg.adaptive_branching else 0, np.int64)
         self.c_max = np.full(depth_cap, cfg.c_max, np.int64)
+        if cfg.adaptive_branching and cfg.root_width > 0:
+            self.c_min[0] = self.c_max[0] = cfg.root_width
 
     def prefix(self, b: int, node: int) -> tuple[str, ...]:
         return tuple(self.texts[b][i] for i in self.forest.path(b, node)[1:])
@@ -195,7 +203,9 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                     forest.terminal[b, node] = 1  # too deep: an unverified dead end from now on
                     selections.append((b, node, kernels.TERMINAL, -1))
                     continue
-                reserve = cfg.c_max if cfg.adaptive_branching else cfg.num_options
+                reserve = (
+                    int(batch.c_max[forest.depth[b, node]]) if cfg.adaptive_branching else cfg.num_options
+                )
                 if forest.num_nodes[b] + max(reserve, cfg.num_options) > forest.capacity:
                     batch.live[b] = False  # node budget spent
                     selections.append((b, node, kind, -2))
@@ -228,8 +238,9 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             if not kids:  # the policy has nothing new to offer here: stop widening this node
                 forest.child_slots[b, node] = forest.num_children[b, node]
         elif kind == kernels.EXPAND and req >= 0:
-            kids = kids[: cfg.c_max if cfg.adaptive_branching else len(kids)]
-            reserve[i] = max(cfg.c_max if cfg.adaptive_branching else 0, len(kids))
+            width = int(batch.c_max[forest.depth[b, node]]) if cfg.adaptive_branching else len(kids)
+            kids = kids[:width]
+            reserve[i] = max(width if cfg.adaptive_branching else 0, len(kids))
             if not kids:  # no option at all: an unverified dead end
                 forest.terminal[b, node] = 1
         if req >= 0:

@@ -160,6 +160,27 @@ def test_widening_adds_children_where_values_disagree():
     assert len(root_kids) == 3, "the root's a/b values differ by 0.6: it must be widened to c"
 
 
+def test_root_width_widens_the_root_only():
+    task = PathTask()
+    common = dict(simulations=12, leaves_per_tree=1, num_options=1, max_nodes=256, adaptive_branching=True)
+    # alpha 0: the importance rule alone keeps every node at c_min = 1 child
+    narrow = run_search(
+        _problems(1), task, FakeExpander(task), SearchConfig(**common, alpha=0.0, c_min=1, c_max=1)
+    )
+    wide = run_search(
+        _problems(1),
+        task,
+        FakeExpander(task),
+        SearchConfig(**common, alpha=0.0, c_min=1, c_max=1, root_width=3),
+    )
+    assert len(narrow[0].children(0)) == 1
+    assert [wide[0].steps[c] for c in wide[0].children(0)] == ["a", "b", "c"]  # widened one option at a time
+    below = [c for c in range(1, wide[0].num_nodes) if wide[0].children(c).size]
+    assert below and all(len(wide[0].children(c)) == 1 for c in below), "only the root is wider"
+    with pytest.raises(ValueError, match="root_width"):
+        SearchConfig(root_width=-1)
+
+
 def test_problem_seed_depends_on_the_problem_only():
     assert problem_seed(3, "p1") == problem_seed(3, "p1") != problem_seed(3, "p2")
     assert problem_seed(3, "p1") != problem_seed(4, "p1")
