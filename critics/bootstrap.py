@@ -80,8 +80,12 @@ def rollout_trees(
     return run_search(problems, task, expander, search, seed=seed)
 
 
-def _fresh(final: Path, policy_sha: str) -> bool:
-    if not (final / "report.json").is_file():
+def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
+    """Built for these policy weights with this recipe (a changed recipe rebuilds the cache)."""
+    if not (final / "report.json").is_file() or not (final / "bootstrap.json").is_file():
+        return False
+    recipe = json.loads(json.dumps(asdict(cfg), default=float))
+    if json.loads((final / "bootstrap.json").read_text()).get("config") != recipe:
         return False
     for kind in KINDS:
         meta = final / kind / "critic.json"
@@ -108,7 +112,7 @@ def ensure_default_critics(
     policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
     final = Path(root) if root is not None else default_critics_dir(seed)
     sha = weights_hash(policy_dir)
-    if not force and _fresh(final, sha):
+    if not force and _fresh(final, sha, cfg):
         return final
     if progress:
         print(f"arborist: training the default critics into {final} (once, ~2 min)", file=sys.stderr)

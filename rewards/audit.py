@@ -10,6 +10,7 @@ is tested with fakes and the pipeline injects the real policy.
     pair_precision                        over sampled pairs: fraction where fresh rollouts from the
                                           chosen prefix (prompt + chosen's first step) succeed more
                                           often than from the rejected prefix (None without rerollout)
+    pair_precision_ci95                   [low, high] Wilson 95 % interval of pair_precision
     pair_rerollout_ties                   fraction of sampled pairs where the two rates were equal
     pair_rerollout_gap                    mean (chosen rate - rejected rate) over sampled pairs
     pairs_sampled, rollouts_per_prefix    the sample behind pair_precision
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mcts.finished import FinishedTree
-from rewards.derive import CORRECT, node_stats, normalize_text
+from rewards.derive import CORRECT, node_stats, normalize_text, wilson_interval
 from rewards.metrics import auroc, ece
 
 CRITICS = ("score", "value", "prm", "orm")
@@ -92,6 +93,9 @@ def pair_precision(
     k = len(chosen)
     return {
         "pair_precision": float(np.mean(chosen > rejected)) if k else None,
+        "pair_precision_ci95": list(wilson_interval(float(np.mean(chosen > rejected)), k, 1.96))
+        if k
+        else None,
         "pair_rerollout_ties": float(np.mean(chosen == rejected)) if k else None,
         "pair_rerollout_gap": float(np.mean(chosen - rejected)) if k else None,
         "pairs_sampled": k,
@@ -117,7 +121,8 @@ def audit_dataset(
     if rerollout is not None:
         report |= pair_precision(pairs, trees_by_id, rerollout, sample_pairs, rollouts_per_prefix, seed)
     else:
-        report |= {"pair_precision": None, "pair_rerollout_ties": None, "pair_rerollout_gap": None}
+        report |= {"pair_precision": None, "pair_precision_ci95": None}
+        report |= {"pair_rerollout_ties": None, "pair_rerollout_gap": None}
         report |= {"pairs_sampled": 0, "rollouts_per_prefix": 0}
     per_problem = Counter(p["problem_id"] for p in pairs)
     report["pairs_per_problem"] = _distribution([per_problem[p] for p in problems])

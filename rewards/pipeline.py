@@ -146,7 +146,7 @@ class RewardsConf:
     value_target: str = "success"
     kto_from_pairs: bool = True
     kto_trajectories: bool = True
-    audit_pairs: int = 32
+    audit_pairs: int = 64
     """Pairs re-rolled from both prefixes for audit.json's pair precision; 0 skips the re-rollouts."""
     audit_rollouts: int = 8
     """Fresh rollouts per prefix in that check."""

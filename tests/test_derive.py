@@ -307,6 +307,8 @@ def test_audit_on_golden_trees():
     a = audit_dataset(trees, pairs, rerollout=rerollout, sample_pairs=10, greedy_success=0.25, seed=0)
     assert seen == [(2 * len(pairs), 8)] and a["pairs_sampled"] == len(pairs) == 3
     assert a["pair_precision"] == 1.0
+    low, high = a["pair_precision_ci95"]
+    assert 0.4 < low < 0.5 and high == pytest.approx(1.0)  # 3 of 3: Wilson's 95 % interval is wide
     assert a["search_success"] == 1.0 and a["search_minus_greedy"] == pytest.approx(0.75)
     assert a["critic_favourite_rejected"]["orm"] == pytest.approx(1 / 3)
     assert a["critic_favourite_rejected"]["value"] == 0.0
