@@ -54,6 +54,7 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
     parent, first_child, num_children, child_slots = F[0], F[1], F[2], F[3]
     width_target, visits, vloss, value_sum = F[4], F[6], F[7], F[8]
     prior, score, terminal, mark = F[10], F[11], F[12], F[14]
+    scores = np.empty(32768, np.float64)  # one node's children (num_children is int16)
     for b0 in range(num_trees):
         b = b0 * cap  # offset of tree b0
         count = 0
@@ -75,22 +76,24 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                     kind = WIDEN
                     break
                 sqrt_parent = math.sqrt(np.float64(visits[b + s] + vloss[b + s]))
+                first = b + first_child[b + s]
+                k = np.int64(num_children[b + s])
+                # scores of all children first (branch-free, so the loop vectorises), then argmax
+                for j in range(k):
+                    c = first + j
+                    n = np.float64(visits[c] + vloss[c])
+                    q = value_sum[c] / n if n > 0 else np.float64(score[c])
+                    sc = q + c_puct * np.float64(prior[c]) * sqrt_parent / (1.0 + n)
+                    blocked = mark[c] == _EXHAUSTED or (
+                        (terminal[c] != 0 or num_children[c] == 0) and (mark[c] == _SELECTED or vloss[c] > 0)
+                    )
+                    scores[j] = -np.inf if blocked else sc
                 best = NO_NODE
                 best_score = -np.inf
-                first = first_child[b + s]
-                for c in range(first, first + num_children[b + s]):
-                    if mark[b + c] == _EXHAUSTED:
-                        continue
-                    if (terminal[b + c] != 0 or num_children[b + c] == 0) and (
-                        mark[b + c] == _SELECTED or vloss[b + c] > 0
-                    ):
-                        continue  # a leaf already selected (or pending)
-                    n = visits[b + c] + vloss[b + c]
-                    q = value_sum[b + c] / n if n > 0 else np.float64(score[b + c])
-                    sc = q + c_puct * np.float64(prior[b + c]) * sqrt_parent / (1.0 + n)
-                    if sc > best_score:
-                        best_score = sc
-                        best = c
+                for j in range(k):
+                    if scores[j] > best_score:
+                        best_score = scores[j]
+                        best = first_child[b + s] + j
                 if best == NO_NODE:
                     mark[b + s] = _EXHAUSTED
                     scratch[num_marked] = s
