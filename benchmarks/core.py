@@ -42,9 +42,9 @@ from mcts.tree import NO_NODE, Forest
 K = 8
 # (trees, simulations, leaves per tree, in --quick, kernel repeats, reference repeats)
 WORKLOADS = [
-    (1, 64, 1, True, 20, 5),
-    (64, 256, 1, True, 5, 3),
-    (64, 256, 4, True, 5, 2),
+    (1, 64, 1, True, 50, 10),
+    (64, 256, 1, True, 30, 5),
+    (64, 256, 4, True, 10, 3),
     (1024, 256, 1, False, 3, 1),
 ]
 HEADLINE = (64, 256, 1)  # the workload whose numbers go to the top level of the JSON
