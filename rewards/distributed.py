@@ -318,6 +318,23 @@ class Progress:
         self.bar.close()
 
 
+def call_any(pool: WorkerPool, submit: Callable, retries: int, wait_s: float = 2.0):
+    """`ray.get(submit(actor))` on the pool's actors in turn until one answers. A worker killed
+    late in the job may still be restarting (`ActorUnavailableError`) when the audit starts."""
+    for attempt in range(retries * len(pool.actors) + 1):
+        actor = pool.actors[attempt % len(pool.actors)]
+        try:
+            return ray.get(submit(actor))
+        except RayActorError as e:
+            log.warning(
+                "worker %d unavailable (%s); asking the next one",
+                attempt % len(pool.actors),
+                type(e).__name__,
+            )
+            time.sleep(wait_s)
+    raise RuntimeError(f"no worker answered after {retries} rounds over {len(pool.actors)} workers")
+
+
 def audit_on(pool: WorkerPool, trees, pairs, problems, task, conf) -> dict:
     """`rewards.audit.audit_dataset` with its model work (re-rollouts, greedy) done by the workers."""
     from rewards.audit import audit_dataset, pair_prefixes
@@ -331,12 +348,11 @@ def audit_on(pool: WorkerPool, trees, pairs, problems, task, conf) -> dict:
         for prefix in pair_prefixes(pair, trees_by_id):
             steps = prefix[len(prompt) :].split(task.step_separator)[:-1]
             prefix_to_item[prefix] = (problem, steps)
-    greedy_worker = pool.actors[-1]
-    greedy_ref = greedy_worker.greedy_success.remote(problems) if conf.rewards.greedy_baseline else None
+    greedy_ref = pool.actors[-1].greedy_success.remote(problems) if conf.rewards.greedy_baseline else None
 
     def rerollout(prefixes: list[str], n: int) -> list[float]:
         items = [prefix_to_item[p] for p in prefixes]
-        return ray.get(pool.actors[0].rerollout.remote(items, n, conf.seed))
+        return call_any(pool, lambda actor: actor.rerollout.remote(items, n, conf.seed), conf.ray.max_retries)
 
     report = audit_dataset(
         trees,
@@ -348,7 +364,10 @@ def audit_on(pool: WorkerPool, trees, pairs, problems, task, conf) -> dict:
         rollouts_per_prefix=conf.rewards.audit_rollouts,
     )
     if greedy_ref is not None:
-        greedy = ray.get(greedy_ref)
+        try:
+            greedy = ray.get(greedy_ref)
+        except RayActorError:  # that actor was lost (or is restarting): ask the pool again
+            greedy = call_any(pool, lambda actor: actor.greedy_success.remote(problems), conf.ray.max_retries)
         report["greedy_success"] = sum(greedy) / len(greedy)
         if report["search_success"] is not None:
             report["search_minus_greedy"] = report["search_success"] - report["greedy_success"]

@@ -148,7 +148,7 @@ class RewardsConf:
     kto_trajectories: bool = True
     audit_pairs: int = 64
     """Pairs re-rolled from both prefixes for audit.json's pair precision; 0 skips the re-rollouts."""
-    audit_rollouts: int = 8
+    audit_rollouts: int = 16
     """Fresh rollouts per prefix in that check."""
     greedy_baseline: bool = True
     """Decode every problem greedily once, for audit.json's search-minus-greedy gap."""
