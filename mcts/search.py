@@ -142,6 +142,10 @@ class SearchBatch:
         if cfg.adaptive_branching and cfg.root_width > 0:
             self.c_min[0] = self.c_max[0] = cfg.root_width
 
+    def width_cap(self, b: int, node: int) -> int:
+        """c_max at the node's depth: the ids an expansion of it reserves (adaptive branching)."""
+        return int(self.c_max[self.forest.depth[b, node]])
+
     def prefix(self, b: int, node: int) -> tuple[str, ...]:
         return tuple(self.texts[b][i] for i in self.forest.path(b, node)[1:])
 
@@ -203,9 +207,7 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                     forest.terminal[b, node] = 1  # too deep: an unverified dead end from now on
                     selections.append((b, node, kernels.TERMINAL, -1))
                     continue
-                reserve = (
-                    int(batch.c_max[forest.depth[b, node]]) if cfg.adaptive_branching else cfg.num_options
-                )
+                reserve = batch.width_cap(b, node) if cfg.adaptive_branching else cfg.num_options
                 if forest.num_nodes[b] + max(reserve, cfg.num_options) > forest.capacity:
                     batch.live[b] = False  # node budget spent
                     selections.append((b, node, kind, -2))
@@ -238,7 +240,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             if not kids:  # the policy has nothing new to offer here: stop widening this node
                 forest.child_slots[b, node] = forest.num_children[b, node]
         elif kind == kernels.EXPAND and req >= 0:
-            width = int(batch.c_max[forest.depth[b, node]]) if cfg.adaptive_branching else len(kids)
+            width = batch.width_cap(b, node) if cfg.adaptive_branching else len(kids)
             kids = kids[:width]
             reserve[i] = max(width if cfg.adaptive_branching else 0, len(kids))
             if not kids:  # no option at all: an unverified dead end

@@ -91,11 +91,10 @@ def pair_precision(
     )
     chosen, rejected = rates[0::2], rates[1::2]
     k = len(chosen)
+    precision = float(np.mean(chosen > rejected)) if k else None
     return {
-        "pair_precision": float(np.mean(chosen > rejected)) if k else None,
-        "pair_precision_ci95": list(wilson_interval(float(np.mean(chosen > rejected)), k, 1.96))
-        if k
-        else None,
+        "pair_precision": precision,
+        "pair_precision_ci95": list(wilson_interval(precision, k, 1.96)) if k else None,
         "pair_rerollout_ties": float(np.mean(chosen == rejected)) if k else None,
         "pair_rerollout_gap": float(np.mean(chosen - rejected)) if k else None,
         "pairs_sampled": k,

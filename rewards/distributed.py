@@ -322,15 +322,11 @@ def call_any(pool: WorkerPool, submit: Callable, retries: int, wait_s: float = 2
     """`ray.get(submit(actor))` on the pool's actors in turn until one answers. A worker killed
     late in the job may still be restarting (`ActorUnavailableError`) when the audit starts."""
     for attempt in range(retries * len(pool.actors) + 1):
-        actor = pool.actors[attempt % len(pool.actors)]
+        worker = attempt % len(pool.actors)
         try:
-            return ray.get(submit(actor))
+            return ray.get(submit(pool.actors[worker]))
         except RayActorError as e:
-            log.warning(
-                "worker %d unavailable (%s); asking the next one",
-                attempt % len(pool.actors),
-                type(e).__name__,
-            )
+            log.warning("worker %d unavailable (%s); asking the next one", worker, type(e).__name__)
             time.sleep(wait_s)
     raise RuntimeError(f"no worker answered after {retries} rounds over {len(pool.actors)} workers")
 
