@@ -51,34 +51,36 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
     """
     num_trees, cap = F[16].shape[0], capacity_of(F)
     # The fields are flat, indexed at b * capacity + node: one multiply per tree instead of a
-    # 2-D index per access.
+    # 2-D index per access. Flat indices are unsigned (`u`): numba gives every signed index a
+    # negative-index fix-up (three instructions and often a spilled array length per access).
     parent, first_child, num_children, child_slots = F[0], F[1], F[2], F[3]
     width_target, visits, vloss, value_sum = F[4], F[6], F[7], F[8]
     prior, score, terminal, mark = F[10], F[11], F[12], F[14]
     scores = np.empty(32768, np.float64)  # one node's children (num_children is int16)
     for b0 in range(num_trees):
-        b = b0 * cap  # offset of tree b0
+        b = np.uint64(b0) * np.uint64(cap)  # offset of tree b0
         count = 0
         num_marked = 0
-        while count < leaves[b0] and mark[b + ROOT] != _EXHAUSTED:
+        while count < leaves[b0] and mark[b + np.uint64(ROOT)] != _EXHAUSTED:
             s = ROOT
+            x = b + np.uint64(ROOT)  # flat index of s
             kind = -1
             while True:
-                if terminal[b + s] != 0 or num_children[b + s] == 0:
-                    if mark[b + s] == _SELECTED or vloss[b + s] > 0:
-                        mark[b + s] = _EXHAUSTED  # only reachable for the root
+                if terminal[x] != 0 or num_children[x] == 0:
+                    if mark[x] == _SELECTED or vloss[x] > 0:
+                        mark[x] = _EXHAUSTED  # only reachable for the root
                         scratch[num_marked] = s
                         num_marked += 1
                         break
-                    kind = TERMINAL if terminal[b + s] != 0 else EXPAND
+                    kind = TERMINAL if terminal[x] != 0 else EXPAND
                     break
-                room = min(np.int64(width_target[b + s]), np.int64(child_slots[b + s]))
-                if mark[b + s] != _SELECTED and num_children[b + s] < room:  # wants widening
+                room = min(np.int64(width_target[x]), np.int64(child_slots[x]))
+                if mark[x] != _SELECTED and num_children[x] < room:  # wants widening
                     kind = WIDEN
                     break
-                sqrt_parent = math.sqrt(np.float64(visits[b + s] + vloss[b + s]))
-                first = b + first_child[b + s]
-                k = np.int64(num_children[b + s])
+                sqrt_parent = math.sqrt(np.float64(visits[x] + vloss[x]))
+                first = b + np.uint64(first_child[x])
+                k = np.uint64(num_children[x])
                 # scores of all children in one pass without early exits, then the argmax: ~5-10 %
                 # faster than scoring inside the argmax loop (numba does not vectorise either)
                 for j in range(k):
@@ -86,38 +88,39 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                     n = np.float64(visits[c] + vloss[c])
                     q = value_sum[c] / n if n > 0 else np.float64(score[c])
                     sc = q + c_puct * np.float64(prior[c]) * sqrt_parent / (1.0 + n)
-                    blocked = mark[c] == _EXHAUSTED or (
-                        (terminal[c] != 0 or num_children[c] == 0) and (mark[c] == _SELECTED or vloss[c] > 0)
-                    )
-                    scores[j] = -np.inf if blocked else sc
-                best = NO_NODE
+                    if mark[c] != 0 or vloss[c] > 0:  # pending or exhausted: rare, so checked last
+                        if mark[c] == _EXHAUSTED or terminal[c] != 0 or num_children[c] == 0:
+                            sc = -np.inf
+                    scores[j] = sc
+                best = k
                 best_score = -np.inf
                 for j in range(k):
                     if scores[j] > best_score:
                         best_score = scores[j]
-                        best = first - b + j
-                if best == NO_NODE:
-                    mark[b + s] = _EXHAUSTED
+                        best = j
+                if best == k:
+                    mark[x] = _EXHAUSTED
                     scratch[num_marked] = s
                     num_marked += 1
                     break
-                s = best
+                s = first_child[x] + np.int64(best)
+                x = first + best
             if kind < 0:
                 continue  # hit an exhausted node: descend again from the root
-            if mark[b + s] == 0:
+            if mark[x] == 0:
                 scratch[num_marked] = s
                 num_marked += 1
-            mark[b + s] = _SELECTED
+            mark[x] = _SELECTED
             out_nodes[b0, count] = s
             out_kinds[b0, count] = kind
             count += 1
             node = s
             while node != NO_NODE:
-                vloss[b + node] += 1
-                node = parent[b + node]
+                vloss[b + np.uint64(node)] += 1
+                node = parent[b + np.uint64(node)]
         out_count[b0] = count
         for i in range(num_marked):
-            mark[b + scratch[i]] = 0
+            mark[b + np.uint64(scratch[i])] = 0
     return out_count
 
 
@@ -182,18 +185,20 @@ def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, ou
 def _refresh_width(
     first_child, num_children, width_target, depth, visits, value_sum, b, s, alpha, c_min, c_max
 ):
-    """n(s) from I(s) = max_c |Q(c) - Q(s)|, over flat fields (b: the tree's flat offset)."""
-    if num_children[b + s] == 0 or visits[b + s] == 0:
+    """n(s) from I(s) = max_c |Q(c) - Q(s)|, over flat fields (b: the tree's unsigned flat offset)."""
+    x = b + np.uint64(s)
+    if num_children[x] == 0 or visits[x] == 0:
         return
-    q_s = value_sum[b + s] / visits[b + s]
+    q_s = value_sum[x] / visits[x]
     importance = 0.0
-    first = b + first_child[b + s]
-    for c in range(first, first + num_children[b + s]):
+    first = b + np.uint64(first_child[x])
+    for j in range(np.uint64(num_children[x])):
+        c = first + j
         if visits[c] > 0:
             importance = max(importance, abs(value_sum[c] / visits[c] - q_s))
-    d = min(np.int64(depth[b + s]), c_min.shape[0] - 1)
+    d = min(np.int64(depth[x]), c_min.shape[0] - 1)
     n = np.int64(math.floor(alpha * importance)) + 1
-    width_target[b + s] = max(c_min[d], min(n, c_max[d]))
+    width_target[x] = max(c_min[d], min(n, c_max[d]))
 
 
 @njit(cache=True, error_model="numpy")
@@ -227,32 +232,31 @@ def backup(
     depth, visits, vloss, value_sum = F[5], F[6], F[7], F[8]
     success_sum, verified_visits = F[9], F[15]
     for m in range(sel_tree.shape[0]):
-        b = sel_tree[m] * cap  # flat offset of the tree (see select_leaves)
+        b = np.uint64(sel_tree[m]) * np.uint64(cap)  # flat offset, unsigned (see select_leaves)
         s = sel_node[m]
-        node = s
-        while node != NO_NODE:
-            vloss[b + node] -= 1
-            node = parent[b + node]
         n_tot, w_tot, s_tot, v_tot = 0, 0.0, 0.0, 0
         for e in range(eval_start[m], eval_start[m] + eval_count[m]):
             c = eval_node[e]
             if c != s:
-                assert parent[b + c] == s, "an evaluated node must be the selected node or its child"
-                visits[b + c] += 1
-                value_sum[b + c] += eval_value[e]
-                success_sum[b + c] += eval_success[e]
-                verified_visits[b + c] += eval_verified[e]
+                x = b + np.uint64(c)
+                assert parent[x] == s, "an evaluated node must be the selected node or its child"
+                visits[x] += 1
+                value_sum[x] += eval_value[e]
+                success_sum[x] += eval_success[e]
+                verified_visits[x] += eval_verified[e]
             n_tot += 1
             w_tot += eval_value[e]
             s_tot += eval_success[e]
             v_tot += eval_verified[e]
         node = s
-        while node != NO_NODE:
-            visits[b + node] += n_tot
-            value_sum[b + node] += w_tot
-            success_sum[b + node] += s_tot
-            verified_visits[b + node] += v_tot
-            node = parent[b + node]
+        while node != NO_NODE:  # one walk up: the selection's virtual loss out, the totals in
+            x = b + np.uint64(node)
+            vloss[x] -= 1
+            visits[x] += n_tot
+            value_sum[x] += w_tot
+            success_sum[x] += s_tot
+            verified_visits[x] += v_tot
+            node = parent[x]
         if alpha >= 0.0:
             node = s
             while node != NO_NODE:
@@ -269,7 +273,7 @@ def backup(
                     c_min,
                     c_max,
                 )
-                node = parent[b + node]
+                node = parent[b + np.uint64(node)]
 
 
 @njit(cache=True, error_model="numpy")
