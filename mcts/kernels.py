@@ -88,9 +88,12 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                     n = np.float64(visits[c] + vloss[c])
                     q = value_sum[c] / n if n > 0 else np.float64(score[c])
                     sc = q + c_puct * np.float64(prior[c]) * sqrt_parent / (1.0 + n)
-                    if mark[c] != 0 or vloss[c] > 0:  # pending or exhausted: rare, so checked last
-                        if mark[c] == _EXHAUSTED or terminal[c] != 0 or num_children[c] == 0:
-                            sc = -np.inf
+                    # blocked: exhausted, or a pending leaf; pending or exhausted is rare, so it is
+                    # tested first and the leaf fields are read only then
+                    if (mark[c] != 0 or vloss[c] > 0) and (
+                        mark[c] == _EXHAUSTED or terminal[c] != 0 or num_children[c] == 0
+                    ):
+                        sc = -np.inf
                     scores[j] = sc
                 best = k
                 best_score = -np.inf
