@@ -71,8 +71,9 @@ class Workload:
 
 @njit(cache=True, error_model="numpy")
 def _row(b, node, rows):
-    # rows is a power of two, so the mask equals Python's `% rows` on these non-negative keys
-    return (np.int64(node) * 2654435761 + np.int64(b) * 40503) & (rows - 1)
+    # rows is a power of two, so the mask equals Python's `% rows` on these non-negative keys;
+    # unsigned, so that indexing the table with it skips numba's negative-index fix-up
+    return np.uint64((np.int64(node) * 2654435761 + np.int64(b) * 40503) & (rows - 1))
 
 
 @njit(cache=True, error_model="numpy")
@@ -154,7 +155,7 @@ def _apply_round(
         existing = num_children[tree_ids[i] * cap + node_ids[i]]
         for j in range(counts[i]):
             col = existing + j  # existing < k and j < k: a subtraction instead of a modulo
-            col = col - k if col >= k else col
+            col = np.uint64(col - k if col >= k else col)
             priors[row + j] = t_prior[r, col]
             scores[row + j] = t_value[r, col]
             terms[row + j] = t_terminal[r, col]
@@ -179,7 +180,7 @@ def _apply_round(
             existing = num_children[b * cap + s] - counts[i]
             for j in range(counts[i]):
                 col = existing + j
-                col = col - k if col >= k else col
+                col = np.uint64(col - k if col >= k else col)
                 eval_node[e] = first[i] + j
                 values[e] = t_value[r, col]
                 succ[e] = t_success[r, col]
