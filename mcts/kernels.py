@@ -115,10 +115,15 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
                     scratch[num_marked] = s
                     num_marked += 1
                     break
+                vloss[x] += 1  # the virtual loss goes on the path on the way down
                 s = first_child[x] + np.int64(best)
                 x = first + best
-            if kind < 0:
-                continue  # hit an exhausted node: descend again from the root
+            if kind < 0:  # hit an exhausted node: take the path's virtual loss back, start again
+                node = parent[x]
+                while node != NO_NODE:
+                    vloss[b + np.uint64(node)] -= 1
+                    node = parent[b + np.uint64(node)]
+                continue
             if mark[x] == 0:
                 scratch[num_marked] = s
                 num_marked += 1
@@ -126,10 +131,7 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
             out_nodes[b0, count] = s
             out_kinds[b0, count] = kind
             count += 1
-            node = s
-            while node != NO_NODE:
-                vloss[b + np.uint64(node)] += 1
-                node = parent[b + np.uint64(node)]
+            vloss[x] += 1
         out_count[b0] = count
         for i in range(num_marked):
             mark[b + np.uint64(scratch[i])] = 0
