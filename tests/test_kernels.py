@@ -42,10 +42,8 @@ def select(forest: Forest, leaves_per_tree=1, c_puct: float = 1.25):
 
 def apply_round(w: Workload, forest: Forest, nodes, kinds, count) -> None:
     """The synthetic workload's expansions and backups for one selection round."""
-    tb = w.tables
     failed = _apply_round(
-        forest.arrays, tb["prior"], tb["value"], tb["success"], tb["verified"], tb["terminal"],
-        tb["outcome"], tb["count"], nodes, kinds, count, w.adaptive, w.alpha_or_off,
+        forest.arrays, w.packed, w.k, nodes, kinds, count, w.adaptive, w.alpha_or_off,
         w.c_min_by_depth, w.c_max_by_depth, round_buffers(np.full(forest.num_trees, nodes.shape[1], np.int32), w.k),
     )  # fmt: skip
     assert failed < 0, f"selection {failed} did not fit in capacity {w.capacity}"

@@ -28,7 +28,7 @@ HASH_NODE, HASH_TREE = 2654435761, 40503  # the synthetic table's row hash (mcts
 def run_checked(w: Workload) -> Forest:
     """`run_kernels`, checking the between-call invariants after every select and backup."""
     forest = Forest(w.num_trees, w.capacity)
-    F, tb = forest.arrays, w.tables
+    F = forest.arrays
     leaves = np.full(w.num_trees, w.leaves_per_tree, np.int32)
     nodes = np.zeros((w.num_trees, w.leaves_per_tree), np.int32)
     kinds = np.zeros_like(nodes)
@@ -42,8 +42,7 @@ def run_checked(w: Workload) -> Forest:
             chosen = nodes[b, : count[b]]
             assert len(set(chosen.tolist())) == count[b], f"round {r} tree {b}: repeated {chosen}"
         failed = _apply_round(
-            F, tb["prior"], tb["value"], tb["success"], tb["verified"], tb["terminal"], tb["outcome"],
-            tb["count"], nodes, kinds, count, w.adaptive, w.alpha_or_off, w.c_min_by_depth,
+            F, w.packed, w.k, nodes, kinds, count, w.adaptive, w.alpha_or_off, w.c_min_by_depth,
             w.c_max_by_depth, buffers,
         )  # fmt: skip
         assert failed < 0, f"round {r}: selection {failed} overflowed capacity {w.capacity}"
