@@ -438,3 +438,24 @@ def test_bandit_close_arms():
     means = [0.1, 0.5, 0.6, 0.3, 0.2]
     visits = _bandit_kernels(means, 6000, seed=4)
     assert int(np.argmax(visits)) == 2, f"visits per arm {visits.tolist()}, means {means}"
+
+
+def test_packed_table_holds_the_workload_tables():
+    """The kernels' driver reads `Workload.packed`, the reference the separate tables: the same
+    numbers, or the two would search different trees."""
+    w = Workload(num_trees=2, simulations=4, k=5, vary_k=True, table_rows=64)
+    tb, fields = w.tables, ("prior", "value", "success", "verified", "terminal", "outcome")
+    np.testing.assert_array_equal(w.packed[:, 0], tb["count"])
+    for f, name in enumerate(fields):
+        np.testing.assert_array_equal(w.packed[:, 1 + f :: len(fields)], tb[name].astype(np.float64))
+
+
+def test_core_benchmark_row_gates_on_identical_visits():
+    """`benchmarks.core.measure` on a small workload: both columns timed, the gate holds, and the
+    JSON's headline keys are there (no speed asserted: speed goals live in benchmarks/)."""
+    from benchmarks.core import measure
+
+    row = measure(trees=3, sims=16, leaves=2, kernel_repeats=2, ref_repeats=1)
+    assert row["visits_identical"] is True
+    assert row["nodes_written"] > 3 and row["kernels_s"] > 0 and row["python_s"] > 0
+    assert row["speedup_vs_python"] == pytest.approx(row["python_s"] / row["kernels_s"])
