@@ -89,7 +89,11 @@ def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
         return False
     for kind in KINDS:
         meta = final / kind / "critic.json"
-        if not meta.is_file() or json.loads(meta.read_text()).get("policy_sha256") != policy_sha:
+        if not meta.is_file():
+            return False
+        meta = json.loads(meta.read_text())
+        # critics built before the ORM's prior correction was recorded (no logit_offset) are rebuilt
+        if meta.get("policy_sha256") != policy_sha or "logit_offset" not in meta:
             return False
     return True
 

@@ -14,7 +14,8 @@ same sequence's last token (the separator after the last step), so all three see
 the policy conditioned on. Sequences are right-padded.
 
 Critic directories are `save_pretrained` output (safetensors + tokenizer) plus `critic.json`
-(kind, training figures). Nothing is downloaded: `local_files_only=True`, safetensors only.
+(kind, training figures, and `logit_offset`, added to every logit before the sigmoid: 0 unless
+the critic was trained with a class-balanced loss). Nothing is downloaded: `local_files_only=True`, safetensors only.
 """
 
 from __future__ import annotations
@@ -115,10 +116,21 @@ class ModelCritic:
     `forward_calls` counts model forwards (one per `batch_size` chunk of a `score` call).
     """
 
-    def __init__(self, model, tokenizer, kind: str, task: Task, device, batch_size: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kind: str,
+        task: Task,
+        device,
+        batch_size: int = 256,
+        logit_offset: float = 0.0,
+    ):
         assert kind in CLASSES, f"unknown critic kind {kind!r}"
         self.model, self.tok, self.kind, self.task = model, tokenizer, kind, task
         self.device, self.batch_size = torch.device(device), batch_size
+        # added to every logit: undoes a class-balanced loss's shift (see critics.train)
+        self.logit_offset = float(logit_offset)
         self.encoder = StepEncoder(tokenizer, task.step_separator)
         self.forward_calls = 0
 
@@ -153,7 +165,7 @@ class ModelCritic:
                 self.model, self.kind, x.to(self.device), mask.to(self.device), pos.to(self.device)
             )
             self.forward_calls += 1
-            probs = logits.sigmoid().cpu().numpy()
+            probs = (logits + self.logit_offset).sigmoid().cpu().numpy()
             for j, i in enumerate(chunk):
                 out[i] = probs[j, : len(at[i])] if self.kind == "prm" else probs[j, :1]
         return out
@@ -234,7 +246,8 @@ def load_critic(
     )
     # Sequence classifiers pool the last non-pad token; they need to know which id pads.
     model.config.pad_token_id = tok.pad_token_id
-    return ModelCritic(model.to(dev).eval(), tok, kind, task, dev, batch_size)
+    offset = float(read_meta(p).get("logit_offset", 0.0))
+    return ModelCritic(model.to(dev).eval(), tok, kind, task, dev, batch_size, logit_offset=offset)
 
 
 def init_from_policy(policy_dir: str | Path, kind: str, seed: int = 0):

@@ -153,6 +153,22 @@ def test_training_reduces_the_loss(policy_dir, kind):
     assert report["val_auroc"] > 0.9, report
 
 
+def test_logit_offset_from_critic_json_shifts_every_logit(critic_dirs, tmp_path):
+    """A class-balanced ORM keeps its prior correction in critic.json; loading applies it."""
+    import math
+    import shutil
+
+    shifted = tmp_path / "orm"
+    shutil.copytree(critic_dirs / "orm", shifted)
+    meta = json.loads((shifted / "critic.json").read_text())
+    (shifted / "critic.json").write_text(json.dumps({**meta, "logit_offset": -2.0}))
+    plain = _critic(critic_dirs, "orm").score(PROBLEMS, STEPS)
+    moved = load_critic(shifted, "orm", TASK, device="cpu").score(PROBLEMS, STEPS)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for a, b in zip(plain, moved, strict=True):
+        assert logit(b) == pytest.approx(logit(a) - 2.0, abs=1e-4)
+
+
 def test_load_errors_are_one_line(policy_dir, critic_dirs, tmp_path):
     from transformers import LlamaForSequenceClassification
 
@@ -284,6 +300,10 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     for kind in ("orm", "prm"):
         meta = json.loads((tmp_path / "ds" / "critics" / kind / "critic.json").read_text())
         assert meta["kind"] == kind and meta["train"]["steps"] == 3
+        rate = meta["train"]["train_positive_rate"]
+        balanced = kind == "orm" and 0 < rate < 1  # the ORM's loss is class-balanced by default
+        expected = np.log(rate / (1 - rate)) if balanced else 0.0
+        assert meta["logit_offset"] == pytest.approx(expected), (kind, rate)
         load_critic(tmp_path / "ds" / "critics" / kind, kind, TASK, device="cpu")
     assert not list(tmp_path.glob("ds/.critics-*")), "no temporary directory left behind"
     assert main_train_critics([str(tmp_path / "empty")]) == 2
