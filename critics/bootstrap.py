@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from critics.base import KINDS, CriticsConfig
+from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig, train_critics
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
@@ -87,7 +87,7 @@ def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
     recipe = json.loads(json.dumps(asdict(cfg), default=float))
     if json.loads((final / "bootstrap.json").read_text()).get("config") != recipe:
         return False
-    for kind in KINDS:
+    for kind in cfg.train.kinds:
         meta = final / kind / "critic.json"
         if not meta.is_file():
             return False

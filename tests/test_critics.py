@@ -314,3 +314,35 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
         TrainCriticsConfig(kinds=("value",), steps=2, min_verified=1, progress=False),
     )
     assert reports["value"]["train_rows"] > 0
+
+
+def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
+    """`ensure_default_critics` reuses a build for the same policy and recipe, and rebuilds one made
+    with another recipe or before critic.json carried the ORM's logit offset."""
+    from critics.bootstrap import BootstrapCriticsConfig, ensure_default_critics
+
+    tiny = BootstrapCriticsConfig(
+        problems=6,
+        search=SearchConfig(simulations=3, max_depth=3),
+        # the ORM alone: a random policy's steps end the solution at once (no value or PRM rows)
+        train=TrainCriticsConfig(kinds=("orm",), steps=2, batch_size=8, val_fraction=0.0, progress=False),
+    )
+    root = tmp_path / "critics"
+
+    def build(cfg):
+        ensure_default_critics(0, policy_dir, progress=False, cfg=cfg, root=root)
+        return (root / "bootstrap.json").stat().st_mtime_ns
+
+    first = build(tiny)
+    assert (root / "orm" / "critic.json").is_file()
+    assert build(tiny) == first, "same policy and recipe: the cache is reused"
+    meta_file = root / "orm" / "critic.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["logit_offset"]
+    meta_file.write_text(json.dumps(meta))
+    second = build(tiny)
+    assert second != first and "logit_offset" in json.loads(meta_file.read_text())
+    other = BootstrapCriticsConfig(
+        problems=5, search=tiny.search, train=tiny.train, max_step_tokens=tiny.max_step_tokens
+    )
+    assert build(other) != second, "another recipe rebuilds"
