@@ -61,12 +61,13 @@ def measure(trees: int, sims: int, leaves: int, kernel_repeats: int, ref_repeats
     # The kernel runs are split into two windows, before and after the reference's, so that one
     # slow spell of this shared machine (1 run in ~12 had every kernel run 50 % slower) cannot
     # decide the kernel column alone.
-    half = max(1, kernel_repeats // 2)
-    kernel_s, forest = best_of(lambda: run_kernels(w), half)
+    first = max(1, kernel_repeats // 2)
+    kernel_s, forest = best_of(lambda: run_kernels(w), first)
     nodes = int((forest.parent != NO_NODE).sum())
     tables = reference_tables(w)  # outside the timing: the table as Python lists
     ref_s, ref_trees = best_of(lambda: run_reference(w, tables), ref_repeats)
-    kernel_s = min(kernel_s, best_of(lambda: run_kernels(w), max(1, kernel_repeats - half))[0])
+    if kernel_repeats > first:
+        kernel_s = min(kernel_s, best_of(lambda: run_kernels(w), kernel_repeats - first)[0])
     ref_nodes = sum(sum(node is not None for node in tree.nodes) - 1 for tree in ref_trees)
     identical = visits_identical(forest, ref_trees) and ref_nodes == nodes
     return {

@@ -2,8 +2,9 @@
 
 `ensure_default_critics(seed)` returns `<cache>/default-v1-seed{seed}/critics` (beside the default
 policy of `mcts.embedded`, `<cache>` = `$ARBORIST_CACHE` or `~/.cache/arborist`) with `value/`,
-`prm/`, `orm/` and `report.json`, building it first when it is missing or was trained on other
-policy weights (each `critic.json` records the policy's weights hash):
+`prm/`, `orm/` and `report.json`, building it first when it is missing, was trained on other
+policy weights (each `critic.json` records the policy's weights hash), with another recipe
+(`bootstrap.json` records it), or before critic.json carried the `logit_offset`:
 
 1. search `BootstrapCriticsConfig.problems` Countdown problems with the default policy, every new
    node valued by one verified fast rollout (no critics: the labels must come from the verifier);

@@ -37,7 +37,8 @@ from mcts.tree import NO_NODE, ROOT
 # compiles (numba compiles on first call), and baked into numba's on-disk cache. It is an LLVM
 # option of the whole process, so other numba code in it gets aligned loops too (a few bytes of
 # padding per loop).
-llvm.set_option("", "-align-loops=64")
+if llvm.llvm_version_info >= (14,):  # the option exists from LLVM 14 (numba 0.60's); an unknown one exits
+    llvm.set_option("", "-align-loops=64")
 
 # selection kinds returned by `select_leaves`
 EXPAND, TERMINAL, WIDEN = 0, 1, 2
