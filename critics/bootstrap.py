@@ -89,10 +89,10 @@ def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
     if json.loads((final / "bootstrap.json").read_text()).get("config") != recipe:
         return False
     for kind in cfg.train.kinds:
-        meta = final / kind / "critic.json"
-        if not meta.is_file():
+        meta_file = final / kind / "critic.json"
+        if not meta_file.is_file():
             return False
-        meta = json.loads(meta.read_text())
+        meta = json.loads(meta_file.read_text())
         # critics built before the ORM's prior correction was recorded (no logit_offset) are rebuilt
         if meta.get("policy_sha256") != policy_sha or "logit_offset" not in meta:
             return False

@@ -15,7 +15,8 @@ the policy conditioned on. Sequences are right-padded.
 
 Critic directories are `save_pretrained` output (safetensors + tokenizer) plus `critic.json`
 (kind, training figures, and `logit_offset`, added to every logit before the sigmoid: 0 unless
-the critic was trained with a class-balanced loss). Nothing is downloaded: `local_files_only=True`, safetensors only.
+the critic was trained with a class-balanced loss). Nothing is downloaded: `local_files_only=True`,
+safetensors only.
 """
 
 from __future__ import annotations

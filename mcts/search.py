@@ -240,9 +240,10 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             if not kids:  # the policy has nothing new to offer here: stop widening this node
                 forest.child_slots[b, node] = forest.num_children[b, node]
         elif kind == kernels.EXPAND and req >= 0:
+            # adaptive: at most c_max children, c_max ids reserved for widening; else all of them
             width = batch.width_cap(b, node) if cfg.adaptive_branching else len(kids)
             kids = kids[:width]
-            reserve[i] = max(width if cfg.adaptive_branching else 0, len(kids))
+            reserve[i] = width
             if not kids:  # no option at all: an unverified dead end
                 forest.terminal[b, node] = 1
         if req >= 0:

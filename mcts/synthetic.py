@@ -17,6 +17,11 @@ from mcts import kernels
 from mcts.reference import EXPAND, TERMINAL, WIDEN, ReferenceTree
 from mcts.tree import Forest
 
+# A packed table row (see Workload.packed): the child count, then these fields per child.
+PACKED_FIELDS = ("prior", "value", "success", "verified", "terminal", "outcome")
+_STRIDE = len(PACKED_FIELDS)
+_PRIOR, _VALUE, _SUCCESS, _VERIFIED, _TERMINAL, _OUTCOME = (np.uint64(f) for f in range(_STRIDE))
+
 
 @dataclass
 class Workload:
@@ -62,11 +67,10 @@ class Workload:
         # touches ~6 adjacent cache lines instead of one line in each of 7 arrays. The table is
         # 12 MB, so those were cache misses: ~17 % of the kernel time (perf), all of it the
         # stand-in model's, not the tree's.
-        fields = ("prior", "value", "success", "verified", "terminal", "outcome")
-        self.packed = np.empty((t, 1 + len(fields) * k), np.float64)
+        self.packed = np.empty((t, 1 + _STRIDE * k), np.float64)
         self.packed[:, 0] = tb["count"]
-        for f, name in enumerate(fields):
-            self.packed[:, 1 + f : 1 + len(fields) * k : len(fields)] = tb[name]
+        for f, name in enumerate(PACKED_FIELDS):
+            self.packed[:, 1 + f :: _STRIDE] = tb[name]
         depth_cap = 64
         self.c_min_by_depth = np.full(depth_cap, self.c_min if self.adaptive else 0, np.int64)
         self.c_max_by_depth = np.full(depth_cap, k, np.int64)
@@ -80,7 +84,11 @@ class Workload:
         return self.alpha if self.adaptive else -1.0
 
 
-_FIELDS = 6  # per child in a packed table row (see Workload.packed)
+@njit(cache=True, error_model="numpy")
+def _child_at(existing, j, k):
+    """Start of child slot `existing + j` (mod k: both are < k) in a packed row."""
+    col = existing + j
+    return np.uint64(1 + _STRIDE * (col - k if col >= k else col))
 
 
 @njit(cache=True, error_model="numpy")
@@ -97,7 +105,7 @@ def round_buffers(leaves, k):
     for b in range(leaves.shape[0]):
         m_max += leaves[b]
     return (
-        np.zeros((6, m_max), np.int64),
+        np.zeros((7, m_max), np.int64),
         np.zeros(m_max * (k + 1), np.int64),
         np.zeros((2, m_max * k), np.float32),
         np.zeros((2, m_max * (k + 1)), np.float64),
@@ -130,11 +138,12 @@ def _apply_round(
     m_total = 0
     for b in range(sel_count.shape[0]):
         m_total += sel_count[b]
-    tree_ids, node_ids, counts, reserve = (
+    tree_ids, node_ids, counts, reserve, table_rows = (
         buf_i[0, :m_total],
         buf_i[1, :m_total],
         buf_i[2, :m_total],
         buf_i[3, :m_total],
+        buf_i[6, :m_total],
     )
     counts[:] = 0
     reserve[:] = 0
@@ -144,8 +153,9 @@ def _apply_round(
             s = sel_nodes[b, j]
             x = b * cap + s  # flat index (see Forest.arrays)
             tree_ids[m], node_ids[m] = b, s
+            table_rows[m] = _row(b, s, rows)  # the stand-in model's answer for this node
             if sel_kinds[b, j] == 0:  # EXPAND
-                counts[m] = np.int64(table[_row(b, s, rows), 0])
+                counts[m] = np.int64(table[np.uint64(table_rows[m]), 0])
                 reserve[m] = c_max[min(depth[x], c_max.shape[0] - 1)] if reserve_all else counts[m]
             elif sel_kinds[b, j] == 2:  # WIDEN
                 counts[m] = min(width_target[x], child_slots[x]) - num_children[x]
@@ -160,15 +170,14 @@ def _apply_round(
     eval_start, eval_count = buf_i[4, :m_total], buf_i[5, :m_total]
     row = 0
     for i in range(m_total):
-        r = _row(tree_ids[i], node_ids[i], rows)
+        r = np.uint64(table_rows[i])
         existing = num_children[tree_ids[i] * cap + node_ids[i]]
         for j in range(counts[i]):
-            col = existing + j  # existing < k and j < k: a subtraction instead of a modulo
-            at = np.uint64(1 + _FIELDS * (col - k if col >= k else col))
-            priors[row + j] = table[r, at]
-            scores[row + j] = table[r, at + np.uint64(1)]
-            terms[row + j] = np.int8(table[r, at + np.uint64(4)])
-            outs[row + j] = np.int8(table[r, at + np.uint64(5)])
+            at = _child_at(existing, j, k)
+            priors[row + j] = table[r, at + _PRIOR]
+            scores[row + j] = table[r, at + _VALUE]
+            terms[row + j] = np.int8(table[r, at + _TERMINAL])
+            outs[row + j] = np.int8(table[r, at + _OUTCOME])
         row += counts[i]
     first = buf_first[:m_total]
     failed = kernels.expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terms, outs, first)
@@ -185,15 +194,14 @@ def _apply_round(
             verified[e] = 1 if outcome[b * cap + s] >= 0 else 0
             e += 1
         else:
-            r = _row(b, s, rows)
+            r = np.uint64(table_rows[i])
             existing = num_children[b * cap + s] - counts[i]
             for j in range(counts[i]):
-                col = existing + j
-                at = np.uint64(1 + _FIELDS * (col - k if col >= k else col))
+                at = _child_at(existing, j, k)
                 eval_node[e] = first[i] + j
-                values[e] = table[r, at + np.uint64(1)]
-                succ[e] = table[r, at + np.uint64(2)]
-                verified[e] = np.int8(table[r, at + np.uint64(3)])
+                values[e] = table[r, at + _VALUE]
+                succ[e] = table[r, at + _SUCCESS]
+                verified[e] = np.int8(table[r, at + _VERIFIED])
                 e += 1
         eval_count[i] = e - eval_start[i]
     kernels.backup(

@@ -11,6 +11,7 @@ from mcts import kernels
 from mcts.kernels import EXPAND, TERMINAL, WIDEN
 from mcts.reference import ReferenceTree
 from mcts.synthetic import (
+    PACKED_FIELDS,
     Workload,
     _apply_round,
     reference_tables,
@@ -444,7 +445,7 @@ def test_packed_table_holds_the_workload_tables():
     """The kernels' driver reads `Workload.packed`, the reference the separate tables: the same
     numbers, or the two would search different trees."""
     w = Workload(num_trees=2, simulations=4, k=5, vary_k=True, table_rows=64)
-    tb, fields = w.tables, ("prior", "value", "success", "verified", "terminal", "outcome")
+    tb, fields = w.tables, PACKED_FIELDS
     np.testing.assert_array_equal(w.packed[:, 0], tb["count"])
     for f, name in enumerate(fields):
         np.testing.assert_array_equal(w.packed[:, 1 + f :: len(fields)], tb[name].astype(np.float64))
