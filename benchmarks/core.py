@@ -63,7 +63,7 @@ def measure(trees: int, sims: int, leaves: int, kernel_repeats: int, ref_repeats
     # decide the kernel column alone.
     first = max(1, kernel_repeats // 2)
     kernel_s, forest = best_of(lambda: run_kernels(w), first)
-    nodes = int((forest.parent != NO_NODE).sum())
+    nodes = int((forest.used("parent") != NO_NODE).sum())  # every node but the roots
     tables = reference_tables(w)  # outside the timing: the table as Python lists
     ref_s, ref_trees = best_of(lambda: run_reference(w, tables), ref_repeats)
     if kernel_repeats > first:

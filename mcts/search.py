@@ -74,6 +74,10 @@ class SearchConfig:
         for name in ("simulations", "leaves_per_tree", "num_options", "max_nodes", "max_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.leaves_per_tree > kernels.MAX_LEAVES_PER_TREE:  # pending selections live in an int16 field
+            raise ValueError(
+                f"search.leaves_per_tree must be <= {kernels.MAX_LEAVES_PER_TREE}, got {self.leaves_per_tree}"
+            )
         if self.adaptive_branching and not 1 <= self.c_min <= self.c_max:
             raise ValueError(f"search needs 1 <= c_min <= c_max, got c_min={self.c_min} c_max={self.c_max}")
         if self.root_width < 0:

@@ -147,13 +147,23 @@ def _apply_round(
     )
     counts[:] = 0
     reserve[:] = 0
+    # First every selection's table row, and a prefetch of its cache lines: the rows are random
+    # reads of a 25 MB table, and asking for all of them before reading any lets their misses
+    # overlap (~5 % of the 64x256x8 search).
+    m = 0
+    for b in range(sel_count.shape[0]):
+        for j in range(sel_count[b]):
+            r = _row(b, sel_nodes[b, j], rows)  # the stand-in model's answer for this node
+            table_rows[m] = r
+            for col in range(0, table.shape[1], 8):
+                kernels._prefetch(table, (r, np.uint64(col)))
+            m += 1
     m = 0
     for b in range(sel_count.shape[0]):
         for j in range(sel_count[b]):
             s = sel_nodes[b, j]
             x = b * cap + s  # flat index (see Forest.arrays)
             tree_ids[m], node_ids[m] = b, s
-            table_rows[m] = _row(b, s, rows)  # the stand-in model's answer for this node
             if sel_kinds[b, j] == 0:  # EXPAND
                 counts[m] = np.int64(table[np.uint64(table_rows[m]), 0])
                 reserve[m] = c_max[min(depth[x], c_max.shape[0] - 1)] if reserve_all else counts[m]

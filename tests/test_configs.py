@@ -93,6 +93,7 @@ def test_hydra_writes_its_logs_under_out_and_keeps_the_working_directory():
     [
         ("search.simulations=-3", "search.simulations must be >= 1, got -3"),
         ("search.max_depth=0", "search.max_depth must be >= 1"),
+        ("search.leaves_per_tree=20000", "search.leaves_per_tree must be <= 16383, got 20000"),
         ("rewards.confidence=1.5", "rewards.confidence"),
         ("rewards.value_target=median", "rewards.value_target"),
         ("ray.torch_threads=0", "ray.torch_threads must be >= 1"),

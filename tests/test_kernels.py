@@ -162,15 +162,16 @@ def test_several_leaves_are_distinct_and_virtual_loss_returns_to_zero():
             chosen = nodes[b, : count[b]].tolist()
             assert len(set(chosen)) == len(chosen), f"tree {b} selected {chosen} twice"
             # virtual loss: one per selected path through each node
-            expected = np.zeros(forest.capacity, np.int64)
+            n = forest.num_nodes[b]
+            expected = np.zeros(n, np.int64)
             for s in chosen:
                 for node in forest.path(b, s):
                     expected[node] += 1
-            assert np.array_equal(forest.virtual_loss[b], expected), f"tree {b}: virtual loss"
+            assert np.array_equal(forest.virtual_loss[b, :n], expected), f"tree {b}: virtual loss"
             full_rounds += int(count[b] == w.leaves_per_tree)
-        assert not forest.mark.any(), "select_leaves left marks behind"
+        assert not forest.used("mark").any(), "select_leaves left marks behind"
         apply_round(w, forest, nodes, kinds, count)
-        assert not forest.virtual_loss.any(), "virtual loss left after backup"
+        assert not forest.used("virtual_loss").any(), "virtual loss left after backup"
     assert full_rounds > w.num_trees * w.simulations // 2, f"only {full_rounds} rounds selected 4 leaves"
 
 
@@ -189,7 +190,7 @@ def test_zero_leaf_budget_leaves_a_tree_untouched():
     forest = Forest(w.num_trees, w.capacity)
     for _ in range(w.simulations):
         nodes, kinds, count = select(forest, [2, 0, 2])
-        assert count[1] == 0 and not forest.virtual_loss[1].any()
+        assert count[1] == 0 and forest.num_nodes[1] == 1 and forest.virtual_loss[1, ROOT] == 0
         apply_round(w, forest, nodes, kinds, count)
     assert forest.num_nodes[1] == 1 and forest.visits[1, ROOT] == 0
     assert (forest.num_nodes[[0, 2]] > 1).all()
@@ -215,7 +216,7 @@ def test_terminal_is_revisited_with_its_outcome_and_never_expanded():
     assert forest.value_sum[0, [a, b_]].tolist() == [21.0, 0.0]
     assert forest.success_sum[0, ROOT] == 21.0
     assert forest.verified_visits[0, [ROOT, a, b_]].tolist() == [42, 21, 21]
-    assert not forest.virtual_loss.any()
+    assert not forest.used("virtual_loss").any()
 
 
 def test_terminal_revisits_in_synthetic_workload():

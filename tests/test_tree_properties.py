@@ -20,14 +20,25 @@ from hypothesis import strategies as st
 
 from mcts import kernels
 from mcts.synthetic import Workload, _apply_round, round_buffers, run_reference, visits_identical
-from mcts.tree import NO_NODE, ROOT, Forest
+from mcts.tree import FIELD_NAMES, NO_NODE, ROOT, UNWRITTEN, Forest
 
 HASH_NODE, HASH_TREE = 2654435761, 40503  # the synthetic table's row hash (mcts.synthetic._row)
+
+
+def poison(dtype: np.dtype):
+    """A value no field ever holds legitimately."""
+    return np.nan if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max
+
+
+def is_poison(values: np.ndarray) -> np.ndarray:
+    return np.isnan(values) if np.issubdtype(values.dtype, np.floating) else values == poison(values.dtype)
 
 
 def run_checked(w: Workload) -> Forest:
     """`run_kernels`, checking the between-call invariants after every select and backup."""
     forest = Forest(w.num_trees, w.capacity)
+    for name in FIELD_NAMES:  # ids past the roots start as poison: the kernels must write every id they take
+        getattr(forest, name)[:, ROOT + 1 :] = poison(getattr(forest, name).dtype)
     F = forest.arrays
     leaves = np.full(w.num_trees, w.leaves_per_tree, np.int32)
     nodes = np.zeros((w.num_trees, w.leaves_per_tree), np.int32)
@@ -37,7 +48,7 @@ def run_checked(w: Workload) -> Forest:
     buffers = round_buffers(leaves, w.k)
     for r in range(w.simulations):
         kernels.select_leaves(F, w.c_puct, leaves, nodes, kinds, count, scratch)
-        assert not forest.mark.any(), f"round {r}: select_leaves left marks at {np.argwhere(forest.mark)}"
+        assert not forest.used("mark").any(), f"round {r}: select_leaves left marks behind"
         for b in range(w.num_trees):
             chosen = nodes[b, : count[b]]
             assert len(set(chosen.tolist())) == count[b], f"round {r} tree {b}: repeated {chosen}"
@@ -46,7 +57,7 @@ def run_checked(w: Workload) -> Forest:
             w.c_max_by_depth, buffers,
         )  # fmt: skip
         assert failed < 0, f"round {r}: selection {failed} overflowed capacity {w.capacity}"
-        assert not forest.virtual_loss.any(), f"round {r}: virtual loss left after backup"
+        assert not forest.used("virtual_loss").any(), f"round {r}: virtual loss left after backup"
     return forest
 
 
@@ -92,8 +103,11 @@ def check_tree(w: Workload, forest: Forest, b: int) -> None:
     )
     ids = np.arange(n)
     is_written = (parent[:n] != NO_NODE) | (ids == ROOT)
-    assert not visits[:n][~is_written].any(), f"tree {b}: a reserved, unwritten id has visits"
-    assert not visits[n:].any() and (parent[n:] == NO_NODE).all(), f"tree {b}: nodes past num_nodes={n}"
+    for name in FIELD_NAMES:
+        field = getattr(forest, name)[b]
+        assert not is_poison(field[:n]).any(), f"tree {b}: {name} of a used id was never written"
+        assert is_poison(field[n:]).all(), f"tree {b}: {name} written past num_nodes={n}"
+        assert (field[:n][~is_written] == UNWRITTEN[name]).all(), f"tree {b}: a reserved id's {name}"
     reserved = np.zeros(n, np.int64)
     reserved[ROOT] = 1
     for s in ids[is_written]:
