@@ -44,22 +44,32 @@ if llvm.llvm_version_info >= (14,):  # the option exists from LLVM 14 (numba 0.6
     llvm.set_option("", "-align-loops=64")
 
 
+# the intrinsic's name carries its pointer type: typed pointers up to LLVM 14, opaque ones after
+_PREFETCH_NAME = "llvm.prefetch.p0" if llvm.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
+
+
 @intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to start loading the cache line of `arr[index]` (LLVM's prefetch: read, keep
     in all cache levels); no effect on results, no fault on any address."""
+    index_types = list(index) if isinstance(index, types.BaseTuple) else [index]
+    if not isinstance(arr, types.Array) or len(index_types) != arr.ndim:
+        return None  # a typing error: one integer index per dimension of an array
+    if not all(isinstance(t, types.Integer) for t in index_types):
+        return None
 
     def codegen(context, builder, sig, args):
         array_type = sig.args[0]
         array = context.make_array(array_type)(context, builder, args[0])
         if isinstance(sig.args[1], types.BaseTuple):  # arr[i, j]
-            indices = cgutils.unpack_tuple(builder, args[1], len(sig.args[1]))
+            indices = cgutils.unpack_tuple(builder, args[1], len(index_types))
         else:
             indices = [args[1]]
+        indices = [context.cast(builder, v, t, types.intp) for v, t in zip(indices, index_types, strict=True)]
         ptr = cgutils.get_item_pointer(context, builder, array_type, array, indices, wraparound=False)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         fn_type = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.prefetch.p0")
+        fn = cgutils.get_or_insert_function(builder.module, fn_type, _PREFETCH_NAME)
         builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
 
@@ -99,6 +109,9 @@ def select_leaves(F, c_puct, leaves, out_nodes, out_kinds, out_count, scratch):
     width_target, visits, vloss, value_sum = F[4], F[6], F[7], F[8]
     prior, score, terminal, mark = F[10], F[11], F[12], F[14]
     scores = np.empty(32768, np.float64)  # one node's children (num_children is int16)
+    for b0 in range(num_trees):
+        if leaves[b0] > MAX_LEAVES_PER_TREE:  # virtual loss is int16, and carries a sentinel
+            raise ValueError("select_leaves: more leaves per tree than MAX_LEAVES_PER_TREE")
     for b0 in range(num_trees):
         b = np.uint64(b0) * np.uint64(cap)  # offset of tree b0
         count = 0

@@ -183,6 +183,14 @@ def test_fresh_root_is_selected_once_per_call():
     assert forest.virtual_loss[:, ROOT].tolist() == [1, 1, 1]
 
 
+def test_too_many_leaves_per_tree_is_refused_before_any_selection():
+    """Virtual loss is int16 and carries the exhausted-node sentinel: a larger budget would wrap."""
+    forest = Forest(2, 8)
+    with pytest.raises(ValueError, match="MAX_LEAVES_PER_TREE"):
+        select(forest, [1, kernels.MAX_LEAVES_PER_TREE + 1])
+    assert forest.virtual_loss[:, ROOT].tolist() == [0, 0], "nothing selected before the refusal"
+
+
 def test_zero_leaf_budget_leaves_a_tree_untouched():
     """A per-tree budget of 0 (a finished tree in the batch) selects nothing and adds no virtual
     loss there, while the other trees select as usual."""
