@@ -52,7 +52,8 @@ _PREFETCH_NAME = "llvm.prefetch.p0" if llvm.llvm_version_info >= (15,) else "llv
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to start loading the cache line of `arr[index]` (LLVM's prefetch: read, keep
     in all cache levels); no effect on results, no fault on any address."""
-    index_types = list(index) if isinstance(index, types.BaseTuple) else [index]
+    is_tuple = isinstance(index, types.BaseTuple)  # arr[i, j]
+    index_types = list(index) if is_tuple else [index]
     if not isinstance(arr, types.Array) or len(index_types) != arr.ndim:
         return None  # a typing error: one integer index per dimension of an array
     if not all(isinstance(t, types.Integer) for t in index_types):
@@ -61,10 +62,7 @@ def _prefetch(typingctx, arr, index):
     def codegen(context, builder, sig, args):
         array_type = sig.args[0]
         array = context.make_array(array_type)(context, builder, args[0])
-        if isinstance(sig.args[1], types.BaseTuple):  # arr[i, j]
-            indices = cgutils.unpack_tuple(builder, args[1], len(index_types))
-        else:
-            indices = [args[1]]
+        indices = cgutils.unpack_tuple(builder, args[1], len(index_types)) if is_tuple else [args[1]]
         indices = [context.cast(builder, v, t, types.intp) for v, t in zip(indices, index_types, strict=True)]
         ptr = cgutils.get_item_pointer(context, builder, array_type, array, indices, wraparound=False)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
@@ -213,53 +211,38 @@ def expand(F, tree_ids, node_ids, counts, reserve, priors, scores, terminals, ou
             continue
         b = np.uint64(t) * np.uint64(capacity)  # unsigned flat offset of tree t (see select_leaves)
         x = b + np.uint64(s)
+        ids = k  # ids written below: the children, plus on a fresh block the ids it reserves
         if num_children[x] == 0:
-            slots = max(k, reserve[m])
-            if num_nodes[t] + slots > capacity:
+            ids = max(k, reserve[m])
+            if num_nodes[t] + ids > capacity:
                 return m
             first_child[x] = num_nodes[t]
-            child_slots[x] = slots
-            num_nodes[t] += slots
-            # ids reserved for widening: written now, as `tree.UNWRITTEN` (the forest is not zeroed)
-            for j in range(k, slots):
-                c = b + np.uint64(first_child[x] + j)
-                parent[c] = NO_NODE
-                first_child[c] = NO_NODE
-                num_children[c] = 0
-                child_slots[c] = 0
-                width_target[c] = 0
-                depth[c] = 0
-                visits[c] = 0
-                vloss[c] = 0
-                value_sum[c] = 0.0
-                success_sum[c] = 0.0
-                verified_visits[c] = 0
-                prior[c] = 0.0
-                score[c] = 0.0
-                terminal[c] = 0
-                outcome[c] = UNVERIFIED
-                mark[c] = 0
+            child_slots[x] = ids
+            num_nodes[t] += ids
         elif num_children[x] + k > child_slots[x]:
             return m
         start = first_child[x] + num_children[x]
         d = depth[x] + 1
-        for j in range(k):
+        for j in range(ids):
+            # every field of every id taken (the forest is not zeroed): a child, or a reserved id
+            # as `tree.UNWRITTEN`
             c = b + np.uint64(start + j)
-            parent[c] = s
+            child = j < k
+            parent[c] = s if child else NO_NODE
             first_child[c] = NO_NODE
             num_children[c] = 0
             child_slots[c] = 0
             width_target[c] = 0
-            depth[c] = d
+            depth[c] = d if child else 0
             visits[c] = 0
             vloss[c] = 0
             value_sum[c] = 0.0
             success_sum[c] = 0.0
             verified_visits[c] = 0
-            prior[c] = priors[row + j]
-            score[c] = scores[row + j]
-            terminal[c] = terminals[row + j]
-            outcome[c] = outcomes[row + j]
+            prior[c] = priors[row + j] if child else 0.0
+            score[c] = scores[row + j] if child else 0.0
+            terminal[c] = terminals[row + j] if child else 0
+            outcome[c] = outcomes[row + j] if child else UNVERIFIED
             mark[c] = 0
         num_children[x] += k
         out_first[m] = start
