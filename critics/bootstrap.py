@@ -39,8 +39,10 @@ CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BA
 class BootstrapCriticsConfig:
     """How the default critics are built (the defaults are the shipped recipe)."""
 
-    problems: int = 800
-    """Training problems searched (one batch: one policy call per round serves all of them)."""
+    problems: int = 3200
+    """Training problems searched (one batch: one policy call per round serves all of them). 4x
+    the 800 of the first recipe: with the top block trained, more trees lift value / PRM
+    validation AUROC (top block, 500 steps; 800 problems: 0.588 / 0.547, 3,200: 0.703 / 0.707)."""
     search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=16, max_depth=4))
     """Search of the bootstrap trees; nodes are valued by one verified rollout each."""
     train: TrainCriticsConfig = field(default_factory=TrainCriticsConfig)
@@ -120,7 +122,7 @@ def ensure_default_critics(
     if not force and _fresh(final, sha, cfg):
         return final
     if progress:
-        print(f"arborist: training the default critics into {final} (once, ~2 min)", file=sys.stderr)
+        print(f"arborist: training the default critics into {final} (once, ~4 min)", file=sys.stderr)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -153,6 +153,37 @@ def test_training_reduces_the_loss(policy_dir, kind):
     assert report["val_auroc"] > 0.9, report
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_train_layers_trains_the_top_blocks_and_head_only(tmp_path, arch):
+    """train_layers=1 moves the top block, the final norm and the head; the embeddings and the
+    blocks below keep the base checkpoint's weights. -1 moves everything."""
+    from _tiny_models import save_tiny_gpt2, save_tiny_llama
+
+    base = (save_tiny_llama if arch == "llama" else save_tiny_gpt2)(tmp_path / "base", n_layers=3)
+    before = {k: v.clone() for k, v in init_from_policy(base, "prm", 0)[0].state_dict().items()}
+    labels = _toy_labels(32)
+    labels.kind = "prm"
+    moved = {}
+    for layers in (1, -1):
+        cfg = TrainCriticsConfig(steps=3, batch_size=8, train_layers=layers, val_fraction=0.0, progress=False)
+        model, _, report = train_one("prm", labels, Labels("prm"), base, "\n", cfg)
+        after = model.state_dict()
+        moved[layers] = {k for k, v in after.items() if k in before and not torch.equal(v, before[k])}
+        assert report["trained_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    blocks = "model.layers." if arch == "llama" else "transformer.h."
+    top = {k for k in moved[1] if k.startswith(blocks)}
+    assert top and all(k.startswith(f"{blocks}2.") for k in top), sorted(moved[1])
+    assert not any(
+        "embed" in k or k.startswith(("transformer.wte", "transformer.wpe")) for k in moved[1] - top
+    )
+    assert any(k.startswith(("score", "classifier")) for k in moved[1])
+    assert any(k.startswith((f"{blocks}0.", f"{blocks}1.")) for k in moved[-1])  # -1: the whole model
+    with pytest.raises(ValueError, match="train_layers=-2"):
+        train_one(
+            "prm", labels, Labels("prm"), base, "\n", TrainCriticsConfig(train_layers=-2, progress=False)
+        )
+
+
 def test_logit_offset_from_critic_json_shifts_every_logit(critic_dirs, tmp_path):
     """A class-balanced ORM keeps its prior correction in critic.json; loading applies it."""
     import math
@@ -307,6 +338,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
         load_critic(tmp_path / "ds" / "critics" / kind, kind, TASK, device="cpu")
     assert not list(tmp_path.glob("ds/.critics-*")), "no temporary directory left behind"
     assert main_train_critics([str(tmp_path / "empty")]) == 2
+    assert main_train_critics([str(tmp_path / "ds"), "--train-layers", "-3"]) == 2
     reports = train_critics(
         trees,
         tmp_path / "direct",
