@@ -122,7 +122,7 @@ def ensure_default_critics(
     if not force and _fresh(final, sha, cfg):
         return final
     if progress:
-        print(f"arborist: training the default critics into {final} (once, ~4 min)", file=sys.stderr)
+        print(f"arborist: training the default critics into {final} (once, ~6 min)", file=sys.stderr)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
