@@ -81,6 +81,12 @@ class TrainCriticsConfig:
     """torch threads while training (fixed: float reductions differ across thread counts)."""
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.train_layers < -1:
+            raise ValueError(
+                f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
+            )
+
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
     """Trees of a dataset directory: the manifest's finished `trees` files, else `trees/*.parquet`."""
@@ -159,13 +165,11 @@ def _blocks(model) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
-def train_top_layers(model, train_layers: int) -> list[torch.nn.Parameter]:
+def _train_top_layers(model, train_layers: int) -> list[torch.nn.Parameter]:
     """Freeze the trunk below its top `train_layers` blocks (everything the base model registers
     before its block stack, i.e. the token and position embeddings, and the lower blocks) and return
     the parameters left trainable: the top blocks, what follows them (final norm) and the head.
-    -1: the whole model."""
-    if train_layers < -1:
-        raise ValueError(f"train_layers={train_layers}: use -1 (whole model), 0 (head only) or a block count")
+    -1: the whole model (TrainCriticsConfig refuses anything below)."""
     params = list(model.parameters())
     if train_layers == -1:
         return params
@@ -189,7 +193,7 @@ def train_one(
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
     device = resolve_device(cfg.device)
     model, tok = init_from_policy(base_dir, kind, cfg.seed)
-    trainable = train_top_layers(model, cfg.train_layers)
+    trainable = _train_top_layers(model, cfg.train_layers)
     model.to(device).train()
     enc = StepEncoder(tok, sep)
     targets, weights, offset = _targets(kind, train, cfg)
@@ -347,16 +351,10 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - set(KINDS):
         print(f"arborist train-critics: --kinds={args.kinds}: use a subset of value,prm,orm", file=sys.stderr)
         return 2
-    if args.train_layers < -1:
-        print(
-            f"arborist train-critics: --train-layers={args.train_layers}: use -1 (all), 0 (head only) or a count",
-            file=sys.stderr,
-        )
-        return 2
-    cfg = TrainCriticsConfig(
-        kinds=kinds, steps=args.steps, train_layers=args.train_layers, seed=args.seed, device=args.device
-    )
     try:
+        cfg = TrainCriticsConfig(
+            kinds=kinds, steps=args.steps, train_layers=args.train_layers, seed=args.seed, device=args.device
+        )
         reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
     except (ValueError, OSError) as e:
         print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
