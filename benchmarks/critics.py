@@ -12,10 +12,13 @@
    - PRM: every step of every root-to-terminal path (each node once); AUROC vs the hard label,
      ECE vs the hard label (the PRM is trained on hard labels);
    - ORM: verified terminals; AUROC and ECE vs the verdict.
-3. Critics search: the same problems, simulations and seed, nodes valued by the value function +
+3. Critics search: the same problems, simulations and seeds, nodes valued by the value function +
    PRM (weights 1 / 1) with no rollouts; terminals decided by the verifier in both.
    `search_success_*` = share of problems whose tree holds a verified correct solution;
-   `tokens_*` = policy tokens per problem (options + rollouts).
+   `tokens_*` = policy tokens per problem (options + rollouts). Both are means over the search
+   seeds `--seeds` (one seed's 200 problems move success by 0.005 a problem, so single seeds
+   cannot tell the two searches apart); per-seed figures are in `search.per_seed`. The critics'
+   agreement (2.) is measured on the first seed's trees.
 
 Writes JSON with `auroc_value`, `auroc_prm`, `auroc_orm`, `ece_value`, `ece_prm`, `ece_orm`,
 `search_success_critics`, `search_success_rollouts`, `tokens_critics`, `tokens_rollouts` (+ details),
@@ -89,20 +92,25 @@ def run(args) -> dict:
         PolicyConfig(path=str(policy_dir), device="cpu", max_step_tokens=16, max_rollout_tokens=48)
     )
     search = SearchConfig(simulations=args.simulations, max_depth=4)
-    t0 = time.perf_counter()
+    seeds = [args.seed + i for i in range(args.seeds)]
     rollout_cfg = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=1, w_value=0.0, w_prm=0.0)
-    plain = run_search(
-        problems, TASK, PolicyExpander(policy, TASK, rollout_cfg.expand_config()), search, args.seed
-    )
-    t_rollouts = time.perf_counter() - t0
-
     cfg = CriticsConfig(device="cpu", dtype="float32", rollouts=0, w_rollout=0.0, w_value=1.0, w_prm=1.0)
     critics = CriticSet.load(cfg, TASK, default_dir=critics_dir)
-    t0 = time.perf_counter()
-    guided = run_search(
-        problems, TASK, PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics), search, args.seed
-    )
-    t_critics = time.perf_counter() - t0
+    expanders = {
+        "rollouts": PolicyExpander(policy, TASK, rollout_cfg.expand_config()),
+        "critics": PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics),
+    }
+    per_seed: dict[str, list[dict]] = {name: [] for name in expanders}
+    seconds = dict.fromkeys(expanders, 0.0)
+    first_trees: dict[str, list[FinishedTree]] = {}
+    for seed in seeds:
+        for name, expander in expanders.items():
+            t0 = time.perf_counter()
+            trees = run_search(problems, TASK, expander, search, seed)
+            seconds[name] += time.perf_counter() - t0
+            per_seed[name].append({"seed": seed, **summary(trees)})
+            first_trees.setdefault(name, trees)
+    plain = first_trees["rollouts"]
 
     orm = CriticSet.load(
         CriticsConfig(device="cpu", dtype="float32", value_path="", prm_path=""), TASK, critics_dir
@@ -112,7 +120,11 @@ def run(args) -> dict:
         "prm": agreement(critics.prm, prm_labels(plain), "hard"),
         "orm": agreement(orm, orm_labels(plain), "hard"),
     }
-    s_plain, s_guided = summary(plain), summary(guided)
+    mean = {
+        name: {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "seed"}
+        for name, runs in per_seed.items()
+    }
+    s_plain, s_guided = mean["rollouts"], mean["critics"]
     result = {f"auroc_{k}": q["auroc"] for k, q in quality.items()}
     result |= {f"ece_{k}": q["ece"] for k, q in quality.items()}
     result |= {
@@ -121,15 +133,15 @@ def run(args) -> dict:
         "tokens_critics": s_guided["tokens"],
         "tokens_rollouts": s_plain["tokens"],
         "search_success_rollouts_incl_rollout_hits": s_plain["success_incl_rollout_hits"],
-        "seconds_critics": round(t_critics, 1),
-        "seconds_rollouts": round(t_rollouts, 1),
+        "seconds_critics": round(seconds["critics"], 1),
+        "seconds_rollouts": round(seconds["rollouts"], 1),
         "critics": quality,
-        "search": {"critics": s_guided, "rollouts": s_plain},
+        "search": {"critics": s_guided, "rollouts": s_plain, "per_seed": per_seed},
         "config": {
             "problems": args.problems,
             "eval_seed": EVAL_SEED,
             "simulations": args.simulations,
-            "seed": args.seed,
+            "seeds": seeds,
             "min_verified": args.min_verified,
             "policy": str(policy_dir),
             "critics": str(critics_dir),
@@ -143,10 +155,15 @@ def print_table(r: dict) -> None:
     print(f"{'critic':8} {'AUROC':>7} {'ECE':>7} {'n':>6} {'pos':>6}")
     for k, q in r["critics"].items():
         print(f"{k:8} {q['auroc']:7.3f} {q['ece']:7.3f} {q['n']:6d} {q['positive_rate']:6.2f}")
-    print(f"\n{'search valued by':18} {'success':>8} {'tokens/problem':>15} {'seconds':>8}")
+    seeds = r["config"]["seeds"]
+    print(
+        f"\n{'search valued by':18} {'success':>8} {'tokens/problem':>15} {'seconds':>8}   (mean of seeds {seeds})"
+    )
     for name in ("rollouts", "critics"):
+        per_seed = " ".join(f"{x['success']:.3f}@{x['tokens']:.1f}" for x in r["search"]["per_seed"][name])
         print(
-            f"{name:18} {r[f'search_success_{name}']:8.3f} {r[f'tokens_{name}']:15.1f} {r[f'seconds_{name}']:8.1f}"
+            f"{name:18} {r[f'search_success_{name}']:8.3f} {r[f'tokens_{name}']:15.1f} "
+            f"{r[f'seconds_{name}']:8.1f}   {per_seed}"
         )
 
 
@@ -179,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", type=int, default=200, help="held-out problems")
     ap.add_argument("--simulations", type=int, default=12)
     ap.add_argument("--min-verified", type=int, default=2, help="verified visits a value-target node needs")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first search seed (and the bootstrap seed)")
+    ap.add_argument("--seeds", type=int, default=3, help="search seeds the success and tokens average over")
     ap.add_argument("--policy", default=None, help="policy directory (default: the embedded policy)")
     ap.add_argument("--critics", default=None, help="critics directory (default: the embedded critics)")
     ap.add_argument("--threads", type=int, default=2)

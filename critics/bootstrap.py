@@ -3,16 +3,20 @@
 `ensure_default_critics(seed)` returns `<cache>/default-v1-seed{seed}/critics` (beside the default
 policy of `mcts.embedded`, `<cache>` = `$ARBORIST_CACHE` or `~/.cache/arborist`) with `value/`,
 `prm/`, `orm/` and `report.json`, building it first when it is missing, was trained on other
-policy weights (each `critic.json` records the policy's weights hash), with another recipe
-(`bootstrap.json` records it), or before critic.json carried the `logit_offset`:
+policy weights or from another trunk (each `critic.json` records both weights hashes), with
+another recipe (`bootstrap.json` records it), or before critic.json carried the `logit_offset`:
 
-1. search `BootstrapCriticsConfig.problems` Countdown problems with the default policy, every new
+1. the critics' trunk, `<cache>/default-v1-seed{seed}/critic-trunk` (`BootstrapCriticsConfig.trunk`):
+   the embedded policy's model and training data, trained 8x longer, so it knows the arithmetic
+   the 650-step policy gets wrong (built once, ~12 min on 2 cores; rebuilt when its recipe changes);
+2. search `BootstrapCriticsConfig.problems` Countdown problems with the default policy, every new
    node valued by one verified fast rollout (no critics: the labels must come from the verifier);
    the problems are drawn with seed `CRITICS_SEED_BASE + seed`, and every (numbers, target) of the
    held-out evaluation problems (`mcts.embedded.EVAL_SEED`, first `EVAL_EXCLUDE`) is removed;
-2. train the three critics from those trees (`critics.train`), each starting from the policy's trunk.
+3. train the three critics from those trees (`critics.train`), each starting from the trunk.
 
-The whole run is seeded; the directory appears atomically.
+The labels are the default policy's (its trees, its success rates); only the weights the critics
+start from are the trunk's. The whole run is seeded; each directory appears atomically.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig, train_critics
+from mcts.embedded import TrainConfig
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
@@ -39,12 +44,21 @@ CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BA
 class BootstrapCriticsConfig:
     """How the default critics are built (the defaults are the shipped recipe)."""
 
-    problems: int = 3200
-    """Training problems searched (one batch: one policy call per round serves all of them). 4x
-    the 800 of the first recipe: with the top block trained, more trees lift value / PRM
-    validation AUROC (top block, 500 steps; 800 problems: 0.588 / 0.547, 3,200: 0.703 / 0.707)."""
+    problems: int = 6400
+    """Training problems searched (one batch: one policy call per round serves all of them). More
+    trees keep lifting the value function: from the policy's trunk (top block, 500 steps)
+    validation value / PRM 0.588 / 0.547 with 800 problems, 0.703 / 0.707 with 3,200; from the
+    critics' trunk (top block, 1,000 steps) held-out value 0.732 with 3,200, 0.756 with 6,400."""
     search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=16, max_depth=4))
     """Search of the bootstrap trees; nodes are valued by one verified rollout each."""
+    trunk: TrainConfig | None = field(
+        default_factory=lambda: TrainConfig(steps=5200, threads=2, time_cap_s=3600.0)
+    )
+    """The critics' own trunk: the embedded policy's model and data, trained 8x longer (built once
+    beside the policy, `critic-trunk/`). The 650-step policy is kept weak on purpose (search must
+    have room to work), but a critic must know the arithmetic that decides whether a state can
+    still reach the target: 40 % of the policy's wrong answers have wrong arithmetic. None: start
+    from the policy's own trunk (held-out AUROC value / PRM / ORM 0.630 / 0.708 / 0.855)."""
     train: TrainCriticsConfig = field(default_factory=TrainCriticsConfig)
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
@@ -57,6 +71,22 @@ def default_critics_dir(seed: int = 0) -> Path:
     from mcts.embedded import default_policy_dir
 
     return default_policy_dir(seed).parent / "critics"
+
+
+def critic_trunk_dir(seed: int = 0) -> Path:
+    """`<cache>/default-v1-seed{seed}/critic-trunk`, beside the default policy."""
+    return default_critics_dir(seed).parent / "critic-trunk"
+
+
+def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: bool = True) -> Path:
+    """`root/critic-trunk`: the embedded model trained with `train`, rebuilt when its recipe changed."""
+    from mcts.embedded import bootstrap_policy
+
+    final = root / "critic-trunk"
+    report = final / "bootstrap.json"
+    recipe = json.loads(json.dumps(asdict(train)))
+    stale = final.is_dir() and (not report.is_file() or json.loads(report.read_text()).get("train") != recipe)
+    return bootstrap_policy(seed, force=stale, progress=progress, train=train, root=root, name="critic-trunk")
 
 
 def training_problems(n: int, seed: int) -> list[Problem]:
@@ -83,8 +113,8 @@ def rollout_trees(
     return run_search(problems, task, expander, search, seed=seed)
 
 
-def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
-    """Built for these policy weights with this recipe (a changed recipe rebuilds the cache)."""
+def _fresh(final: Path, policy_sha: str, trunk_sha: str, cfg: BootstrapCriticsConfig) -> bool:
+    """Built for these policy weights, from this trunk, with this recipe (a change rebuilds)."""
     if not (final / "report.json").is_file() or not (final / "bootstrap.json").is_file():
         return False
     recipe = json.loads(json.dumps(asdict(cfg), default=float))
@@ -97,6 +127,8 @@ def _fresh(final: Path, policy_sha: str, cfg: BootstrapCriticsConfig) -> bool:
         meta = json.loads(meta_file.read_text())
         # critics built before the ORM's prior correction was recorded (no logit_offset) are rebuilt
         if meta.get("policy_sha256") != policy_sha or "logit_offset" not in meta:
+            return False
+        if meta.get("base_sha256") != trunk_sha:
             return False
     return True
 
@@ -119,10 +151,12 @@ def ensure_default_critics(
     policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
     final = Path(root) if root is not None else default_critics_dir(seed)
     sha = weights_hash(policy_dir)
-    if not force and _fresh(final, sha, cfg):
+    base = policy_dir if cfg.trunk is None else ensure_critic_trunk(seed, cfg.trunk, final.parent, progress)
+    base_sha = sha if cfg.trunk is None else weights_hash(base)
+    if not force and _fresh(final, sha, base_sha, cfg):
         return final
     if progress:
-        print(f"arborist: training the default critics into {final} (once, ~6 min)", file=sys.stderr)
+        print(f"arborist: training the default critics into {final} (once, ~8 min)", file=sys.stderr)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -143,6 +177,7 @@ def ensure_default_critics(
     meta = {
         "policy_sha256": sha,
         "policy_dir": str(policy_dir),
+        "base_sha256": base_sha,
         "bootstrap": {
             "seed": seed,
             "problem_seed": CRITICS_SEED_BASE + seed,
@@ -153,7 +188,7 @@ def ensure_default_critics(
             "config": asdict(cfg),
         },
     }
-    reports = train_critics(trees, final, policy_dir, cfg.train, meta=meta)
+    reports = train_critics(trees, final, base, cfg.train, meta=meta)
     total = time.perf_counter() - t0
     summary = {**meta["bootstrap"], "train_seconds": round(total - search_s, 1), "seconds": round(total, 1)}
     (final / "bootstrap.json").write_text(

@@ -127,7 +127,12 @@ def _encode(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_policy(
-    out_dir: Path, seed: int, cfg: TrainConfig, difficulty: CountdownDifficulty, progress: bool = True
+    out_dir: Path,
+    seed: int,
+    cfg: TrainConfig,
+    difficulty: CountdownDifficulty,
+    progress: bool = True,
+    name: str = "policy",
 ) -> dict:
     """Train the model from scratch into `out_dir` (safetensors + tokenizer); return a report."""
     from tqdm import tqdm
@@ -154,7 +159,7 @@ def train_policy(
         capped_at = None
         bar = tqdm(
             range(cfg.steps),
-            desc="training default policy",
+            desc=f"training the embedded {name}",
             disable=not progress,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -228,28 +233,33 @@ def bootstrap_policy(
     progress: bool = True,
     train: TrainConfig | None = None,
     root: Path | None = None,
+    name: str = "policy",
 ) -> Path:
     """Return the directory of the embedded default policy, training it first if not cached.
 
     The model is trained and evaluated in a temporary directory next to the final one, then
     moved into place with `os.replace`, so a killed bootstrap never leaves a half-written model:
     the directory exists only once it is complete. `train` and `root` (instead of
-    `<cache>/default-v1-seed{seed}`) are for tests and experiments.
+    `<cache>/default-v1-seed{seed}`) are for tests and experiments; `name` is the directory under
+    `root` (the critics' own trunk, `critics.bootstrap`, is the same model trained longer).
     """
     train = train or TrainConfig()
     root = Path(root) if root is not None else default_policy_dir(seed).parent
-    final = root / "policy"
+    final = root / name
     if final.is_dir() and not force:
         return final
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    _remove_stale_temps(root, name)
     difficulty = default_difficulty()
-    tmp = Path(tempfile.mkdtemp(prefix=".policy-tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=root))
     try:
         if progress:
-            print(f"arborist: training the default policy into {final} (once, ~3 min)", file=sys.stderr)
+            minutes = max(1, round(train.steps * 0.3 / train.threads / 60))  # ~0.3 s a step on one thread
+            print(
+                f"arborist: training the embedded {name} into {final} (once, ~{minutes} min)", file=sys.stderr
+            )
         t0 = time.perf_counter()
-        report = train_policy(tmp, seed, train, difficulty, progress=progress)
+        report = train_policy(tmp, seed, train, difficulty, progress=progress, name=name)
         if report["time_cap_hit"]:
             print(
                 f"arborist: training hit its {train.time_cap_s:.0f} s safety cap at step "
@@ -288,15 +298,15 @@ def bootstrap_policy(
             shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         figures = {k: report[k] for k in ("greedy_success", "pass@8") if k in report}
-        print(f"arborist: default policy ready ({report['params']} params, {figures})", file=sys.stderr)
+        print(f"arborist: embedded {name} ready ({report['params']} params, {figures})", file=sys.stderr)
     return final
 
 
-def _remove_stale_temps(root: Path, older_than_s: float = 3600.0) -> None:
+def _remove_stale_temps(root: Path, name: str, older_than_s: float = 3600.0) -> None:
     """Delete temp dirs of bootstraps killed by a signal (no `finally` ran); fresh ones may belong
     to a bootstrap running right now in another process, so only old ones go."""
     now = time.time()
-    for tmp in root.glob(".policy-tmp-*"):
+    for tmp in root.glob(f".{name}-tmp-*"):
         if now - tmp.stat().st_mtime > older_than_s:
             shutil.rmtree(tmp, ignore_errors=True)
 

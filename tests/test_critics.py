@@ -354,6 +354,7 @@ def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
     tiny = BootstrapCriticsConfig(
         problems=6,
         search=SearchConfig(simulations=3, max_depth=3),
+        trunk=None,  # the policy's own trunk (the critics' trunk has a test of its own)
         # the ORM alone: a random policy's steps end the solution at once (no value or PRM rows)
         train=TrainCriticsConfig(kinds=("orm",), steps=2, batch_size=8, val_fraction=0.0, progress=False),
     )
@@ -373,6 +374,43 @@ def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
     second = build(tiny)
     assert second != first and "logit_offset" in json.loads(meta_file.read_text())
     other = BootstrapCriticsConfig(
-        problems=5, search=tiny.search, train=tiny.train, max_step_tokens=tiny.max_step_tokens
+        problems=5, search=tiny.search, trunk=None, train=tiny.train, max_step_tokens=tiny.max_step_tokens
     )
     assert build(other) != second, "another recipe rebuilds"
+
+
+def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
+    """With `trunk` set, the critics are fine-tuned from a model trained beside them
+    (`critic-trunk/`), not from the policy; a changed trunk recipe rebuilds the trunk and the
+    critics, the same one reuses both."""
+    from critics.bootstrap import BootstrapCriticsConfig, ensure_default_critics
+    from mcts.embedded import TrainConfig, weights_hash
+
+    def cfg(trunk_steps):
+        trunk = TrainConfig(
+            steps=trunk_steps, batch_size=8, d_model=32, n_layers=1, n_heads=2, eval_problems=0
+        )
+        orm_only = TrainCriticsConfig(kinds=("orm",), steps=2, batch_size=8, val_fraction=0.0, progress=False)
+        return BootstrapCriticsConfig(
+            problems=6, search=SearchConfig(simulations=3, max_depth=3), trunk=trunk, train=orm_only
+        )
+
+    root = tmp_path / "default" / "critics"
+    trunk_dir = root.parent / "critic-trunk"
+
+    def build(c):
+        ensure_default_critics(0, policy_dir, progress=False, cfg=c, root=root)
+        meta = json.loads((root / "orm" / "critic.json").read_text())
+        return meta, (root / "bootstrap.json").stat().st_mtime_ns
+
+    meta, first = build(cfg(3))
+    trunk_report = json.loads((trunk_dir / "bootstrap.json").read_text())
+    assert trunk_report["train"]["steps"] == 3 and trunk_report["steps_done"] == 3
+    assert meta["base"] == str(trunk_dir) and meta["base_sha256"] == weights_hash(trunk_dir)
+    assert meta["policy_sha256"] == weights_hash(policy_dir) != meta["base_sha256"]
+    critic = load_critic(str(root / "orm"), "orm", TASK, "cpu", "float32")
+    assert critic.model.config.num_hidden_layers == 1, "the trunk's shape (1 block), not the policy's (2)"
+    assert build(cfg(3))[1] == first, "same trunk and recipe: both are reused"
+    meta, second = build(cfg(4))
+    assert second != first and json.loads((trunk_dir / "bootstrap.json").read_text())["steps_done"] == 4
+    assert meta["base_sha256"] == weights_hash(trunk_dir)
