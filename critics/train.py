@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,11 @@ class TrainCriticsConfig:
     """Which critics to train."""
     steps: int = 1000
     """Optimizer steps per critic (fixed, so the result does not depend on machine speed)."""
+    value_steps: int | None = None
+    """The value function's steps when they differ (None: `steps`). A value row labels one position
+    where a PRM row labels every step, so the value function sees fewer labels per step; the
+    embedded critics give it 2,000: held-out value AUROC 0.739 / 0.740 at 1,000 steps, 0.768 /
+    0.767 at 2,000 (training seeds 1 / 2, 6,400 problems' trees, the critics' trunk)."""
     train_layers: int = 1
     """Transformer blocks trained, counted from the top, with what follows them (the final norm)
     and the head; the embeddings and the blocks below keep the base checkpoint's weights.
@@ -91,6 +96,10 @@ class TrainCriticsConfig:
             raise ValueError(
                 f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
             )
+        for name in ("steps", "value_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: a critic needs at least one optimizer step")
 
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
@@ -195,6 +204,8 @@ def train_one(
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report)."""
     t0 = time.perf_counter()
+    if kind == "value" and cfg.value_steps is not None:
+        cfg = replace(cfg, steps=cfg.value_steps)
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
     device = resolve_device(cfg.device)
     model, tok = init_from_policy(base_dir, kind, cfg.seed)
@@ -344,6 +355,9 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of value,prm,orm")
     ap.add_argument("--steps", type=int, default=TrainCriticsConfig.steps)
     ap.add_argument(
+        "--value-steps", type=int, default=None, help="the value function's steps (default: --steps)"
+    )
+    ap.add_argument(
         "--train-layers",
         type=int,
         default=TrainCriticsConfig.train_layers,
@@ -358,7 +372,12 @@ def main_train_critics(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = TrainCriticsConfig(
-            kinds=kinds, steps=args.steps, train_layers=args.train_layers, seed=args.seed, device=args.device
+            kinds=kinds,
+            steps=args.steps,
+            value_steps=args.value_steps,
+            train_layers=args.train_layers,
+            seed=args.seed,
+            device=args.device,
         )
         reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
     except (ValueError, OSError) as e:
