@@ -74,11 +74,6 @@ def default_critics_dir(seed: int = 0) -> Path:
     return default_policy_dir(seed).parent / "critics"
 
 
-def critic_trunk_dir(seed: int = 0) -> Path:
-    """`<cache>/default-v1-seed{seed}/critic-trunk`, beside the default policy."""
-    return default_critics_dir(seed).parent / "critic-trunk"
-
-
 def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: bool = True) -> Path:
     """`root/critic-trunk`: the embedded model trained with `train`, rebuilt when its recipe changed."""
     from mcts.embedded import bootstrap_policy

@@ -45,7 +45,8 @@ from rewards.metrics import auroc, ece
 
 @dataclass
 class TrainCriticsConfig:
-    """How the critics are fine-tuned (the defaults are the embedded critics' recipe)."""
+    """How the critics are fine-tuned (the defaults are the embedded critics' recipe, but for
+    `value_steps`, which `critics.bootstrap` sets to 2,000)."""
 
     kinds: tuple[str, ...] = KINDS
     """Which critics to train."""
