@@ -102,15 +102,14 @@ def run(args) -> dict:
     }
     per_seed: dict[str, list[dict]] = {name: [] for name in expanders}
     seconds = dict.fromkeys(expanders, 0.0)
-    first_trees: dict[str, list[FinishedTree]] = {}
     for seed in seeds:
         for name, expander in expanders.items():
             t0 = time.perf_counter()
             trees = run_search(problems, TASK, expander, search, seed)
             seconds[name] += time.perf_counter() - t0
             per_seed[name].append({"seed": seed, **summary(trees)})
-            first_trees.setdefault(name, trees)
-    plain = first_trees["rollouts"]
+            if name == "rollouts" and seed == seeds[0]:
+                plain = trees  # the held-out trees the critics' agreement is measured on
 
     orm = CriticSet.load(
         CriticsConfig(device="cpu", dtype="float32", value_path="", prm_path=""), TASK, critics_dir

@@ -29,7 +29,15 @@ from pathlib import Path
 
 from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig, train_critics
-from mcts.embedded import TrainConfig
+from mcts.embedded import (
+    EVAL_EXCLUDE,
+    EVAL_SEED,
+    TrainConfig,
+    bootstrap_policy,
+    default_difficulty,
+    default_policy_dir,
+    weights_hash,
+)
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
@@ -69,15 +77,11 @@ class BootstrapCriticsConfig:
 
 def default_critics_dir(seed: int = 0) -> Path:
     """`<cache>/default-v1-seed{seed}/critics`, beside the default policy."""
-    from mcts.embedded import default_policy_dir
-
     return default_policy_dir(seed).parent / "critics"
 
 
 def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: bool = True) -> Path:
     """`root/critic-trunk`: the embedded model trained with `train`, rebuilt when its recipe changed."""
-    from mcts.embedded import bootstrap_policy
-
     final = root / "critic-trunk"
     report = final / "bootstrap.json"
     recipe = json.loads(json.dumps(asdict(train)))
@@ -87,8 +91,6 @@ def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: boo
 
 def training_problems(n: int, seed: int) -> list[Problem]:
     """`n` bootstrap problems, none of them one of the held-out evaluation problems."""
-    from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, default_difficulty
-
     difficulty = default_difficulty()
     key = lambda p: (tuple(sorted(p.meta["numbers"])), p.meta["target"])  # noqa: E731
     held_out = {key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
@@ -140,8 +142,6 @@ def ensure_default_critics(
     """Directory of the default critics for the default policy of `seed` (or `policy_dir`),
     built first when missing or stale. `cfg` and `root` are for tests and experiments."""
     import torch
-
-    from mcts.embedded import bootstrap_policy, weights_hash
 
     cfg = cfg or BootstrapCriticsConfig()
     policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
