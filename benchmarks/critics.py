@@ -3,12 +3,14 @@
     python -m benchmarks.critics --json out/benchmarks/critics.json [--plot out/benchmarks/critics.png]
     python -m benchmarks.critics --quick --json /tmp/critics.json      # 40 problems, for a smoke run
 
-1. Held-out problems: the first `--problems` of `mcts.embedded.EVAL_SEED` (never in the policy's
-   training set, and removed from the critics' bootstrap problems).
+1. Held-out problems: the first `--problems` of a slice of the held-out pool
+   (`mcts.embedded.evaluation_problems`: excluded by content from the policy's, the trunk's and the
+   critics' training problems). `--split test` (default) is the slice no tuning looked at; the
+   critics' recipe was chosen on `tune`.
 2. Rollouts search: every new node valued by one verified fast rollout (no critics). Its trees
    are the held-out trees the critics are measured on, against the verifier:
-   - value: non-terminal nodes with >= `--min-verified` verified visits; AUROC vs "a verified
-     success lies below", ECE vs the success rate S / V;
+   - value: non-terminal nodes with >= `--min-verified` trials (distinct verified samples); AUROC
+     vs "a verified success lies below", ECE vs the success rate S / V;
    - PRM: every step of every root-to-terminal path (each node once); AUROC vs the hard label,
      ECE vs the hard label (the PRM is trained on hard labels);
    - ORM: verified terminals; AUROC and ECE vs the verdict.
@@ -20,7 +22,8 @@
    cannot tell the two searches apart); per-seed figures are in `search.per_seed`. The critics'
    agreement (2.) is measured on the first seed's trees.
 
-Writes JSON with `auroc_value`, `auroc_prm`, `auroc_orm`, `ece_value`, `ece_prm`, `ece_orm`,
+Writes JSON with `auroc_value`, `auroc_prm`, `auroc_orm` (each with its standard error,
+`auroc_value_se`, ...: Hanley & McNeil), `ece_value`, `ece_prm`, `ece_orm`,
 `search_success_critics`, `search_success_rollouts`, `tokens_critics`, `tokens_rollouts` (+ details),
 prints a table, and draws a plot when `--plot` is given.
 """
@@ -39,14 +42,14 @@ from critics.base import CriticsConfig, CriticSet
 from critics.bootstrap import ensure_default_critics
 from critics.labels import Labels, orm_labels, prm_labels, value_labels
 from critics.models import ModelCritic
-from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, bootstrap_policy, default_difficulty
+from mcts.embedded import bootstrap_policy, evaluation_problems
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
-from mcts.tasks.countdown import CountdownTask, generate_problems
+from mcts.tasks.countdown import CountdownTask
 from rewards.derive import node_stats
-from rewards.metrics import auroc, ece
+from rewards.metrics import auroc, auroc_se, ece
 
 TASK = CountdownTask()
 
@@ -66,12 +69,19 @@ def agreement(critic: ModelCritic, labels: Labels, calibrate_on: str) -> dict:
             soft.append(s)
     p, hard = np.array(p), np.array(hard, bool)
     target = np.array(soft) if calibrate_on == "soft" else hard.astype(float)
-    return {"auroc": auroc(p, hard), "ece": ece(p, target), "n": len(p), "positive_rate": float(hard.mean())}
+    auc = auroc(p, hard)
+    return {
+        "auroc": auc,
+        "auroc_se": auroc_se(auc, int(hard.sum()), int((~hard).sum())),
+        "ece": ece(p, target),
+        "n": len(p),
+        "positive_rate": float(hard.mean()),
+    }
 
 
 def summary(trees: list[FinishedTree]) -> dict:
     solved = [bool(node_stats(t).verified_below[0]) for t in trees]
-    any_hit = [t.nodes["success_sum"][0] > 0 for t in trees]  # rollout successes included
+    any_hit = [t.evidence()[0][0] > 0 for t in trees]  # rollout successes included
     return {
         "success": float(np.mean(solved)),
         "success_incl_rollout_hits": float(np.mean(any_hit)),
@@ -86,8 +96,10 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     policy_dir = Path(args.policy) if args.policy else bootstrap_policy(args.seed)
     critics_dir = Path(args.critics) if args.critics else ensure_default_critics(args.seed, policy_dir)
-    assert args.problems <= EVAL_EXCLUDE, f"--problems {args.problems}: at most {EVAL_EXCLUDE} are held out"
-    problems = generate_problems(args.problems, EVAL_SEED, default_difficulty())
+    problems = evaluation_problems(args.split, args.problems)
+    assert len(problems) == args.problems, (
+        f"--problems {args.problems}: the {args.split} slice has {len(problems)}"
+    )
     policy = Policy.load(
         PolicyConfig(path=str(policy_dir), device="cpu", max_step_tokens=16, max_rollout_tokens=48)
     )
@@ -125,6 +137,7 @@ def run(args) -> dict:
     }
     s_plain, s_guided = mean["rollouts"], mean["critics"]
     result = {f"auroc_{k}": q["auroc"] for k, q in quality.items()}
+    result |= {f"auroc_{k}_se": q["auroc_se"] for k, q in quality.items()}
     result |= {f"ece_{k}": q["ece"] for k, q in quality.items()}
     result |= {
         "search_success_critics": s_guided["success"],
@@ -138,7 +151,7 @@ def run(args) -> dict:
         "search": {"critics": s_guided, "rollouts": s_plain, "per_seed": per_seed},
         "config": {
             "problems": args.problems,
-            "eval_seed": EVAL_SEED,
+            "split": args.split,
             "simulations": args.simulations,
             "seeds": seeds,
             "min_verified": args.min_verified,
@@ -151,9 +164,13 @@ def run(args) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"{'critic':8} {'AUROC':>7} {'ECE':>7} {'n':>6} {'pos':>6}")
+    print(
+        f"{'critic':8} {'AUROC':>7} {'+-se':>6} {'ECE':>7} {'n':>6} {'pos':>6}   ({r['config']['split']} split)"
+    )
     for k, q in r["critics"].items():
-        print(f"{k:8} {q['auroc']:7.3f} {q['ece']:7.3f} {q['n']:6d} {q['positive_rate']:6.2f}")
+        print(
+            f"{k:8} {q['auroc']:7.3f} {q['auroc_se']:6.3f} {q['ece']:7.3f} {q['n']:6d} {q['positive_rate']:6.2f}"
+        )
     seeds = r["config"]["seeds"]
     print(
         f"\n{'search valued by':18} {'success':>8} {'tokens/problem':>15} {'seconds':>8}   (mean of seeds {seeds})"
@@ -193,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True, help="where the JSON result goes")
     ap.add_argument("--plot", default=None, help="optional PNG")
     ap.add_argument("--problems", type=int, default=200, help="held-out problems")
+    ap.add_argument("--split", default="test", help="slice of the held-out pool: tune, audit or test")
     ap.add_argument("--simulations", type=int, default=12)
-    ap.add_argument("--min-verified", type=int, default=2, help="verified visits a value-target node needs")
+    ap.add_argument("--min-verified", type=int, default=2, help="trials a value-target node needs")
     ap.add_argument("--seed", type=int, default=0, help="first search seed (and the bootstrap seed)")
     ap.add_argument("--seeds", type=int, default=3, help="search seeds the success and tokens average over")
     ap.add_argument("--policy", default=None, help="policy directory (default: the embedded policy)")

@@ -2,19 +2,23 @@
 
     python -m benchmarks.quality --problems 200 --json results/quality.json [--plot results/quality.png]
 
-On Countdown problems drawn with the evaluation seed (`mcts.embedded.EVAL_SEED`, whose problems
-never appear in the default policy's training data), with the embedded default policy (or
-`--policy DIR`):
+On a slice of the held-out pool (`mcts.embedded.evaluation_problems`, excluded by content from
+every training set; `--split test` by default, the slice no tuning looked at), with the embedded
+default policy (or `--policy DIR`); every success rate comes with its binomial standard error
+(`<key>_se`):
 
 - greedy_success        greedy decoding's answer verifies
 - search_success        the search tree holds a verified-correct solution
-- search_pick_success   the answer the tree itself prefers (follow the most visited child from the
-                        root down to a terminal), without asking the verifier, is correct
+- search_pick_success_verifier_guided  the tree's own pick (the most visited child from the root
+                        down to a terminal) is correct. The verifier is in this loop: the visits
+                        were steered by verified rollouts and terminal verdicts, so this is NOT what
+                        the search would pick without a verifier
 - best_of_n_success     any of N temperature-1 samples verifies, where the samples of a problem may
-                        spend as many policy tokens as search spent on that problem on average
-                        (samples that would cross the budget are not counted)
-- tokens_per_problem_search / tokens_per_problem_best_of_n: policy tokens generated per problem,
-  options and rollouts included for search.
+                        spend as many policy tokens as search spent per problem on average (a
+                        sample that would cross the budget is not counted)
+- tokens_per_problem_search / tokens_per_problem_best_of_n: policy tokens per problem, options and
+  rollouts included for search; for best-of-N the tokens of the samples it counted (it also
+  generated the crossing samples: tokens_generated_per_problem_best_of_n).
 
 Search here: 6 options per expansion, adaptive width 4..8 below the root (so a node whose options
 all failed is still widened) and 12 first steps at the root, every rollout kept in the tree, one
@@ -39,7 +43,7 @@ from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
 from mcts.tasks.base import Problem
-from mcts.tasks.countdown import CountdownTask, generate_problems
+from mcts.tasks.countdown import CountdownTask
 
 
 def tree_pick(tree: FinishedTree) -> bool:
@@ -55,11 +59,13 @@ def tree_pick(tree: FinishedTree) -> bool:
 
 def best_of_n(
     policy: Policy, task: CountdownTask, problems: list[Problem], budget: float, seed: int, chunk: int = 8
-) -> tuple[list[bool], list[int]]:
+) -> tuple[list[bool], list[int], list[int]]:
     """Sample `chunk` solutions per unfinished problem per call until each problem's token budget
-    is spent; a problem counts as solved when a sample within its budget verifies."""
+    is spent; a problem counts as solved when a sample within its budget verifies. Returns
+    (solved, tokens of the counted samples, tokens generated) per problem."""
     solved = [False] * len(problems)
-    spent = [0] * len(problems)
+    counted = [0] * len(problems)
+    generated = [0] * len(problems)
     open_ = list(range(len(problems)))
     call = 0
     while open_:
@@ -68,21 +74,29 @@ def best_of_n(
         call += 1
         still = []
         for j, i in enumerate(open_):
+            done = False
             for r in outs[j * chunk : (j + 1) * chunk]:
-                if spent[i] + r.num_tokens > budget:
-                    spent[i] = int(budget) + 1  # this sample crosses the budget: stop here
-                    break
-                spent[i] += r.num_tokens
+                generated[i] += r.num_tokens
+                if done or counted[i] + r.num_tokens > budget:
+                    done = True  # this sample crosses the budget: it and the rest go uncounted
+                    continue
+                counted[i] += r.num_tokens
                 solved[i] |= task.check(problems[i], r.steps).success is True
-            if spent[i] <= budget:
+            if not done:
                 still.append(i)
         open_ = still
-    return solved, [min(s, int(budget)) for s in spent]
+    return solved, counted, generated
+
+
+def _se(flags) -> float:
+    p, n = float(np.mean(flags)), len(flags)
+    return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--split", default="test", help="slice of the held-out pool: tune, audit or test")
     ap.add_argument("--simulations", type=int, default=64)
     ap.add_argument("--leaves-per-tree", type=int, default=1)
     ap.add_argument("--num-options", type=int, default=6)
@@ -96,12 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", default="")
     args = ap.parse_args(argv)
 
-    from mcts.embedded import EVAL_SEED, bootstrap_policy, default_difficulty
+    from mcts.embedded import bootstrap_policy, evaluation_problems
 
     path = args.policy or str(bootstrap_policy(seed=0))
     policy = Policy.load(PolicyConfig(path=path))
     task = CountdownTask()
-    problems = generate_problems(args.problems, EVAL_SEED, default_difficulty())
+    problems = evaluation_problems(args.split, args.problems)
     prompts = [task.prompt(p) for p in problems]
 
     t0 = time.perf_counter()
@@ -129,12 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     search_tokens = float(np.mean([t.policy_tokens for t in trees]))
 
     t0 = time.perf_counter()
-    bon, bon_tokens = best_of_n(policy, task, problems, budget=search_tokens, seed=args.seed + 1)
+    bon, bon_tokens, bon_generated = best_of_n(
+        policy, task, problems, budget=search_tokens, seed=args.seed + 1
+    )
     t_bon = time.perf_counter() - t0
 
     result = {
         "problems": len(problems),
-        "eval_seed": EVAL_SEED,
+        "split": args.split,
         "policy": path,
         "simulations": args.simulations,
         "leaves_per_tree": args.leaves_per_tree,
@@ -142,16 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
         "c_min": args.c_min,
         "c_max": args.c_max,
         "root_width": args.root_width,
-        "greedy_success": float(np.mean(greedy)),
-        "best_of_n_success": float(np.mean(bon)),
-        "search_success": float(np.mean([bool((t.nodes["outcome"] == 1).any()) for t in trees])),
-        "search_pick_success": float(np.mean([tree_pick(t) for t in trees])),
         "tokens_per_problem_search": search_tokens,
         "tokens_per_problem_best_of_n": float(np.mean(bon_tokens)),
+        "tokens_generated_per_problem_best_of_n": float(np.mean(bon_generated)),
         "nodes_per_problem": float(np.mean([t.num_nodes for t in trees])),
         "seconds": {"greedy": t_greedy, "search": t_search, "best_of_n": t_bon},
         "environment": environment(),
     }
+    flags = {
+        "greedy_success": greedy,
+        "best_of_n_success": bon,
+        "search_success": [bool((t.nodes["outcome"] == 1).any()) for t in trees],
+        "search_pick_success_verifier_guided": [tree_pick(t) for t in trees],
+    }
+    for key, f in flags.items():
+        result[key], result[f"{key}_se"] = float(np.mean(f)), _se(f)
     rows = [
         {"method": "greedy", "success": result["greedy_success"], "tokens": None},
         {
@@ -165,8 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens": search_tokens,
         },
         {
-            "method": "search, tree's own pick",
-            "success": result["search_pick_success"],
+            "method": "search, tree's pick (verifier-guided)",
+            "success": result["search_pick_success_verifier_guided"],
             "tokens": search_tokens,
         },
     ]
@@ -175,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows,
             [("method", "method", "s"), ("success", "success", ".3f"), ("tokens", "tokens/problem", ".0f")],
         )
+        + f"\n{len(problems)} problems ({args.split} split); standard error of a rate near 0.5: "
+        f"{0.5 / np.sqrt(len(problems)):.3f}"
     )
     if args.json:
         write_json(args.json, result)
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             [r["method"] for r in rows],
             {"success": [r["success"] for r in rows]},
             ylabel="success rate",
-            title=f"Countdown, {len(problems)} held-out problems",
+            title=f"Countdown, {len(problems)} held-out problems ({args.split})",
             log=False,
         )
     return result

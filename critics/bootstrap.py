@@ -36,13 +36,14 @@ from mcts.embedded import (
     bootstrap_policy,
     default_difficulty,
     default_policy_dir,
+    trained_on,
     weights_hash,
 )
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
-from mcts.tasks.base import Problem
+from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, generate_problems
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
@@ -71,6 +72,10 @@ class BootstrapCriticsConfig:
     """Fine-tuning: the top block and the head, 1,000 steps (the value function 2,000)."""
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
+    labels: str = "trials-v2"
+    """What the code derives labels from; a new value rebuilds cached critics. "trials-v2": success
+    rates over distinct verified samples (not visits), distinct bootstrap problems by content, and
+    a validation split by content (not by id)."""
     max_rollout_tokens: int = 48
     threads: int = 2
 
@@ -90,14 +95,29 @@ def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: boo
 
 
 def training_problems(n: int, seed: int) -> list[Problem]:
-    """`n` bootstrap problems, none of them one of the held-out evaluation problems."""
+    """`n` bootstrap problems, distinct by content, none of them in the held-out evaluation pool."""
     difficulty = default_difficulty()
-    key = lambda p: (tuple(sorted(p.meta["numbers"])), p.meta["target"])  # noqa: E731
-    held_out = {key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
+    held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
     pool = generate_problems(4 * n + 100, CRITICS_SEED_BASE + seed, difficulty)
-    out = [p for p in pool if key(p) not in held_out][:n]
-    assert len(out) == n, f"only {len(out)} of {n} bootstrap problems are not held out"
+    out = []
+    for p in pool:
+        if _key(p) not in held_out and len(out) < n:
+            held_out.add(_key(p))  # each problem once
+            out.append(p)
+    assert len(out) == n, f"only {len(out)} of {n} bootstrap problems are distinct and not held out"
     return out
+
+
+def _key(p: Problem) -> str:
+    return content_key(p.question, p.meta)
+
+
+def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None) -> set[str]:
+    """Content keys of every problem the default critics saw in training: the trunk's solver traces
+    and the bootstrap search problems."""
+    cfg = cfg or BootstrapCriticsConfig()
+    keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
+    return keys | {_key(p) for p in training_problems(cfg.problems, seed)}
 
 
 def rollout_trees(

@@ -3,12 +3,13 @@
 | critic | rows                                         | training target          | binary label (AUROC)   |
 |--------|----------------------------------------------|--------------------------|------------------------|
 | value  | non-terminal nodes with V >= min_verified    | success rate S / V       | a verified success     |
-|        | verified visits (derive.value_rows)          |                          | lies below (subtree)   |
+|        | trials (derive.value_rows)                   |                          | lies below (subtree)   |
 | prm    | root-to-terminal paths (derive.prm_rows),    | hard: a verified success | hard label             |
 |        | a label at every step end                    | lies below; soft: S / V  |                        |
 | orm    | verified terminals                           | verified outcome         | verified outcome       |
 
-S / V is the node's backed-up verified success rate (terminal verdicts and verified rollouts); the
+S / V is the node's success rate over its trials (distinct verified samples below it: terminal
+verdicts once each, verified rollouts once each); the
 hard label is Math-Shepherd's hard estimation exactly as the exported `steps` dataset has it, so a
 PRM trained here and one trained by TRL on `out/steps` learn the same thing.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mcts.finished import FinishedTree
+from mcts.tasks.base import content_key
 from rewards.derive import CORRECT, DeriveConfig, node_stats, normalize_text, prm_rows, value_rows
 
 
@@ -32,6 +34,7 @@ class Labels:
 
     kind: str
     problem_ids: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # content key of each row's problem
     prompts: list[str] = field(default_factory=list)
     steps: list[list[str]] = field(default_factory=list)
     soft: list[list[float]] = field(default_factory=list)  # S / V (value, prm) or the outcome (orm)
@@ -43,6 +46,7 @@ class Labels:
 
     def add(self, tree: FinishedTree, steps: list[str], soft, hard, nodes) -> None:
         self.problem_ids.append(tree.problem_id)
+        self.keys.append(content_key(tree.question, tree.meta))
         self.prompts.append(tree.prompt)
         self.steps.append(list(steps))
         self.soft.append([float(s) for s in soft])
@@ -52,7 +56,7 @@ class Labels:
     def subset(self, keep: Iterable[int]) -> Labels:
         keep = list(keep)
         out = Labels(self.kind)
-        for name in ("problem_ids", "prompts", "steps", "soft", "hard", "nodes"):
+        for name in ("problem_ids", "keys", "prompts", "steps", "soft", "hard", "nodes"):
             setattr(out, name, [getattr(self, name)[i] for i in keep])
         return out
 
@@ -65,14 +69,14 @@ class Labels:
 
 
 def value_labels(trees: Iterable[FinishedTree], min_verified: int = 2) -> Labels:
-    """Non-terminal, non-root nodes whose success rate rests on >= `min_verified` verified visits."""
+    """Non-terminal, non-root nodes whose success rate rests on >= `min_verified` trials."""
     out = Labels("value")
     cfg = DeriveConfig(min_visits=max(1, min_verified), value_target="success")
     for tree in trees:
         st = node_stats(tree)
         for row in value_rows(tree, cfg, st):
             i = row["node"]
-            if row["terminal"] or row["depth"] == 0 or row["verified_visits"] < min_verified:
+            if row["terminal"] or row["depth"] == 0 or row["trials"] < min_verified:
                 continue
             out.add(tree, tree.path_steps(i), [row["value"]], [row["verified_below"]], [i])
     return out
@@ -114,8 +118,9 @@ def all_labels(trees: list[FinishedTree], min_verified: int = 2) -> dict[str, La
 
 
 def split_by_problem(labels: Labels, val_fraction: float, seed: int = 0) -> tuple[Labels, Labels]:
-    """(train, validation): a problem's rows all land on one side (hash of seed and problem id)."""
+    """(train, validation): a problem's rows all land on one side, decided by a hash of the seed and
+    the problem's *content*, so two ids of one problem never straddle the split."""
     cut = int(val_fraction * 1000)
-    val = [i for i, p in enumerate(labels.problem_ids) if zlib.crc32(f"{seed}|{p}".encode()) % 1000 < cut]
+    val = [i for i, k in enumerate(labels.keys) if zlib.crc32(f"{seed}|{k}".encode()) % 1000 < cut]
     held = set(val)
     return labels.subset(i for i in range(len(labels)) if i not in held), labels.subset(val)

@@ -50,6 +50,7 @@ import torch
 
 from mcts.charlm import build_char_tokenizer, num_params, save_model_dir, tiny_llama_config
 from mcts.policy import Policy, PolicyConfig
+from mcts.tasks.base import content_key
 from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, solve
 
 VERSION = "default-v1"
@@ -91,21 +92,61 @@ class TrainConfig:
     eval_samples: int = 8
 
 
+def training_problems(n: int, seed: int, difficulty: CountdownDifficulty) -> list:
+    """The `n` problems whose solver traces the model trains on (held-out pool removed by content)."""
+    held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
+    out: list = []
+    chunk = 0
+    while len(out) < n:
+        # Chunks with distinct seeds, so asking for more data extends the list, never reshuffles it.
+        for p in generate_problems(max(n, 1000), TRAIN_SEED_BASE + seed * 1000 + chunk, difficulty):
+            if _key(p) not in held_out:
+                out.append(p)
+        chunk += 1
+    return out[:n]
+
+
 def training_texts(n: int, seed: int, difficulty: CountdownDifficulty) -> list[tuple[str, str]]:
     """`n` (prompt, solution) pairs from solver traces; solution = steps + "\\n" each, no EOS."""
     task = CountdownTask()
-    held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
-    pairs: list[tuple[str, str]] = []
-    chunk = 0
-    while len(pairs) < n:
-        # Chunks with distinct seeds, so asking for more data extends the list, never reshuffles it.
-        for p in generate_problems(max(n, 1000), TRAIN_SEED_BASE + seed * 1000 + chunk, difficulty):
-            if _key(p) in held_out:
+    return [
+        (task.prompt(p), "".join(s + "\n" for s in solve(p.meta["numbers"], p.meta["target"])))
+        for p in training_problems(n, seed, difficulty)
+    ]
+
+
+def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
+    """Content keys (`mcts.tasks.base.content_key`) of every problem a model built by
+    `bootstrap_policy(seed, train=train)` saw in training (~1 s per 40k training sequences)."""
+    train = train or TrainConfig()
+    problems = training_problems(train.steps * train.batch_size, seed, default_difficulty())
+    return {content_key(p.question, p.meta) for p in problems}
+
+
+# The held-out pool (the first EVAL_EXCLUDE problems of EVAL_SEED, removed by content from every
+# training set) in three slices by pool index, each distinct by content and disjoint from the
+# slices before it: "tune" is what benchmarks and recipes were chosen on, "audit" is what the job's
+# audit measures the embedded critics on, "test" is touched by no tuning (headline figures).
+EVAL_SPLITS = {"tune": (0, 300), "audit": (300, 500), "test": (500, EVAL_EXCLUDE)}
+
+
+def evaluation_problems(split: str, n: int | None = None) -> list:
+    """Up to `n` problems of one slice of the held-out pool (all of it when n is None)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}: use one of {sorted(EVAL_SPLITS)}")
+    pool = generate_problems(EVAL_EXCLUDE, EVAL_SEED, default_difficulty())
+    seen: set = set()
+    out = []
+    for name, (lo, hi) in EVAL_SPLITS.items():
+        for p in pool[lo:hi]:
+            if _key(p) in seen:
                 continue
-            steps = solve(p.meta["numbers"], p.meta["target"])
-            pairs.append((task.prompt(p), "".join(s + "\n" for s in steps)))
-        chunk += 1
-    return pairs[:n]
+            seen.add(_key(p))
+            if name == split:
+                out.append(p)
+        if name == split:
+            break
+    return out if n is None else out[:n]
 
 
 def _key(p) -> tuple:

@@ -135,6 +135,9 @@ class PolicyExpander:
                 rollout_steps[i].append(full)
                 verdict = task.check(problem, full)
                 success[i] += float(verdict.success is True) / cfg.rollouts
+                if verdict.terminal:  # a verified sample: one trial of the node's evidence
+                    child.rollout_trials += 1
+                    child.rollout_successes += int(verdict.success is True)
                 if not child.graft:  # the first rollout's path, cut at its verdict
                     child.graft = tuple(r.steps[: _solution_length(task, problem, steps, r.steps)])
                     child.graft_outcome = int(bool(verdict.success)) if verdict.terminal else -1

@@ -10,16 +10,23 @@ Per-node arrays, all of shape [num_nodes], node 0 is the root (the bare prompt):
     visits       int32   N: backed-up visits = the node's own evaluations (1 when it was created,
                          + 1 per terminal revisit; 0 for the root) + its children's visits
     value_sum    float64 W: sum of backed-up values in [0, 1]; Q = W / N
-    success_sum  float64 S: sum of backed-up verified success indicators (outcomes of terminals,
-                         and of verified rollouts when they are used)
-    verified_visits int32 V: visits whose evaluation was verified; S / V is the success rate
-                         (critic-only evaluations add to N and W but not to V or S)
+    success_sum  float64 sum of backed-up verified success indicators per visit (selection
+                         bookkeeping like `verified_visits`; the evidence is `evidence()`)
+    verified_visits int32 visits whose evaluation was verified (a terminal revisit counts again:
+                         this is selection bookkeeping, not evidence; see `evidence()`)
     prior        float32 policy prior of the option leading to the node (root 1.0)
     score        float32 the node's own evaluation when it was created (combined critics/rollout)
     terminal     bool    the option ended the solution (or no move is left)
     outcome      int8    -1 not verified / not terminal, 0 verified wrong, 1 verified correct
     value, prm, orm  float32  critic breakdown of `score` (NaN where a critic did not run)
     num_tokens   int32   policy tokens of the option leading to the node
+    rollout_trials     int16  verified rollouts from the node whose verdict is NOT a terminal node
+                              of the tree (rollouts that were not grafted, or whose graft was cut)
+    rollout_successes  int16  how many of those were verified correct
+
+Evidence (`evidence()`): a *trial* is one distinct verified sample, a terminal node with a verdict
+(counted once, however often it is revisited) or a rollout that is not in the tree as a terminal.
+A node's trials V and successes S are those in its subtree; S / V is its success rate.
 Texts:
     steps        list[str]  the option text leading to each node ("" for the root), without separator
 """
@@ -46,7 +53,11 @@ NODE_FIELDS: dict[str, type] = {
     "prm": np.float32,
     "orm": np.float32,
     "num_tokens": np.int32,
+    "rollout_trials": np.int16,
+    "rollout_successes": np.int16,
 }
+# fields a tree written before they existed may lack: (fill value)
+_OPTIONAL_FIELDS = {"rollout_trials": 0, "rollout_successes": 0}
 
 UNVERIFIED = -1
 
@@ -69,6 +80,9 @@ class FinishedTree:
         n = len(self.steps)
         if "verified_visits" not in self.nodes:  # a tree valued only by verified evaluations
             self.nodes["verified_visits"] = np.asarray(self.nodes["visits"])
+        for name, fill in _OPTIONAL_FIELDS.items():
+            if name not in self.nodes:
+                self.nodes[name] = np.full(n, fill)
         for name, dtype in NODE_FIELDS.items():
             arr = np.asarray(self.nodes[name], dtype=dtype)
             assert arr.shape == (n,), f"node field {name} has shape {arr.shape}, expected ({n},)"
@@ -98,10 +112,24 @@ class FinishedTree:
         n = self.nodes["visits"]
         return np.where(n > 0, self.nodes["value_sum"] / np.maximum(n, 1), np.nan)
 
+    def evidence(self) -> tuple[np.ndarray, np.ndarray]:
+        """(S, V) per node, int64 [num_nodes]: verified successes and trials in the node's subtree,
+        each distinct verified sample counted once (see the module docstring)."""
+        nd = self.nodes
+        verdict = nd["terminal"] & (nd["outcome"] >= 0)
+        trials = verdict.astype(np.int64) + nd["rollout_trials"]
+        successes = (verdict & (nd["outcome"] == 1)).astype(np.int64) + nd["rollout_successes"]
+        parent, depth = nd["parent"].astype(np.int64), nd["depth"]
+        for d in range(int(depth.max(initial=0)), 0, -1):
+            level = np.flatnonzero(depth == d)
+            np.add.at(trials, parent[level], trials[level])
+            np.add.at(successes, parent[level], successes[level])
+        return successes, trials
+
     def success_rate(self) -> np.ndarray:
-        """S / V per node: NaN where no verified evaluation was backed up."""
-        v = self.nodes["verified_visits"]
-        return np.where(v > 0, self.nodes["success_sum"] / np.maximum(v, 1), np.nan)
+        """S / V per node over distinct verified samples: NaN where there is none."""
+        s, v = self.evidence()
+        return np.where(v > 0, s / np.maximum(v, 1), np.nan)
 
     # -- serialisation (one parquet row; plain lists, no pickle) -----------------------------
     def to_row(self) -> dict:
@@ -129,7 +157,7 @@ class FinishedTree:
             prompt=str(row["prompt"]),
             question=str(row["question"]),
             answer=str(row["answer"]),
-            nodes={name: np.asarray(row[name]) for name in NODE_FIELDS},
+            nodes={name: np.asarray(row[name]) for name in NODE_FIELDS if name in row},
             steps=[str(s) for s in row["steps"]],
             seed=int(row["seed"]),
             simulations=int(row["simulations"]),

@@ -110,6 +110,8 @@ class Child:
     critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `value`
     graft: tuple[str, ...] = ()  # steps of a rollout from this node (up to its verdict), to keep
     graft_outcome: int = -1  # the rollout's verdict: 1 correct, 0 wrong, -1 no terminal reached
+    rollout_trials: int = 0  # verified rollouts from this node (each one distinct sample)
+    rollout_successes: int = 0  # how many of them were verified correct
 
 
 @dataclass
@@ -136,6 +138,9 @@ class SearchBatch:
         self.forest = Forest(b, cap)
         self.texts: list[dict[int, str]] = [{ROOT: ""} for _ in problems]
         self.num_tokens = np.zeros((b, cap), np.int32)
+        # evidence of rollouts whose verdict is not a terminal node of the tree (see FinishedTree)
+        self.rollout_trials = np.zeros((b, cap), np.int16)
+        self.rollout_successes = np.zeros((b, cap), np.int16)
         self.critics = {name: np.full((b, cap), np.nan, np.float32) for name in ("value", "prm", "orm")}
         self.tokens = np.zeros(b, np.int64)
         self.rounds = np.zeros(b, np.int64)
@@ -289,6 +294,8 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             c = int(first[i]) + j
             batch.texts[b][c] = child.text
             batch.num_tokens[b, c] = child.num_tokens
+            batch.rollout_trials[b, c] = child.rollout_trials
+            batch.rollout_successes[b, c] = child.rollout_successes
             for name, val in child.critics.items():
                 if name in batch.critics and val is not None:
                     batch.critics[name][b, c] = val
@@ -328,7 +335,7 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
     `num_options`); a chain's parent gets width c_min, so selection still widens it with options
     of its own. The chain ends in a terminal when the rollout reached a verdict."""
     cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
-    tips = [g for g in grafts if g[2]]
+    tips = [(b, node, steps, verdict, node) for b, node, steps, verdict in grafts if steps]  # + origin
     prior = 1.0 / cfg.num_options
     level = 0
     while tips:
@@ -357,10 +364,15 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
         forest.width_target[tree_ids, node_ids] = np.maximum(
             forest.width_target[tree_ids, node_ids], cfg.c_min
         )
-        for (b, _node, steps, _v), c in zip(tips, first.tolist(), strict=True):
+        for (b, _node, steps, verdict, origin), c, ends in zip(tips, first.tolist(), last, strict=True):
             batch.texts[b][c] = steps[level]
+            if ends and batch.rollout_trials[b, origin] > 0:
+                batch.rollout_trials[b, origin] -= 1
+                batch.rollout_successes[b, origin] -= verdict == 1
         tips = [
-            (t[0], c, t[2], t[3]) for t, c in zip(tips, first.tolist(), strict=True) if len(t[2]) > level + 1
+            (t[0], c, t[2], t[3], t[4])
+            for t, c in zip(tips, first.tolist(), strict=True)
+            if len(t[2]) > level + 1
         ]
         level += 1
 
@@ -402,6 +414,8 @@ def _finish(batch: SearchBatch, b: int) -> FinishedTree:
     nodes = {
         "parent": np.where(parent >= 0, new_id[np.maximum(parent, 0)], NO_NODE),
         "num_tokens": batch.num_tokens[b, keep],
+        "rollout_trials": batch.rollout_trials[b, keep],
+        "rollout_successes": batch.rollout_successes[b, keep],
         **{name: batch.critics[name][b, keep] for name in ("value", "prm", "orm")},
     }
     for name in NODE_FIELDS:

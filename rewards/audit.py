@@ -1,27 +1,45 @@
 """How far the derived labels can be trusted: checks against the task verifier and fresh rollouts.
 
-Pure numpy; the only model work (re-rolling from a prefix) comes in as a callable, so this module
-is tested with fakes and the pipeline injects the real policy.
+Pure numpy; the model work (re-rolling from a prefix, checking a text with the verifier, searching
+trees the critics do not steer) comes in as callables and trees, so this module is tested with
+fakes and the job injects the real policy, task and critics.
 
 `audit_dataset` returns a JSON-able dict (written to `out/audit.json` by `rewards.export`):
 
     key                                   meaning
     num_trees, num_problems, num_pairs    what was audited
-    pair_precision                        over sampled pairs: fraction where fresh rollouts from the
-                                          chosen prefix (prompt + chosen's first step) succeed more
-                                          often than from the rejected prefix (None without rerollout)
+    labels                                the exported texts against the verifier, over every row:
+                                          rejected_accepted, undesirable_accepted (negatives the
+                                          verifier accepts), chosen_refused, desirable_refused,
+                                          sft_refused, unchecked (rows it could not be asked about),
+                                          duplicate_pairs (same prompt and texts), contradictory_pairs
+                                          (A>B and B>A under one prompt); all 0 in a sound dataset
+    pair_precision                        over sampled pairs: fraction where the exported chosen step
+                                          (the first step of `chosen`, as exported) succeeds more often
+                                          than the exported rejected step: a terminal step by its
+                                          verdict, a non-terminal one by fresh rollouts from
+                                          prompt + step (None without rerollout)
     pair_precision_ci95                   [low, high] Wilson 95 % interval of pair_precision
-    pair_rerollout_ties                   fraction of sampled pairs where the two rates were equal
-    pair_rerollout_gap                    mean (chosen rate - rejected rate) over sampled pairs
+    pair_precision_by_stratum             the same per stratum: "both_nonterminal", "one_terminal",
+                                          "both_terminal", and "depth_1", "depth_2", "depth_3+":
+                                          {precision, ci95, n}
+    pair_rerollout_ties, pair_rerollout_gap  share of equal rates; mean chosen - rejected rate
     pairs_sampled, rollouts_per_prefix    the sample behind pair_precision
     pairs_per_problem                     mean / median / min / max and {pairs: problems} histogram
-    critics.<name>.terminal_auroc/_ece/_n AUROC and ECE of the critic on verified terminals vs outcome
-    critics.<name>.subtree_auroc/_ece/_n  on non-root nodes with verified visits: AUROC vs
-                                          "a verified success lies below", ECE vs the success rate
+    critics.<name>                        value / prm: non-root, non-terminal nodes with >= 1 trial,
+                                          AUROC vs "a verified success lies below" (+ its standard
+                                          error), ECE vs the success rate; orm: verified terminals,
+                                          AUROC and ECE vs the verdict. Only on `critic_trees`: trees
+                                          searched by verified rollouts alone (the critics scored every
+                                          node but steered nothing), on problems the critics never
+                                          trained on; None without them
+    orm_favourite_rejected                over those trees: how often the terminal the ORM scores
+                                          highest is verified wrong
     search_success                        fraction of trees holding a verified correct terminal
-    greedy_success, search_minus_greedy   when the greedy success rate is given
-    critic_favourite_rejected.<name>      over trees with verified terminals: how often the terminal
-                                          the critic scores highest is verified wrong
+    greedy_success, search_minus_greedy   when greedy results are given
+    seen_in_training                      per model ("policy", "critics"): how many of the job's
+                                          problems its training set holds, by content (None: unknown)
+    unseen                                problems neither model saw: count, search and greedy success
     distinct_verified_solutions_per_problem  mean and histogram of distinct (whitespace-normalized)
                                           verified-correct solution texts per problem, over all trees
 ECE is None for a critic whose scores leave [0, 1] (it is not a probability then).
@@ -35,11 +53,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mcts.finished import FinishedTree
+from mcts.tasks.base import content_key
 from rewards.derive import CORRECT, node_stats, normalize_text, wilson_interval
-from rewards.metrics import auroc, ece
+from rewards.metrics import auroc, auroc_se, ece
 
-CRITICS = ("score", "value", "prm", "orm")
-Rerollout = Callable[[list[str], int], list[float]]
+CRITICS = ("value", "prm", "orm")
+# (problem id, prefix text) -> success rate of n fresh verified rollouts from that prefix
+Rerollout = Callable[[list[tuple[str, str]], int], list[float]]
+# (problem id, prefix text, completion) -> does the verifier accept prefix + completion? None: cannot tell
+Verify = Callable[[str, str, str], bool | None]
 
 
 def _distribution(counts: Sequence[int]) -> dict:
@@ -63,43 +85,145 @@ def _safe_ece(pred: np.ndarray, target: np.ndarray) -> float | None:
     return ece(pred, target)
 
 
-def pair_prefixes(pair: dict, trees_by_id: dict[str, FinishedTree]) -> tuple[str, str]:
-    """(chosen prefix, rejected prefix): the pair's prompt plus that side's first step and "\\n"."""
-    tree = trees_by_id.get(pair["tree_id"])
-    if tree is not None:
-        c, r = tree.steps[pair["chosen_node"]], tree.steps[pair["rejected_node"]]
-    else:  # the tree is not at hand: the first line of each side is its step
-        c, r = pair["chosen"].split("\n", 1)[0], pair["rejected"].split("\n", 1)[0]
-    return pair["prompt"] + c + "\n", pair["prompt"] + r + "\n"
+def first_step(completion: str) -> str:
+    """The first step of an exported completion (steps are each ended by "\\n")."""
+    return completion.split("\n", 1)[0]
+
+
+# -- the exported texts against the verifier -------------------------------------------------------
+def label_check(pairs: list[dict], kto: list[dict], sft: list[dict], verify: Verify | None) -> dict:
+    """Every exported text against the verifier, and duplicate / contradictory pairs."""
+    out = dict.fromkeys(
+        ("rejected_accepted", "undesirable_accepted", "chosen_refused", "desirable_refused", "sft_refused"), 0
+    )
+    out["unchecked"] = 0
+
+    def check(row: dict, text: str, want: bool, bad: str) -> None:
+        ok = verify(row["problem_id"], row["prompt"], text) if verify is not None else None
+        if ok is None:
+            out["unchecked"] += 1
+        elif ok != want:
+            out[bad] += 1
+
+    for p in pairs:
+        check(p, p["chosen"], True, "chosen_refused")
+        check(p, p["rejected"], False, "rejected_accepted")
+    for r in kto:
+        check(
+            r,
+            r["completion"],
+            bool(r["label"]),
+            "desirable_refused" if r["label"] else "undesirable_accepted",
+        )
+    for r in sft:
+        check(r, r["completion"], True, "sft_refused")
+    exact = Counter((p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
+    out["duplicate_pairs"] = sum(c - 1 for c in exact.values())
+    orient: dict[tuple, set] = defaultdict(set)
+    for p in pairs:
+        c, r = normalize_text(p["chosen"]), normalize_text(p["rejected"])
+        orient[(p["prompt"], frozenset((c, r)))].add(c)
+    out["contradictory_pairs"] = sum(1 for sides in orient.values() if len(sides) > 1)
+    return out
+
+
+# -- pair precision on the exported texts ----------------------------------------------------------
+def _precision(correct: np.ndarray) -> dict:
+    k = len(correct)
+    if not k:
+        return {"precision": None, "ci95": None, "n": 0}
+    p = float(np.mean(correct))
+    return {"precision": p, "ci95": list(wilson_interval(p, k, 1.96)), "n": k}
 
 
 def pair_precision(
-    pairs: list[dict],
-    trees_by_id: dict[str, FinishedTree],
-    rerollout: Rerollout,
-    sample: int,
-    n: int,
-    seed: int,
+    pairs: list[dict], rerollout: Rerollout, verify: Verify | None, sample: int, n: int, seed: int
 ) -> dict:
-    """Re-roll `n` times from both prefixes of up to `sample` random pairs (one batched call)."""
+    """Re-roll `n` times from the exported first step of both sides of up to `sample` random pairs
+    (one batched call); a terminal step is scored by its verdict instead."""
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(pairs), size=min(sample, len(pairs)), replace=False) if pairs else []
-    prefixes = [p for i in pick for p in pair_prefixes(pairs[int(i)], trees_by_id)]
-    rates = np.asarray(rerollout(prefixes, n) if prefixes else [], dtype=np.float64)
-    assert rates.shape == (len(prefixes),), (
-        f"rerollout returned {rates.shape} rates for {len(prefixes)} prefixes"
+    pick = (
+        [int(i) for i in rng.choice(len(pairs), size=min(sample, len(pairs)), replace=False)] if pairs else []
     )
-    chosen, rejected = rates[0::2], rates[1::2]
-    k = len(chosen)
-    precision = float(np.mean(chosen > rejected)) if k else None
+    rates = np.full((len(pick), 2), np.nan)
+    asks: list[tuple[str, str]] = []
+    where: list[tuple[int, int]] = []
+    for row, i in enumerate(pick):
+        p = pairs[i]
+        for col, side in enumerate(("chosen", "rejected")):
+            step = first_step(p[side]) + "\n"
+            if p.get(f"{side}_terminal") and verify is not None:
+                verdict = verify(p["problem_id"], p["prompt"], step)
+                if verdict is not None:
+                    rates[row, col] = float(verdict)
+                    continue
+            asks.append((p["problem_id"], p["prompt"] + step))
+            where.append((row, col))
+    got = np.asarray(rerollout(asks, n) if asks else [], dtype=np.float64)
+    assert got.shape == (len(asks),), f"rerollout returned {got.shape} rates for {len(asks)} prefixes"
+    for (row, col), rate in zip(where, got, strict=True):
+        rates[row, col] = rate
+    chosen, rejected = rates[:, 0], rates[:, 1]
+    correct = chosen > rejected
+    terminals = np.array(
+        [
+            int(bool(pairs[i].get("chosen_terminal"))) + int(bool(pairs[i].get("rejected_terminal")))
+            for i in pick
+        ]
+    )
+    depth = np.array([min(int(pairs[i]["depth"]), 3) for i in pick])
+    overall = _precision(correct)
+    strata = {
+        "both_nonterminal": terminals == 0,
+        "one_terminal": terminals == 1,
+        "both_terminal": terminals == 2,
+        "depth_1": depth == 1,
+        "depth_2": depth == 2,
+        "depth_3+": depth >= 3,
+    }
+    k = len(pick)
     return {
-        "pair_precision": precision,
-        "pair_precision_ci95": list(wilson_interval(precision, k, 1.96)) if k else None,
+        "pair_precision": overall["precision"],
+        "pair_precision_ci95": overall["ci95"],
+        "pair_precision_by_stratum": {name: _precision(correct[m]) for name, m in strata.items()},
         "pair_rerollout_ties": float(np.mean(chosen == rejected)) if k else None,
         "pair_rerollout_gap": float(np.mean(chosen - rejected)) if k else None,
         "pairs_sampled": k,
         "rollouts_per_prefix": n,
     }
+
+
+# -- critics on trees they did not steer -----------------------------------------------------------
+def critic_agreement(trees: list[FinishedTree]) -> dict:
+    """AUROC (+ standard error) and ECE of each critic on rollout-valued trees (see the docstring)."""
+    rows: dict[str, list[tuple[float, bool, float]]] = defaultdict(list)
+    favourite = []
+    for t in trees:
+        st = node_stats(t)
+        inner = np.flatnonzero((st.depth > 0) & ~st.terminal & (st.trials > 0))
+        for name in ("value", "prm"):
+            s = t.nodes[name].astype(np.float64)
+            rows[name] += [(s[i], bool(st.verified_below[i]), float(st.success[i])) for i in inner]
+        verified = np.flatnonzero(st.terminal & (st.outcome >= 0) & (st.depth > 0))
+        orm = t.nodes["orm"].astype(np.float64)
+        rows["orm"] += [(orm[i], st.outcome[i] == CORRECT, float(st.outcome[i] == CORRECT)) for i in verified]
+        scored = verified[~np.isnan(orm[verified])]
+        if len(scored):
+            favourite.append(bool(st.outcome[scored[np.argmax(orm[scored])]] != CORRECT))
+    out: dict = {}
+    for name in CRITICS:
+        a = np.asarray(rows[name], dtype=np.float64).reshape(-1, 3)
+        a = a[~np.isnan(a[:, 0])]
+        y = a[:, 1] > 0
+        auc = auroc(a[:, 0], y)
+        out[name] = {
+            "auroc": auc,
+            "auroc_se": auroc_se(auc, int(y.sum()), int((~y).sum())),
+            "ece": _safe_ece(a[:, 0], a[:, 2]),
+            "n": len(a),
+            "positive_rate": float(y.mean()) if len(y) else None,
+        }
+    return {"critics": out, "orm_favourite_rejected": float(np.mean(favourite)) if favourite else None}
 
 
 def audit_dataset(
@@ -108,68 +232,69 @@ def audit_dataset(
     *,
     rerollout: Rerollout | None,
     sample_pairs: int,
-    greedy_success: float | None,
+    greedy: dict[str, bool] | None,
     seed: int,
-    rollouts_per_prefix: int = 8,
+    rollouts_per_prefix: int = 16,
+    kto: Sequence[dict] = (),
+    sft: Sequence[dict] = (),
+    verify: Verify | None = None,
+    critic_trees: list[FinishedTree] | None = None,
+    seen: dict[str, set[str] | None] | None = None,
 ) -> dict:
-    """The audit report (keys in the module docstring) for `trees` and the `pairs` derived from them."""
-    trees_by_id = {f"{t.problem_id}/{t.seed}": t for t in trees}
+    """The audit report (keys in the module docstring). `greedy`: problem id -> greedy decoding
+    verified correct; `seen`: model name -> content keys of its training problems (None: unknown)."""
     problems = sorted({t.problem_id for t in trees} | {p["problem_id"] for p in pairs})
     report: dict = {"num_trees": len(trees), "num_problems": len(problems), "num_pairs": len(pairs)}
+    report["labels"] = label_check(pairs, list(kto), list(sft), verify)
 
-    if rerollout is not None:
-        report |= pair_precision(pairs, trees_by_id, rerollout, sample_pairs, rollouts_per_prefix, seed)
+    if rerollout is not None and sample_pairs > 0:
+        report |= pair_precision(pairs, rerollout, verify, sample_pairs, rollouts_per_prefix, seed)
     else:
-        report |= {"pair_precision": None, "pair_precision_ci95": None}
+        report |= {"pair_precision": None, "pair_precision_ci95": None, "pair_precision_by_stratum": None}
         report |= {"pair_rerollout_ties": None, "pair_rerollout_gap": None}
         report |= {"pairs_sampled": 0, "rollouts_per_prefix": 0}
     per_problem = Counter(p["problem_id"] for p in pairs)
     report["pairs_per_problem"] = _distribution([per_problem[p] for p in problems])
 
-    # critic agreement with the verifier, pooled over trees
-    term = defaultdict(list)  # critic -> [(score, outcome)]
-    sub = defaultdict(list)  # critic -> [(score, verified_below, success)]
-    favourite = defaultdict(list)  # critic -> [favourite verified wrong?]
-    solved = []
+    if critic_trees:
+        report |= critic_agreement(critic_trees)
+        report["critic_trees"] = len(critic_trees)
+    else:
+        report |= {"critics": None, "orm_favourite_rejected": None, "critic_trees": 0}
+
+    solved: dict[str, bool] = {}
+    keys: dict[str, str] = {}
     solutions: dict[str, set[str]] = defaultdict(set)
     for t in trees:
         st = node_stats(t)
-        solved.append(bool(st.verified_below[0]))
-        verified = np.flatnonzero(st.terminal & (st.outcome >= 0))
-        visited = np.flatnonzero((st.depth > 0) & (st.verified_visits > 0))
-        for name in CRITICS:
-            s = t.nodes[name].astype(np.float64)
-            term[name] += [(s[i], st.outcome[i] == CORRECT) for i in verified]
-            if st.has_verifier:
-                sub[name] += [(s[i], st.verified_below[i], st.success[i]) for i in visited]
-            scored = verified[~np.isnan(s[verified])]
-            if len(scored):
-                favourite[name].append(bool(st.outcome[scored[np.argmax(s[scored])]] != CORRECT))
-        for i in verified[st.outcome[verified] == CORRECT]:
+        solved[t.problem_id] = solved.get(t.problem_id, False) or bool(st.verified_below[0])
+        keys[t.problem_id] = content_key(t.question, t.meta)
+        verified = np.flatnonzero(st.terminal & (st.outcome == CORRECT))
+        for i in verified:
             solutions[t.problem_id].add(normalize_text("\n".join(t.path_steps(int(i)))))
 
-    report["critics"] = {}
-    for name in CRITICS:
-        ts = np.asarray(term[name], dtype=np.float64).reshape(-1, 2)
-        ss = np.asarray(sub[name], dtype=np.float64).reshape(-1, 3)
-        report["critics"][name] = {
-            "terminal_auroc": auroc(ts[:, 0], ts[:, 1] > 0),
-            "terminal_ece": _safe_ece(ts[:, 0], ts[:, 1]),
-            "terminal_n": int((~np.isnan(ts[:, 0])).sum()),
-            "subtree_auroc": auroc(ss[:, 0], ss[:, 1] > 0),
-            "subtree_ece": _safe_ece(ss[:, 0], ss[:, 2]),
-            "subtree_n": int((~np.isnan(ss[:, 0])).sum()),
-        }
-    report["critic_favourite_rejected"] = {
-        name: (float(np.mean(favourite[name])) if favourite[name] else None) for name in CRITICS
-    }
-    report["critic_favourite_trees"] = len(favourite["score"])
+    def rate(flags: list[bool]) -> float | None:
+        return float(np.mean(flags)) if flags else None
 
-    search = float(np.mean(solved)) if solved else None
-    report["search_success"] = search
-    report["greedy_success"] = greedy_success
+    report["search_success"] = rate(list(solved.values()))
+    report["greedy_success"] = rate([greedy[p] for p in solved if p in greedy]) if greedy else None
     report["search_minus_greedy"] = (
-        search - greedy_success if search is not None and greedy_success is not None else None
+        report["search_success"] - report["greedy_success"]
+        if report["search_success"] is not None and report["greedy_success"] is not None
+        else None
     )
+    seen = seen or {}
+    report["seen_in_training"] = {
+        name: (None if s is None else sum(keys[p] in s for p in solved)) for name, s in seen.items()
+    }
+    if seen and all(s is not None for s in seen.values()):
+        unseen = [p for p in solved if not any(keys[p] in s for s in seen.values())]
+        report["unseen"] = {
+            "problems": len(unseen),
+            "search_success": rate([solved[p] for p in unseen]),
+            "greedy_success": rate([greedy[p] for p in unseen if p in greedy]) if greedy else None,
+        }
+    else:
+        report["unseen"] = None
     report["distinct_verified_solutions_per_problem"] = _distribution([len(solutions[p]) for p in problems])
     return report

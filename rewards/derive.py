@@ -1,24 +1,29 @@
 """Finished trees -> preference records. Pure functions over `FinishedTree`s (numpy + stdlib only).
 
-Per node the search leaves N (visits), Q = W / N, and V verified visits with S successes among them
-(verified terminal outcomes and verified rollouts; critic-only evaluations count in N but not in V),
-so the success rate is S / V. From those:
+Per node the search leaves N (visits) and Q = W / N for selection, and its evidence: V trials, the
+distinct verified samples in its subtree (each verified terminal once however often it was revisited,
+each rollout once), S of them verified correct (`FinishedTree.evidence`); the success rate is S / V.
+Every statistic a record is gated or labelled on is built on trials, never on visits. From those:
 
 - `step_pairs`: under every internal node, sibling options are compared; the one with the higher
   success rate is chosen. A pair is kept only when the gap is real: both sides visited at least
   `min_visits` times, a gap of at least `min_margin`, and Wilson score intervals of the two success
-  rates that do not overlap at the `confidence` level; optionally the chosen side must have a
-  verified solution below it (`verifier_gate`). Each side is continued to an end so that DPO sees
-  whole solutions: chosen by its most visited verified-correct continuation (else its most visited
-  path), rejected by its most visited path to a terminal.
+  rates (over trials) that do not overlap at the `confidence` level. Each side is continued to a
+  verified end so that DPO sees whole solutions the verifier has judged: chosen by its most visited
+  verified-correct terminal, rejected by its most visited verified-wrong terminal; a side without
+  such an end drops the pair. Pairs are keyed by the unordered texts: A>B and B>A under one prompt
+  both go, exact duplicates are kept once.
 - `prm_rows`: root-to-terminal paths with hard (Math-Shepherd "hard estimation": a verified
   success lies below the step) and soft (the step's success rate) labels per step.
 - `kto_rows`, `sft_rows`, `value_rows`: unpaired labels, the best verified trajectory, value targets.
 
-The Wilson test treats the V backed-up verified outcomes under a node as independent draws. They are not
-quite (MCTS steers later visits by earlier ones), so read `confidence` as a ranking of how clearly
-two siblings separate, not as a calibrated probability; `rewards.audit` measures the real precision
-with fresh rollouts.
+Completions end the way the policy ends its own solutions: every step followed by the separator
+("\\n"), then TRL's EOS.
+
+The Wilson test treats the trials under a node as independent draws. They are not quite (MCTS steers
+later samples by earlier ones), so read `confidence` as a ranking of how clearly two siblings
+separate, not as a calibrated probability; `rewards.audit` measures the real precision with fresh
+rollouts.
 """
 
 from __future__ import annotations
@@ -49,9 +54,6 @@ class DeriveConfig:
     """Minimum success-rate gap (chosen - rejected) of a pair."""
     confidence: float = 0.9
     """Two-sided level of the Wilson score intervals that must not overlap (0 disables the test)."""
-    verifier_gate: bool | None = None
-    """Require a verified correct terminal below the chosen step. None: on when the tree holds any
-    verified outcome (the task has a verifier), off otherwise."""
     max_pairs_per_node: int = 3
     """At most this many pairs per parent node, largest success gap (best vs worst) first."""
     trajectory_min_visits: int = 1
@@ -59,7 +61,8 @@ class DeriveConfig:
     max_trajectories_per_tree: int = 32
     """PRM / KTO trajectories per tree, most visited terminals first."""
     value_target: str = "success"
-    """`values.value` column: "success" (S / N, anchored on the verifier) or "q" (W / N, critic-backed)."""
+    """`values.value` column: "success" (S / V over trials, anchored on the verifier) or "q" (W / N,
+    critic-backed)."""
     kto_from_pairs: bool = True
     """KTO rows from the two sides of every accepted pair (chosen desirable, rejected not)."""
     kto_trajectories: bool = True
@@ -93,8 +96,9 @@ class DeriveConfig:
 class NodeStats:
     """Per-node statistics of one tree; every array has shape [num_nodes]."""
 
-    visits: np.ndarray  # int32   N
-    verified_visits: np.ndarray  # int32   V
+    visits: np.ndarray  # int32   N (selection)
+    trials: np.ndarray  # int64   V: distinct verified samples in the subtree
+    successes: np.ndarray  # int64   S: verified correct ones among them
     q: np.ndarray  # float64 W / N (NaN where N == 0)
     success: np.ndarray  # float64 S / V (NaN where V == 0)
     depth: np.ndarray  # int32
@@ -104,6 +108,7 @@ class NodeStats:
     num_verified_below: np.ndarray  # int32   number of outcome==1 terminals in the subtree
     terminal_below: np.ndarray  # bool    any terminal lies in the subtree
     best_verified: np.ndarray  # int32   most visited outcome==1 terminal in the subtree, -1 if none
+    best_wrong: np.ndarray  # int32   most visited outcome==0 terminal in the subtree, -1 if none
     children: list[np.ndarray]  # children[i]: child ids of node i, ascending
     has_verifier: bool  # any verified outcome or verified visit in the tree (the task has a verifier)
 
@@ -123,23 +128,30 @@ def node_stats(tree: FinishedTree) -> NodeStats:
     correct = nd["terminal"] & (nd["outcome"] == CORRECT)
     count = correct.astype(np.int32)
     term_below = nd["terminal"].astype(np.int32)
-    # best verified terminal encoded as one sortable int: more visits wins, then the lower id
-    key = np.where(correct, visits.astype(np.int64) * (n + 1) + (n - ids), -1)
+    wrong = nd["terminal"] & (nd["outcome"] == 0)
+    # best terminal encoded as one sortable int: more visits wins, then the lower id
+    rank = visits.astype(np.int64) * (n + 1) + (n - ids)
+    key = np.where(correct, rank, -1)
+    key_wrong = np.where(wrong, rank, -1)
     for d in range(int(depth.max(initial=0)), 0, -1):
         level = np.flatnonzero(depth == d)
         np.add.at(count, parent[level], count[level])
         np.add.at(term_below, parent[level], term_below[level])
         np.maximum.at(key, parent[level], key[level])
+        np.maximum.at(key_wrong, parent[level], key_wrong[level])
     best = np.where(key >= 0, n - key % (n + 1), -1).astype(np.int32)
+    best_wrong = np.where(key_wrong >= 0, n - key_wrong % (n + 1), -1).astype(np.int32)
+    successes, trials = tree.evidence()
 
     order = np.argsort(parent, kind="stable")
     bounds = np.searchsorted(parent[order], np.arange(n + 1))
     children = [order[bounds[i] : bounds[i + 1]] for i in range(n)]
     return NodeStats(
         visits=visits,
-        verified_visits=nd["verified_visits"],
+        trials=trials,
+        successes=successes,
         q=tree.q(),
-        success=tree.success_rate(),
+        success=np.where(trials > 0, successes / np.maximum(trials, 1), np.nan),
         depth=depth,
         terminal=nd["terminal"],
         outcome=nd["outcome"],
@@ -147,8 +159,9 @@ def node_stats(tree: FinishedTree) -> NodeStats:
         num_verified_below=count,
         terminal_below=term_below > 0,
         best_verified=best,
+        best_wrong=best_wrong,
         children=children,
-        has_verifier=bool(np.any(nd["outcome"] != UNVERIFIED) or np.any(nd["verified_visits"] > 0)),
+        has_verifier=bool(np.any(nd["outcome"] != UNVERIFIED) or trials[0] > 0),
     )
 
 
@@ -189,7 +202,13 @@ def z_of_confidence(level: float) -> float:
 # -- text -----------------------------------------------------------------------------------------
 def prefix_text(tree: FinishedTree, node: int) -> str:
     """The text the policy conditioned on at `node`: the prompt and each step followed by "\\n"."""
-    return tree.prompt + "".join(s + "\n" for s in tree.path_steps(node))
+    return tree.prompt + completion_text(tree, tree.path(node))
+
+
+def completion_text(tree: FinishedTree, nodes: list[int]) -> str:
+    """The steps of `nodes`, each ended by "\\n" as the policy ends every step of its own solutions
+    (TRL appends EOS after it)."""
+    return "".join(tree.steps[i] + "\n" for i in nodes)
 
 
 def normalize_text(text: str) -> str:
@@ -197,25 +216,14 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def descend(stats: NodeStats, node: int) -> int:
-    """End of the most visited path below `node`: at each level the most visited child (ties: higher Q,
-    then lower id) among children that lead to a terminal; a leaf if no terminal lies below."""
-    while len(kids := stats.children[node]) and not stats.terminal[node]:
-        if stats.terminal_below[node]:
-            kids = kids[stats.terminal_below[kids]]
-        q = np.nan_to_num(stats.q[kids], nan=-np.inf)
-        node = int(kids[np.lexsort((kids, -q, -stats.visits[kids]))[0]])
-    return int(node)
-
-
 def continuation(
-    tree: FinishedTree, stats: NodeStats, node: int, prefer_verified: bool
-) -> tuple[list[int], int]:
-    """(node ids from `node` down to the end, end node). With prefer_verified the end is the most
-    visited verified-correct terminal below `node` when there is one; otherwise `descend`."""
-    end = int(stats.best_verified[node]) if prefer_verified else -1
+    tree: FinishedTree, stats: NodeStats, node: int, correct: bool
+) -> tuple[list[int], int] | None:
+    """(node ids from `node` down to its end, end node): the most visited verified-correct
+    (`correct`) or verified-wrong terminal below `node` (the node itself included); None if there is none."""
+    end = int(stats.best_verified[node] if correct else stats.best_wrong[node])
     if end < 0:
-        end = descend(stats, node)
+        return None
     path = tree.path(end)
     start = int(stats.depth[node]) - 1
     assert path[start] == node, f"node {node} is not on the path to {end}: {path}"
@@ -235,12 +243,11 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
     """Sibling preference pairs (rows of records.PAIRS_SCHEMA), parents in id order, per parent the
     largest success gaps first. See the module docstring for the acceptance tests."""
     st = stats or node_stats(tree)
-    gate = st.has_verifier if cfg.verifier_gate is None else cfg.verifier_gate
     nd, chash, tid = tree.nodes, cfg.hash(), _tree_id(tree)
     q_key = np.nan_to_num(st.q, nan=-np.inf)
     rows: list[dict] = []
     for parent, kids in enumerate(st.children):
-        kids = kids[(st.visits[kids] >= cfg.min_visits) & (st.verified_visits[kids] > 0)]
+        kids = kids[(st.visits[kids] >= cfg.min_visits) & (st.trials[kids] > 0)]
         if len(kids) < 2:
             continue
         ranked = kids[np.lexsort((kids, -q_key[kids], -st.success[kids]))]  # best first
@@ -251,26 +258,24 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             key=lambda cr: -(st.success[cr[0]] - st.success[cr[1]])
         )  # stable: best-vs-worst first
         prompt = prefix_text(tree, parent)
-        seen: set[tuple[str, str]] = set()
+        seen: set[frozenset[str]] = set()
         for c, r in candidates:
             if len(seen) >= cfg.max_pairs_per_node:
                 break
             gap = float(st.success[c] - st.success[r])
             if gap <= 0 or gap < cfg.min_margin - 1e-12:
                 continue
-            z, level = wilson_separation(
-                st.success[c], st.verified_visits[c], st.success[r], st.verified_visits[r]
-            )
+            z, level = wilson_separation(st.success[c], st.trials[c], st.success[r], st.trials[r])
             if level < cfg.confidence:
                 continue
-            if gate and not st.verified_below[c]:
-                continue
-            c_path, c_end = continuation(tree, st, int(c), prefer_verified=True)
-            r_path, r_end = continuation(tree, st, int(r), prefer_verified=False)
-            chosen = "\n".join(tree.steps[i] for i in c_path)
-            rejected = "\n".join(tree.steps[i] for i in r_path)
-            key = (normalize_text(chosen), normalize_text(rejected))
-            if key[0] == key[1] or key in seen:
+            chosen_side = continuation(tree, st, int(c), correct=True)
+            rejected_side = continuation(tree, st, int(r), correct=False)
+            if chosen_side is None or rejected_side is None:
+                continue  # a side the verifier has not judged would be presented as finished
+            (c_path, c_end), (r_path, r_end) = chosen_side, rejected_side
+            chosen, rejected = completion_text(tree, c_path), completion_text(tree, r_path)
+            key = frozenset((normalize_text(chosen), normalize_text(rejected)))
+            if len(key) < 2 or key in seen:
                 continue  # un-merged near-identical siblings: the pair would teach nothing
             seen.add(key)
             rows.append(
@@ -291,8 +296,8 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
                     "rejected_q": _f(st.q[r]),
                     "chosen_n": int(st.visits[c]),
                     "rejected_n": int(st.visits[r]),
-                    "chosen_v": int(st.verified_visits[c]),
-                    "rejected_v": int(st.verified_visits[r]),
+                    "chosen_v": int(st.trials[c]),
+                    "rejected_v": int(st.trials[r]),
                     "chosen_success": _f(st.success[c]),
                     "rejected_success": _f(st.success[r]),
                     "confidence": level,
@@ -300,6 +305,8 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
                     "chosen_verified": bool(st.outcome[c_end] == CORRECT),
                     "chosen_outcome": int(st.outcome[c_end]),
                     "rejected_outcome": int(st.outcome[r_end]),
+                    "chosen_terminal": bool(st.terminal[c]),
+                    "rejected_terminal": bool(st.terminal[r]),
                     **{
                         f"{side}_{k}": _f(nd[k][i])
                         for side, i in (("chosen", c), ("rejected", r))
@@ -399,7 +406,7 @@ def kto_rows(
             )
     if cfg.kto_trajectories:
         for end in _trajectory_ends(st, cfg, verified_only=True):
-            text = "\n".join(tree.path_steps(end))
+            text = completion_text(tree, tree.path(end))
             rows.append(
                 _kto_row(
                     tree, st, tree.prompt, text, st.outcome[end] == CORRECT, "trajectory", end, end, chash
@@ -417,7 +424,7 @@ def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
     return [
         {
             "prompt": tree.prompt,
-            "completion": "\n".join(tree.path_steps(end)),
+            "completion": completion_text(tree, tree.path(end)),
             "problem_id": tree.problem_id,
             "tree_id": _tree_id(tree),
             "end_node": end,
@@ -432,7 +439,7 @@ def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
 
 def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
     """Value targets (records.VALUES_SCHEMA) for every node (root included) with N >= min_visits and
-    a defined target (with value_target="success", V > 0)."""
+    a defined target (with value_target="success", at least one trial)."""
     st = stats or node_stats(tree)
     target = st.success if cfg.value_target == "success" else st.q
     keep = (st.visits >= cfg.min_visits) & ~np.isnan(target)
@@ -441,7 +448,7 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             "prompt": prefix_text(tree, i),
             "value": _f(target[i]),
             "visits": int(st.visits[i]),
-            "verified_visits": int(st.verified_visits[i]),
+            "trials": int(st.trials[i]),
             "success": _f(st.success[i]),
             "q": _f(st.q[i]),
             "verified_below": bool(st.verified_below[i]),
@@ -456,24 +463,32 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
     ]
 
 
-def dedupe(rows: Iterable[dict], key: Callable[[dict], tuple], label: str | None = None) -> list[dict]:
-    """Keep the first row per key. With `label`, a key seen with two different labels is dropped."""
+def dedupe(
+    rows: Iterable[dict],
+    key: Callable[[dict], tuple],
+    label: str | None = None,
+    normalize: Callable = lambda x: x,
+) -> list[dict]:
+    """Keep the first row per key. With `label`, a key seen with two different (normalized) values of
+    `label` is a contradiction, and every row of that key is dropped."""
     first: dict[tuple, dict] = {}
     conflicted: set[tuple] = set()
     for r in rows:
         k = key(r)
         if k not in first:
             first[k] = r
-        elif label is not None and first[k][label] != r[label]:
+        elif label is not None and normalize(first[k][label]) != normalize(r[label]):
             conflicted.add(k)
     return [r for k, r in first.items() if k not in conflicted]
 
 
-def pair_key(row: dict) -> tuple[str, str, str, str]:
-    """Near-duplicate identity of a pair: problem, prompt, normalized chosen / rejected texts. The
-    problem id is part of it so that what a batch yields never depends on which other problems
-    share the batch (shards are written per batch)."""
-    return row["problem_id"], row["prompt"], normalize_text(row["chosen"]), normalize_text(row["rejected"])
+def pair_key(row: dict) -> tuple:
+    """Identity of a pair: problem, prompt and the unordered pair of normalized texts, so that A>B and
+    B>A meet under one key. The problem id is part of it so that what a batch yields never depends
+    on which other problems share the batch (shards are written per batch; the job searches each
+    problem content once)."""
+    texts = frozenset((normalize_text(row["chosen"]), normalize_text(row["rejected"])))
+    return row["problem_id"], row["prompt"], texts
 
 
 def kto_key(row: dict) -> tuple[str, str, str]:
@@ -483,23 +498,28 @@ def kto_key(row: dict) -> tuple[str, str, str]:
 
 def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, list[dict]]:
     """Every record kind for a batch of trees: {"pairs", "steps", "kto", "sft", "values", "trees"}.
-    Pairs and KTO rows are de-duplicated across the trees of one problem (several seeds find the
-    same options); SFT keeps the single most visited verified trajectory per problem."""
+    Pairs are de-duplicated across the trees of one problem (several seeds find the same options),
+    and contradictory ones (A>B in one tree, B>A in another) are dropped before KTO rows are made
+    from them; SFT keeps the single most visited verified trajectory per problem."""
     out: dict[str, list[dict]] = {k: [] for k in ("pairs", "steps", "kto", "sft", "values", "trees")}
     best_sft: dict[str, dict] = {}
-    for tree in trees:
-        st = node_stats(tree)
-        pairs = step_pairs(tree, cfg, st)
-        out["pairs"] += pairs
+    trees = list(trees)
+    stats = [node_stats(tree) for tree in trees]
+    for tree, st in zip(trees, stats, strict=True):
+        out["pairs"] += step_pairs(tree, cfg, st)
         out["steps"] += prm_rows(tree, cfg, st)
-        out["kto"] += kto_rows(tree, cfg, st, pairs)
         out["values"] += value_rows(tree, cfg, st)
         out["trees"].append(tree.to_row())
         for row in sft_rows(tree, cfg, st):
             old = best_sft.get(row["problem_id"])
             if old is None or row["visits"] > old["visits"]:
                 best_sft[row["problem_id"]] = row
-    out["pairs"] = dedupe(out["pairs"], pair_key)
+    out["pairs"] = dedupe(out["pairs"], pair_key, label="chosen", normalize=normalize_text)
+    by_tree: dict[str, list[dict]] = {}
+    for p in out["pairs"]:
+        by_tree.setdefault(p["tree_id"], []).append(p)
+    for tree, st in zip(trees, stats, strict=True):
+        out["kto"] += kto_rows(tree, cfg, st, by_tree.get(_tree_id(tree), []))
     out["kto"] = dedupe(out["kto"], kto_key, label="label")
     out["sft"] = list(best_sft.values())
     return out

@@ -29,9 +29,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -95,7 +96,14 @@ class SearchWorker:
         self.policy = Policy.load(spec.policy)
         rollout = Policy.load(spec.rollout_policy) if spec.rollout_policy else None
         critics = CriticSet.load(spec.critics, self.task, spec.critics_dir)
+        self.critics = critics
         self.expander = PolicyExpander(self.policy, self.task, spec.expand, rollout, critics)
+        # The audit's expander: nodes valued by one verified rollout alone, the critics scoring every
+        # node without steering anything (their weights are 0), so their agreement with the verifier
+        # is measured on trees they did not shape.
+        unsteered = replace(spec.expand, rollouts=max(1, spec.expand.rollouts), w_rollout=1.0)
+        unsteered = replace(unsteered, w_value=0.0, w_prm=0.0, w_orm=0.0, verifier_at_terminals=True)
+        self.audit_expander = PolicyExpander(self.policy, self.task, unsteered, rollout, critics)
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # Compile / load the numba kernels and torch's kernels now, not inside the first batch.
@@ -122,6 +130,28 @@ class SearchWorker:
         trees = self._search(problems, self.spec.search, seed)
         return trees, {"seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
+    def audit_search(self, problems: list[Problem], seed: int) -> list[FinishedTree]:
+        """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at
+        the nodes they scored during the search, the ORM at every verified terminal afterwards."""
+        from mcts.search import run_search
+
+        trees = run_search(problems, self.task, self.audit_expander, self.spec.search, seed=seed)
+        if self.critics is None or self.critics.orm is None:
+            return trees
+        by_id = {p.id: p for p in problems}
+        ends = [
+            (t, int(i))
+            for t in trees
+            for i in np.flatnonzero(t.nodes["terminal"] & (t.nodes["outcome"] >= 0) & (t.nodes["depth"] > 0))
+        ]
+        if ends:
+            scores = self.critics.score_outcomes(
+                [by_id[t.problem_id] for t, _ in ends], [t.path_steps(i) for t, i in ends]
+            )
+            for (t, i), score in zip(ends, scores, strict=True):
+                t.nodes["orm"][i] = score
+        return trees
+
     def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, seed: int) -> list[float]:
         """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
         sep = self.task.step_separator
@@ -134,6 +164,7 @@ class SearchWorker:
         return [sum(hits[i * n : (i + 1) * n]) / n for i in range(len(items))]
 
     def greedy_success(self, problems: list[Problem]) -> list[bool]:
+        """Greedy decoding of each problem, verified."""
         outs = self.policy.greedy([self.task.prompt(p) for p in problems], sep=self.task.step_separator)
         return [self.task.check(p, r.steps).success is True for p, r in zip(problems, outs, strict=True)]
 
@@ -331,43 +362,89 @@ def call_any(pool: WorkerPool, submit: Callable, retries: int, wait_s: float = 2
     raise RuntimeError(f"no worker answered after {retries} rounds over {len(pool.actors)} workers")
 
 
-def audit_on(pool: WorkerPool, trees, pairs, problems, task, conf) -> dict:
-    """`rewards.audit.audit_dataset` with its model work (re-rollouts, greedy) done by the workers."""
-    from rewards.audit import audit_dataset, pair_prefixes
+def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, models: dict) -> dict:
+    """`rewards.audit.audit_dataset` over the written dataset, with its model work done by the
+    workers: re-rollouts from the exported pair prefixes, greedy decoding, and a search on problems
+    the critics never trained on whose nodes the critics score but do not steer."""
+    from rewards.audit import audit_dataset
 
     by_id = {p.id: p for p in problems}
-    trees_by_id = {f"{t.problem_id}/{t.seed}": t for t in trees}
-    prefix_to_item: dict[str, tuple[Problem, list[str]]] = {}
-    for pair in pairs:
-        problem = by_id[pair["problem_id"]]
-        prompt = task.prompt(problem)
-        for prefix in pair_prefixes(pair, trees_by_id):
-            steps = prefix[len(prompt) :].split(task.step_separator)[:-1]
-            prefix_to_item[prefix] = (problem, steps)
+    sep = task.step_separator
+
+    def steps_of(problem_id: str, prefix: str) -> tuple[Problem, list[str]] | None:
+        problem = by_id.get(problem_id)
+        head = task.prompt(problem) if problem is not None else None
+        if head is None or not prefix.startswith(head):
+            return None
+        return problem, [s for s in prefix[len(head) :].split(sep)[:-1]]
+
+    def verify(problem_id: str, prompt: str, completion: str) -> bool | None:
+        got = steps_of(problem_id, prompt + completion)
+        return None if got is None else task.check(got[0], got[1]).success is True
+
+    def rerollout(items: list[tuple[str, str]], n: int) -> list[float]:
+        asks = [steps_of(pid, prefix) for pid, prefix in items]
+        assert all(a is not None for a in asks), "a pair prefix does not start with its problem's prompt"
+        return call_any(pool, lambda actor: actor.rerollout.remote(asks, n, conf.seed), conf.ray.max_retries)
+
     greedy_ref = pool.actors[-1].greedy_success.remote(problems) if conf.rewards.greedy_baseline else None
-
-    def rerollout(prefixes: list[str], n: int) -> list[float]:
-        items = [prefix_to_item[p] for p in prefixes]
-        return call_any(pool, lambda actor: actor.rerollout.remote(items, n, conf.seed), conf.ray.max_retries)
-
-    report = audit_dataset(
-        trees,
-        pairs,
-        rerollout=rerollout if conf.rewards.audit_pairs > 0 else None,
-        sample_pairs=conf.rewards.audit_pairs,
-        greedy_success=None,
-        seed=conf.seed,
-        rollouts_per_prefix=conf.rewards.audit_rollouts,
-    )
+    critic_problems, seen = audit_sets(problems, conf, models)
+    critic_trees = None
+    if critic_problems:
+        critic_trees = call_any(
+            pool, lambda actor: actor.audit_search.remote(critic_problems, conf.seed), conf.ray.max_retries
+        )
+    greedy = None
     if greedy_ref is not None:
         try:
-            greedy = ray.get(greedy_ref)
+            flags = ray.get(greedy_ref)
         except RayActorError:  # that actor was lost (or is restarting): ask the pool again
-            greedy = call_any(pool, lambda actor: actor.greedy_success.remote(problems), conf.ray.max_retries)
-        report["greedy_success"] = sum(greedy) / len(greedy)
-        if report["search_success"] is not None:
-            report["search_minus_greedy"] = report["search_success"] - report["greedy_success"]
+            flags = call_any(pool, lambda actor: actor.greedy_success.remote(problems), conf.ray.max_retries)
+        greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
+    trees = [FinishedTree.from_row(r) for r in read_kind(out, manifest, "trees")]
+    report = audit_dataset(
+        trees,
+        read_kind(out, manifest, "pairs"),
+        kto=read_kind(out, manifest, "kto"),
+        sft=read_kind(out, manifest, "sft"),
+        rerollout=rerollout,
+        verify=verify,
+        sample_pairs=conf.rewards.audit_pairs,
+        rollouts_per_prefix=conf.rewards.audit_rollouts,
+        greedy=greedy,
+        seed=conf.seed,
+        critic_trees=critic_trees,
+        seen=seen,
+    )
+    report["critic_problems"] = [p.id for p in critic_problems]
     return report
+
+
+def audit_sets(problems: list[Problem], conf, models: dict) -> tuple[list[Problem], dict]:
+    """(problems the critics are audited on, {model: content keys of its training problems or None}).
+
+    The embedded models' training sets are known (rebuilt from their seeds); a user's are not. The
+    embedded critics saw nearly every Countdown problem through their trunk, so they are audited on
+    the "audit" slice of the held-out pool; other critics on the job's own problems (the report says
+    their training set is unknown)."""
+    from mcts.embedded import evaluation_problems, trained_on
+
+    seed = conf.policy.bootstrap_seed
+    embedded_policy = not conf.policy.path
+    seen: dict = {"policy": trained_on(seed) if embedded_policy else None}
+    n = conf.rewards.audit_critic_problems
+    paths = list(conf.critics.paths().values())
+    embedded = models.get("critics_dir") is not None and "default" in paths
+    own = any(p not in ("", "default") for p in paths)
+    if not (embedded or own):
+        return [], seen  # no critics to audit
+    if embedded and not own:
+        from critics.bootstrap import critics_trained_on
+
+        seen["critics"] = critics_trained_on(seed)
+        return (evaluation_problems("audit", n) if n else []), seen
+    seen["critics"] = None
+    return problems[:n], seen
 
 
 def read_kind(out: Path, manifest: dict, kind: str) -> list[dict]:
@@ -483,12 +560,9 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
         )
         progress.close()
         manifest = load_manifest(out)
-        trees = sorted(
-            (FinishedTree.from_row(r) for r in read_kind(out, manifest, "trees")), key=lambda t: t.problem_id
-        )
-        log.info("auditing %d trees", len(trees))
+        log.info("auditing the dataset (%d problems)", len(job.problems))
         task = make_task(conf.task.name, **task_kwargs(conf))
-        audit = audit_on(pool, trees, read_kind(out, manifest, "pairs"), job.problems, task, conf)
+        audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
     finally:
         progress.close()
         pool.shutdown()

@@ -43,3 +43,15 @@ def ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = 10) -> float:
     b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
     gap = np.abs(np.bincount(b, weights=p, minlength=n_bins) - np.bincount(b, weights=t, minlength=n_bins))
     return float(gap.sum() / len(p))  # sum_b |sum p - sum t| / n == sum_b (n_b / n) |mean p - mean t|
+
+
+def auroc_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC estimate (Hanley & McNeil, 1982) from n_pos positives and n_neg
+    negatives; NaN where the AUROC is undefined."""
+    if n_pos == 0 or n_neg == 0 or np.isnan(auc):
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (
+        n_pos * n_neg
+    )
+    return float(np.sqrt(max(var, 0.0)))

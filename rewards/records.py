@@ -5,14 +5,23 @@ directory (`out/<kind>/*.parquet`); the leading columns are the ones TRL's train
 is metadata. Every record carries `problem_id`, `tree_id` (`"<problem_id>/<seed>"`) and
 `config_hash` (the derivation config, or the whole job's config when the pipeline passes one).
 Node ids index the tree's arrays in `out/trees` (node 0 is the root, the bare prompt).
-Texts: a *prefix* is `tree.prompt` followed by steps, each ended by "\\n"; a *completion* is steps
-joined by "\\n" with no trailing newline and no EOS text (TRL appends EOS itself).
+Texts: a *prefix* is `tree.prompt` followed by steps, each ended by "\\n"; a *completion* is steps,
+each ended by "\\n" as the policy ends every step of its own solutions, with no EOS text (TRL
+appends EOS itself).
+
+Evidence: a *trial* is one distinct verified sample below a node: a terminal node the verifier
+judged (counted once, however often the search revisited it) or a verified rollout whose path is
+not in the tree as a terminal (a grafted rollout is its terminal, one trial). A node's success rate
+is S / V over its trials; visits N only steer the search. Every gate and label below (Wilson
+confidence, margin, soft labels, value targets, KTO success) is built on trials.
+Every chosen, SFT and desirable completion ends at a verified-correct terminal and every rejected
+and undesirable one at a verified-wrong terminal: no exported negative is a text the verifier accepts.
 
 pairs — TRL preference format (DPOTrainer; RewardTrainer reads `margin`)
     column            type     meaning
     prompt            string   shared prefix: the prompt + the steps down to the parent node
-    chosen            string   the better sibling step + its continuation to an end (see derive.py)
-    rejected          string   the worse sibling step + its most visited continuation
+    chosen            string   the better sibling step + its most visited verified-correct continuation
+    rejected          string   the worse sibling step + its most visited verified-wrong continuation
     margin            float64  chosen_success - rejected_success (> 0)
     problem_id        string   problem id
     tree_id           string   "<problem_id>/<seed>"
@@ -26,7 +35,7 @@ pairs — TRL preference format (DPOTrainer; RewardTrainer reads `margin`)
     rejected_q        float64  Q of the rejected step node
     chosen_n          int32    N (visits) of the chosen step node
     rejected_n        int32    N of the rejected step node
-    chosen_v          int32    V (verified visits) of the chosen step node: the Wilson test's trials
+    chosen_v          int32    V (trials: distinct verified samples) of the chosen step node
     rejected_v        int32    V of the rejected step node
     chosen_success    float64  S / V of the chosen step node
     rejected_success  float64  S / V of the rejected step node
@@ -35,6 +44,8 @@ pairs — TRL preference format (DPOTrainer; RewardTrainer reads `margin`)
     chosen_verified   bool     chosen's continuation ends at a verified correct terminal
     chosen_outcome    int8     outcome at chosen_end (-1 unverified/not terminal, 0 wrong, 1 right)
     rejected_outcome  int8     outcome at rejected_end
+    chosen_terminal   bool     the chosen step itself ended the solution
+    rejected_terminal bool     the rejected step itself ended the solution
     chosen_value      float32  value critic of the chosen step node (NaN if it did not run)
     chosen_prm        float32  PRM score of the chosen step node
     chosen_orm        float32  ORM score of the chosen step node
@@ -49,7 +60,7 @@ steps — TRL stepwise supervision format (PRM training)
     completions       list<string>   the steps of one root-to-terminal path
     labels            list<bool>     hard label per step: a verified success lies below it
     soft_labels       list<float64>  soft label per step: the step node's success rate S / V
-                                     (NaN where V = 0: no verified evaluation below the step)
+                                     over trials (NaN where V = 0: no verified sample below it)
     problem_id        string         problem id
     tree_id           string         "<problem_id>/<seed>"
     nodes             list<int32>    node id of each step
@@ -62,7 +73,7 @@ steps — TRL stepwise supervision format (PRM training)
 kto — TRL unpaired preference format (KTOTrainer)
     column            type     meaning
     prompt            string   prefix text
-    completion        string   steps joined by "\\n"
+    completion        string   steps, each ended by "\\n"
     label             bool     desirable
     source            string   "pair": a side of an accepted pair (same prompt/completion);
                                "trajectory": a whole verified path from the bare prompt
@@ -74,7 +85,7 @@ kto — TRL unpaired preference format (KTOTrainer)
     depth             int32    depth of `node`
     q                 float64  Q of `node`
     n                 int32    N of `node`
-    success           float64  S / V of `node`
+    success           float64  S / V of `node` (over trials)
     outcome           int8     outcome at end_node
     config_hash       string   config hash
 
@@ -97,7 +108,7 @@ values — value-function targets, one per visited node
     value             float64  the target: success rate (default) or Q, per DeriveConfig.value_target
                                (with "success", nodes without verified visits get no row)
     visits            int32    N of the node
-    verified_visits   int32    V of the node
+    trials            int32    V: distinct verified samples in the node's subtree
     success           float64  S / V
     q                 float64  W / N
     verified_below    bool     a verified correct terminal lies in the node's subtree
@@ -125,8 +136,9 @@ trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/f
     depth             list<int16>    per node: depth (root 0)
     visits            list<int32>    per node: N
     value_sum         list<float64>  per node: W (Q = W / N)
-    success_sum       list<float64>  per node: S (verified successes)
-    verified_visits   list<int32>    per node: V (verified visits; success rate = S / V)
+    success_sum       list<float64>  per node: verified successes backed up per visit (selection)
+    verified_visits   list<int32>    per node: visits with a verified evaluation (selection; the
+                                     evidence is rebuilt from terminals + rollout_trials)
     prior             list<float32>  per node: policy prior of the option
     score             list<float32>  per node: combined evaluation at creation
     terminal          list<bool>     per node: the option ended the solution
@@ -135,6 +147,8 @@ trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/f
     prm               list<float32>  per node: PRM score
     orm               list<float32>  per node: ORM score
     num_tokens        list<int32>    per node: policy tokens of the option
+    rollout_trials    list<int16>    per node: verified rollouts not in the tree as a terminal
+    rollout_successes list<int16>    per node: verified correct ones among them
 """
 
 from __future__ import annotations
@@ -175,6 +189,8 @@ PAIRS_SCHEMA = pa.schema(
         ("chosen_verified", B),
         ("chosen_outcome", I8),
         ("rejected_outcome", I8),
+        ("chosen_terminal", B),
+        ("rejected_terminal", B),
         ("chosen_value", F32),
         ("chosen_prm", F32),
         ("chosen_orm", F32),
@@ -241,7 +257,7 @@ VALUES_SCHEMA = pa.schema(
         ("prompt", S),
         ("value", F64),
         ("visits", I32),
-        ("verified_visits", I32),
+        ("trials", I32),
         ("success", F64),
         ("q", F64),
         ("verified_below", B),

@@ -2,8 +2,12 @@
 
 A tree is written as nested specs; ids are given breadth-first (children of a node form one
 contiguous block, as in the search's arena). Leaves carry their own visits and outcome; N, W and
-S of internal nodes are sums over children, so the invariant N = own terminal visits + children's N
-holds by construction.
+the visit-weighted success sums of internal nodes are sums over children, so the invariant
+N = own terminal visits + children's N holds by construction.
+
+Evidence follows the search's rules: a terminal leaf visited 8 times is ONE trial (its revisits add
+visits, not samples); a rollout leaf `L(step, visits, successes)` carries `visits` distinct verified
+rollouts (`rollout_trials`), unless `verified` says otherwise.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def build_tree(
     succ = np.zeros(n)
     wsum = np.zeros(n)
     ver = np.zeros(n)
+    rollout_trials = np.zeros(n, np.int16)
+    rollout_successes = np.zeros(n, np.int16)
     for i, s in enumerate(specs):
         if not s.children:
             visits[i] = s.visits
@@ -74,6 +80,9 @@ def build_tree(
             )
             unverified_terminal = s.terminal and s.outcome == -1
             ver[i] = s.verified if s.verified is not None else (0 if unverified_terminal else s.visits)
+            if not s.terminal:
+                rollout_trials[i] = int(ver[i])
+                rollout_successes[i] = int(round(succ[i])) if ver[i] else 0
     for i in range(n - 1, 0, -1):  # breadth-first ids: children always come after their parent
         visits[parent[i]] += visits[i]
         succ[parent[i]] += succ[i]
@@ -105,6 +114,8 @@ def build_tree(
         "prm": crit[:, 1],
         "orm": crit[:, 2],
         "num_tokens": [len(s.step) for s in specs],
+        "rollout_trials": rollout_trials,
+        "rollout_successes": rollout_successes,
     }
     assert set(nodes) == set(NODE_FIELDS)
     return FinishedTree(
@@ -149,6 +160,30 @@ def golden_tree(problem_id: str = "golden", seed: int = 0) -> FinishedTree:
                 T("6 - 5 = 1. Answer: 1", 3, 0),
             ),
             N("5 - 3 = 2", T("2 * 2 = 4. Answer: 4", 2, 0)),
+        ],
+        prompt=GOLDEN_PROMPT,
+        problem_id=problem_id,
+        seed=seed,
+    )
+
+
+def rich_tree(problem_id: str = "rich", seed: int = 0):
+    """Distinct samples enough for the gates (ids breadth-first; V trials, S successes):
+
+    0 root                                      V=18 S=9
+    ├─ 1 A                                      V=7  S=7  1.0
+    │   ├─ 4 "5 + 5 = 10. Answer: 10"  T ok     N=3, one trial
+    │   └─ 5 "5 - 2 = 3"               6 rollouts, all correct
+    ├─ 2 B                                      V=7  S=0  0.0
+    │   ├─ 6 "6 + 5 = 11. Answer: 11"  T wrong  N=2, one trial
+    │   └─ 7 "6 - 2 = 4"               6 rollouts, all wrong
+    └─ 3 C                             4 rollouts, 2 correct: no verified end below it
+    """
+    return build_tree(
+        [
+            N("3 + 2 = 5", T("5 + 5 = 10. Answer: 10", 3, 1), L("5 - 2 = 3", 6, 6)),
+            N("3 * 2 = 6", T("6 + 5 = 11. Answer: 11", 2, 0), L("6 - 2 = 4", 6, 0)),
+            L("5 - 3 = 2", 4, 2),
         ],
         prompt=GOLDEN_PROMPT,
         problem_id=problem_id,

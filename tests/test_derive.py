@@ -11,13 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mcts.tasks.base import content_key
 from rewards import records
 from rewards.audit import audit_dataset
 from rewards.derive import (
     DeriveConfig,
+    dedupe,
     derive_all,
     kto_rows,
     node_stats,
+    normalize_text,
+    pair_key,
     prefix_text,
     prm_rows,
     sft_rows,
@@ -28,7 +32,7 @@ from rewards.derive import (
     z_of_confidence,
 )
 from rewards.metrics import auroc, ece
-from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree
+from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree, rich_tree
 
 P = GOLDEN_PROMPT
 A, B, C = "3 + 2 = 5", "3 * 2 = 6", "5 - 3 = 2"
@@ -37,35 +41,47 @@ A, B, C = "3 + 2 = 5", "3 * 2 = 6", "5 - 3 = 2"
 def test_node_stats_golden():
     s = node_stats(golden_tree())
     np.testing.assert_array_equal(s.visits, [20, 10, 8, 2, 8, 2, 5, 3, 2, 1, 4])
-    np.testing.assert_allclose(s.success, [0.45, 0.8, 0.125, 0, 1, 0, 0.2, 0, 0, 1, 0])
+    # a revisited terminal is one trial: node 1's 10 visits rest on two samples (4 right, 5 wrong)
+    np.testing.assert_array_equal(s.trials, [6, 2, 3, 1, 1, 1, 2, 1, 1, 1, 1])
+    np.testing.assert_array_equal(s.successes, [2, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0])
+    np.testing.assert_allclose(s.success, [1 / 3, 0.5, 1 / 3, 0, 1, 0, 0.5, 0, 0, 1, 0])
     np.testing.assert_array_equal(s.verified_below, [1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0])
     np.testing.assert_array_equal(s.num_verified_below, [2, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0])
-    # most visited correct terminal below: 4 (N=8) beats 9 (N=1) at the root
+    # most visited correct terminal below: 4 (N=8) beats 9 (N=1) at the root; wrong: 10 (N=4)
     np.testing.assert_array_equal(s.best_verified, [4, 4, 9, -1, 4, -1, 9, -1, -1, 9, -1])
+    np.testing.assert_array_equal(s.best_wrong, [10, 5, 10, 8, -1, 5, 10, 7, 8, -1, 10])
     assert s.has_verifier
 
 
-def test_golden_pairs():
-    pairs = step_pairs(golden_tree(), DeriveConfig())
-    # root: 1 vs 3 fails the 0.9 Wilson test, 2 vs 3 the margin; node 2: 6 vs 7 fails Wilson;
-    # node 6: child 9 has N=1 < min_visits. Left: 1 vs 2 at the root and 4 vs 5 under node 1.
-    assert [(p["parent_node"], p["chosen_node"], p["rejected_node"]) for p in pairs] == [(0, 1, 2), (1, 4, 5)]
-    root, inner = pairs
-    assert root["prompt"] == P
-    assert root["chosen"] == f"{A}\n5 + 5 = 10. Answer: 10"
-    assert root["rejected"] == f"{B}\n6 + 5 = 11\n11 + 0 = 11. Answer: 11"  # most visited path: 6 then 10
-    assert root["margin"] == pytest.approx(0.675)
-    assert (root["chosen_end"], root["rejected_end"], root["depth"]) == (4, 10, 1)
-    assert (root["chosen_n"], root["rejected_n"], root["chosen_v"], root["rejected_v"]) == (10, 8, 10, 8)
-    assert (root["chosen_verified"], root["chosen_outcome"], root["rejected_outcome"]) == (True, 1, 0)
-    assert root["tree_id"] == "golden/0" and root["config_hash"] == DeriveConfig().hash()
-    assert inner["prompt"] == P + A + "\n"
-    assert (inner["chosen"], inner["rejected"]) == ("5 + 5 = 10. Answer: 10", "5 * 5 = 25. Answer: 25")
-    assert inner["margin"] == 1.0
-    # Wilson bounds of 8/8 and 0/2 meet where 8/(8+z^2) = z^2/(2+z^2), i.e. z = 2
-    assert inner["separation_z"] == pytest.approx(2.0, abs=1e-9)
-    assert inner["confidence"] == pytest.approx(math.erf(2 / math.sqrt(2)))
-    assert inner["chosen_orm"] == pytest.approx(0.9) and inner["rejected_orm"] == pytest.approx(0.2)
+def test_revisits_do_not_pass_the_gate():
+    # 8/8 visits of one correct terminal against 2/2 of one wrong one was a "certain" pair; it is
+    # one sample against one: no 0.9 Wilson separation anywhere in the golden tree
+    assert step_pairs(golden_tree(), DeriveConfig()) == []
+    z, level = wilson_separation(1.0, 1, 0.0, 1)
+    assert level < 0.9
+    # without the confidence test the gaps still rank the same siblings
+    pairs = step_pairs(golden_tree(), DeriveConfig(confidence=0.0))
+    got = [(p["parent_node"], p["chosen_node"], p["rejected_node"]) for p in pairs]
+    assert got == [(0, 1, 3), (0, 2, 3), (1, 4, 5), (2, 6, 7)]
+    root = pairs[0]
+    assert (root["chosen_v"], root["rejected_v"], root["chosen_n"], root["rejected_n"]) == (2, 1, 10, 2)
+    assert (root["chosen_end"], root["rejected_end"]) == (4, 8)
+
+
+def test_rich_pairs():
+    (p,) = step_pairs(rich_tree(), DeriveConfig(confidence=0.95))
+    assert (p["parent_node"], p["chosen_node"], p["rejected_node"]) == (0, 1, 2)
+    assert p["prompt"] == P
+    # each side continues to a verified end of its own kind, every step ended by the separator
+    assert p["chosen"] == f"{A}\n5 + 5 = 10. Answer: 10\n"
+    assert p["rejected"] == f"{B}\n6 + 5 = 11. Answer: 11\n"
+    assert (p["chosen_outcome"], p["rejected_outcome"], p["chosen_verified"]) == (1, 0, True)
+    assert (p["chosen_terminal"], p["rejected_terminal"]) == (False, False)
+    assert (p["chosen_v"], p["rejected_v"], p["margin"]) == (7, 7, 1.0)
+    # Wilson bounds of 7/7 and 0/7 meet where 7/(7+z^2) = z^2/(7+z^2), i.e. z = sqrt(7)
+    assert p["separation_z"] == pytest.approx(math.sqrt(7), abs=1e-9)
+    assert p["confidence"] == pytest.approx(math.erf(math.sqrt(7) / math.sqrt(2)))
+    assert p["tree_id"] == "rich/0" and p["config_hash"] == DeriveConfig(confidence=0.95).hash()
 
 
 def test_confidence_test_rejects_then_accepts():
@@ -73,21 +89,31 @@ def test_confidence_test_rejects_then_accepts():
     z, level = wilson_separation(0.8, 10, 0.0, 2)
     assert z_of_confidence(0.8) < z < z_of_confidence(0.9)
     assert wilson_interval(0.8, 10, z)[0] == pytest.approx(wilson_interval(0.0, 2, z)[1], abs=1e-9)
-    pairs = step_pairs(golden_tree(), DeriveConfig(confidence=0.8))
-    assert [(p["chosen_node"], p["rejected_node"]) for p in pairs if p["parent_node"] == 0] == [
-        (1, 3),
-        (1, 2),
-    ]
-    assert pairs[0]["confidence"] == pytest.approx(level)
+    level = math.erf(math.sqrt(7) / math.sqrt(2))  # the rich root pair's level, 0.9918
+    assert len(step_pairs(rich_tree(), DeriveConfig(confidence=level - 1e-6))) == 1
+    assert step_pairs(rich_tree(), DeriveConfig(confidence=level + 1e-6)) == []
+
+
+def _three():
+    return build_tree(
+        [
+            N(A, T("5 + 5 = 10. Answer: 10", 2, 1), L("5 - 2 = 3", 5, 5)),  # 6/6
+            N(
+                B, T("6 + 4 = 10. Answer: 10", 2, 1), T("6 + 5 = 11. Answer: 11", 2, 0), L("6 - 2 = 4", 4, 2)
+            ),  # 3/6
+            N(C, T("2 * 2 = 4. Answer: 4", 2, 0), L("2 + 2 = 4", 5, 0)),  # 0/6
+        ],
+        prompt=P,
+    )
 
 
 def test_min_margin_and_max_pairs_per_node():
-    pairs = step_pairs(golden_tree(), DeriveConfig(confidence=0.0, min_margin=0.1))
+    pairs = step_pairs(_three(), DeriveConfig(confidence=0.0, min_margin=0.1))
     root = [(p["chosen_node"], p["rejected_node"]) for p in pairs if p["parent_node"] == 0]
-    assert root == [(1, 3), (1, 2), (2, 3)]  # largest gap first; 2 vs 3 (gap .125) now passes
-    strict = step_pairs(golden_tree(), DeriveConfig(confidence=0.0, min_margin=0.13))
-    assert (2, 3) not in [(p["chosen_node"], p["rejected_node"]) for p in strict]
-    one = step_pairs(golden_tree(), DeriveConfig(confidence=0.0, max_pairs_per_node=1))
+    assert root == [(1, 3), (1, 2), (2, 3)]  # largest gap first
+    strict = step_pairs(_three(), DeriveConfig(confidence=0.0, min_margin=0.6))
+    assert [(p["chosen_node"], p["rejected_node"]) for p in strict if p["parent_node"] == 0] == [(1, 3)]
+    one = step_pairs(_three(), DeriveConfig(confidence=0.0, max_pairs_per_node=1))
     assert [(p["chosen_node"], p["rejected_node"]) for p in one if p["parent_node"] == 0] == [(1, 3)]
 
 
@@ -97,26 +123,38 @@ def test_min_visits():
     (p,) = at6(DeriveConfig(confidence=0.0, min_visits=1))
     assert (p["chosen_node"], p["rejected_node"], p["margin"]) == (9, 10, 1.0)
     assert p["prompt"] == P + B + "\n6 + 5 = 11\n"
+    assert (p["chosen_terminal"], p["rejected_terminal"]) == (True, True)
 
 
-def test_verifier_gate():
-    # "x" succeeds in 6 of 6 verified rollouts but no verified solution lies below it
+def test_sides_need_verified_ends():
+    # "x" succeeds in 6 of 6 verified rollouts but no verified solution lies below it: never chosen
     tree = build_tree([L("x", 6, 6), T("y = 3. Answer: 3", 6, 0)], prompt=P)
-    assert step_pairs(tree, DeriveConfig()) == []  # gate on: the tree has a verifier
-    (p,) = step_pairs(tree, DeriveConfig(verifier_gate=False))
-    assert (p["chosen"], p["chosen_verified"], p["chosen_outcome"], p["margin"]) == ("x", False, -1, 1.0)
+    assert step_pairs(tree, DeriveConfig(confidence=0.0)) == []
+    # "z" fails all its rollouts but no verified-wrong end lies below it: never rejected
+    tree = build_tree([T("y = 10. Answer: 10", 6, 1), L("z", 6, 0)], prompt=P)
+    assert step_pairs(tree, DeriveConfig(confidence=0.0)) == []
+    # the rejected side goes to a wrong end even where its most visited path ends correct
+    tree = build_tree(
+        [
+            N(A, T("5 + 5 = 10. Answer: 10", 3, 1), L("5 - 2 = 3", 6, 6)),
+            N(B, T("6 + 4 = 10. Answer: 10", 9, 1), T("6 + 5 = 11. Answer: 11", 1, 0), L("6 - 2 = 4", 6, 0)),
+        ],
+        prompt=P,
+    )
+    (p,) = step_pairs(tree, DeriveConfig(confidence=0.9))
+    assert p["rejected"] == f"{B}\n6 + 5 = 11. Answer: 11\n" and p["rejected_outcome"] == 0
 
 
 def test_critic_only_nodes_have_no_success_rate():
     tree = build_tree([L("x", 6, 0, verified=0), T("y = 10. Answer: 10", 6, 1)], prompt=P)
     s = node_stats(tree)
-    assert np.isnan(s.success[1]) and s.visits[1] == 6 and s.verified_visits[1] == 0
+    assert np.isnan(s.success[1]) and s.visits[1] == 6 and s.trials[1] == 0
     assert step_pairs(tree, DeriveConfig(confidence=0.0)) == []  # nothing to compare x with
     assert 1 not in [r["node"] for r in value_rows(tree, DeriveConfig())]
     assert 1 in [r["node"] for r in value_rows(tree, DeriveConfig(value_target="q"))]
 
 
-def test_near_duplicates_dropped():
+def test_near_duplicates_and_contradictions_dropped():
     tree = build_tree(
         [
             N("2 + 3 = 5", T("5 * 2 = 10", 6, 1)),
@@ -125,12 +163,20 @@ def test_near_duplicates_dropped():
         ],
         prompt=P,
     )
-    pairs = step_pairs(tree, DeriveConfig())
+    pairs = step_pairs(tree, DeriveConfig(confidence=0.0))
     assert [(p["chosen_node"], p["rejected_node"]) for p in pairs] == [(1, 3)]
-    both = derive_all([golden_tree(seed=0), golden_tree(seed=1)], DeriveConfig())
-    assert len(both["pairs"]) == 2  # the second seed found the same pairs
-    two = derive_all([golden_tree("a"), golden_tree("b")], DeriveConfig())
-    assert len(two["pairs"]) == 4  # ...but another problem's pairs are its own
+    cfg = DeriveConfig(confidence=0.0)
+    one = len(step_pairs(golden_tree(), cfg))
+    both = derive_all([golden_tree(seed=0), golden_tree(seed=1)], cfg)
+    assert one > 0 and len(both["pairs"]) == one  # the second seed found the same pairs
+    two = derive_all([golden_tree("a"), golden_tree("b")], cfg)
+    assert len(two["pairs"]) == 2 * one  # ...but another problem's pairs are its own
+    # A > B and B > A under one prompt (possible only where texts differ in whitespace, since both
+    # ends are verified): every row of that key goes; an exact duplicate is kept once
+    (p,) = step_pairs(rich_tree(), cfg)
+    flipped = {**p, "chosen": p["rejected"] + " ", "rejected": p["chosen"]}
+    assert dedupe([p, flipped], pair_key, label="chosen", normalize=normalize_text) == []
+    assert dedupe([p, dict(p)], pair_key, label="chosen", normalize=normalize_text) == [p]
 
 
 def test_golden_prm_rows():
@@ -141,52 +187,63 @@ def test_golden_prm_rows():
     assert r["prompt"] == P
     assert r["completions"] == [B, "6 + 5 = 11", "11 + 0 = 11. Answer: 11"]
     assert r["labels"] == [True, True, False]  # a verified success (node 9) lies below 2 and 6
-    assert r["soft_labels"] == pytest.approx([0.125, 0.2, 0.0])
+    assert r["soft_labels"] == pytest.approx([1 / 3, 0.5, 0.0])  # over trials, not visits
     assert (r["nodes"], r["outcome"]) == ([2, 6, 10], 0)
     assert by_end[8]["labels"] == [False, False]
-    assert by_end[4]["labels"] == [True, True] and by_end[4]["soft_labels"] == [0.8, 1.0]
+    assert by_end[4]["labels"] == [True, True] and by_end[4]["soft_labels"] == [0.5, 1.0]
     assert len(prm_rows(golden_tree(), DeriveConfig(max_trajectories_per_tree=2))) == 2
     assert [r["end_node"] for r in prm_rows(golden_tree(), DeriveConfig(trajectory_min_visits=4))] == [4, 10]
 
 
 def test_golden_sft_and_values():
     (row,) = sft_rows(golden_tree(), DeriveConfig())
-    assert (row["prompt"], row["completion"]) == (P, f"{A}\n5 + 5 = 10. Answer: 10")
+    assert (row["prompt"], row["completion"]) == (P, f"{A}\n5 + 5 = 10. Answer: 10\n")
     assert (row["end_node"], row["visits"], row["num_verified_terminals"]) == (4, 8, 2)
     unsolved = build_tree([T("1 + 1 = 2. Answer: 2", 3, 0)], prompt=P)
     assert sft_rows(unsolved, DeriveConfig()) == []
     # across seeds the most visited verified trajectory of the problem wins
     other = build_tree([N(C, T("2 * 5 = 10. Answer: 10", 12, 1))], prompt=P, problem_id="golden", seed=7)
     (best,) = derive_all([golden_tree(), other], DeriveConfig())["sft"]
-    assert (best["tree_id"], best["completion"]) == ("golden/7", f"{C}\n2 * 5 = 10. Answer: 10")
+    assert (best["tree_id"], best["completion"]) == ("golden/7", f"{C}\n2 * 5 = 10. Answer: 10\n")
 
     values = value_rows(golden_tree(), DeriveConfig())
     assert [r["node"] for r in values] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # node 9 has N = 1
     root = values[0]
-    assert (root["prompt"], root["value"], root["visits"], root["depth"]) == (P, 0.45, 20, 0)
+    assert (root["prompt"], root["value"], root["visits"], root["trials"], root["depth"]) == (
+        P,
+        1 / 3,
+        20,
+        6,
+        0,
+    )
     v6 = next(r for r in values if r["node"] == 6)
     assert v6["prompt"] == prefix_text(golden_tree(), 6) == P + B + "\n6 + 5 = 11\n"
-    assert (v6["value"], v6["verified_below"], v6["terminal"]) == (0.2, True, False)
+    assert (v6["value"], v6["verified_below"], v6["terminal"]) == (0.5, True, False)
 
 
 def test_golden_kto_rows():
+    # the golden tree has no pair at 0.9: its KTO rows are its verified trajectories, most visited first
     rows = kto_rows(golden_tree(), DeriveConfig())
     got = [(r["prompt"], r["completion"], r["label"], r["source"]) for r in rows]
     assert got == [
-        (P, f"{A}\n5 + 5 = 10. Answer: 10", True, "pair"),
-        (P, f"{B}\n6 + 5 = 11\n11 + 0 = 11. Answer: 11", False, "pair"),
-        (P + A + "\n", "5 + 5 = 10. Answer: 10", True, "pair"),
-        (P + A + "\n", "5 * 5 = 25. Answer: 25", False, "pair"),
-        # trajectories; 4's and 10's equal the root pair's sides and are kept once
-        (P, f"{B}\n6 - 5 = 1. Answer: 1", False, "trajectory"),
-        (P, f"{A}\n5 * 5 = 25. Answer: 25", False, "trajectory"),
-        (P, f"{C}\n2 * 2 = 4. Answer: 4", False, "trajectory"),
-        (P, f"{B}\n6 + 5 = 11\n11 - 1 = 10. Answer: 10", True, "trajectory"),
+        (P, f"{A}\n5 + 5 = 10. Answer: 10\n", True, "trajectory"),
+        (P, f"{B}\n6 + 5 = 11\n11 + 0 = 11. Answer: 11\n", False, "trajectory"),
+        (P, f"{B}\n6 - 5 = 1. Answer: 1\n", False, "trajectory"),
+        (P, f"{A}\n5 * 5 = 25. Answer: 25\n", False, "trajectory"),
+        (P, f"{C}\n2 * 2 = 4. Answer: 4\n", False, "trajectory"),
+        (P, f"{B}\n6 + 5 = 11\n11 - 1 = 10. Answer: 10\n", True, "trajectory"),
+    ]
+    # the rich tree's pair gives the two pair rows; its trajectories repeat them and are kept once
+    rows = kto_rows(rich_tree(), DeriveConfig(confidence=0.95))
+    got = [(r["prompt"], r["completion"], r["label"], r["source"], r["success"]) for r in rows]
+    assert got == [
+        (P, f"{A}\n5 + 5 = 10. Answer: 10\n", True, "pair", 1.0),
+        (P, f"{B}\n6 + 5 = 11. Answer: 11\n", False, "pair", 0.0),
     ]
 
 
 def test_every_kind_fits_its_schema_and_is_documented():
-    out = derive_all([golden_tree(), golden_tree(seed=3)], DeriveConfig())
+    out = derive_all([golden_tree(), rich_tree()], DeriveConfig())
     assert set(out) == set(records.KINDS)
     docs = records.column_docs()
     for kind, rows in out.items():
@@ -234,11 +291,10 @@ _trees = st.recursive(
     st.sampled_from([0.0, 0.5, 0.9]),
     st.sampled_from([0.0, 0.1, 0.3]),
     st.sampled_from([1, 2, 4]),
-    st.sampled_from([None, False]),
 )
-def test_pairs_always_prefer_the_higher_success_rate(children, confidence, margin, min_visits, gate):
+def test_pairs_always_prefer_the_higher_success_rate(children, confidence, margin, min_visits):
     tree = build_tree(children, prompt=P)
-    cfg = DeriveConfig(confidence=confidence, min_margin=margin, min_visits=min_visits, verifier_gate=gate)
+    cfg = DeriveConfig(confidence=confidence, min_margin=margin, min_visits=min_visits)
     s = node_stats(tree)
     assert s.visits[0] == s.visits[1:][tree.nodes["parent"][1:] == 0].sum()  # the builder's invariant
     for p in step_pairs(tree, cfg, s):
@@ -247,12 +303,18 @@ def test_pairs_always_prefer_the_higher_success_rate(children, confidence, margi
         assert p["margin"] >= margin - 1e-12 and p["confidence"] >= confidence
         assert min(p["chosen_n"], p["rejected_n"]) >= min_visits
         assert p["prompt"] == prefix_text(tree, p["parent_node"])
+        assert (p["chosen_v"], p["rejected_v"]) == (s.trials[p["chosen_node"]], s.trials[p["rejected_node"]])
         for side in ("chosen", "rejected"):
             path = tree.path(p[f"{side}_end"])
             assert p[f"{side}_node"] in path
-            assert p[side] == "\n".join(tree.steps[i] for i in path[path.index(p[f"{side}_node"]) :])
-        if gate is None:
-            assert p["chosen_verified"]
+            assert p[side] == "".join(tree.steps[i] + "\n" for i in path[path.index(p[f"{side}_node"]) :])
+            assert tree.nodes["terminal"][p[f"{side}_end"]]
+        assert (p["chosen_outcome"], p["rejected_outcome"]) == (1, 0) and p["chosen_verified"]
+    # evidence: V at a node is its subtree's verified terminals (once each) plus its rollouts
+    verdict = tree.nodes["terminal"] & (tree.nodes["outcome"] >= 0)
+    for node in range(tree.num_nodes):
+        below = [i for i in range(tree.num_nodes) if node == 0 or node in tree.path(i)]
+        assert s.trials[node] == sum(int(verdict[i]) + int(tree.nodes["rollout_trials"][i]) for i in below)
     for r in prm_rows(tree, cfg, s):
         assert len(r["completions"]) == len(r["labels"]) == len(r["soft_labels"])
         assert r["labels"][-1] == (r["outcome"] == 1)
@@ -284,7 +346,24 @@ def test_ece():
 
 
 def test_audit_on_golden_trees():
-    # the ORM loves node 5 (verified wrong); everything else keeps the builder's defaults
+    golden, rich = golden_tree(), rich_tree()
+    rich.meta = {"numbers": [1, 2, 3], "target": 6}  # another problem by content
+    out = derive_all([golden, rich], DeriveConfig(confidence=0.0))
+    pairs = out["pairs"]
+    strata = [(p["chosen_terminal"], p["rejected_terminal"]) for p in pairs]
+    assert len(pairs) == 5 and strata.count((False, False)) == 3 and strata.count((True, True)) == 1
+
+    def verify(problem_id: str, prompt: str, completion: str) -> bool:
+        return completion.rstrip("\n").split("\n")[-1].endswith("Answer: 10")
+
+    # fresh-rollout rates by the prefix's last step; C looks better than A and B to the rollouts
+    rate = {A: 0.9, B: 0.3, C: 0.95, "6 + 5 = 11": 0.5}
+    asked = []
+
+    def rerollout(items: list[tuple[str, str]], n: int) -> list[float]:
+        asked.append((len(items), n))
+        return [rate[prefix.rstrip("\n").split("\n")[-1]] for _, prefix in items]
+
     fooled = build_tree(
         [
             N(
@@ -296,28 +375,47 @@ def test_audit_on_golden_trees():
         prompt=P,
         problem_id="fooled",
     )
-    trees = [golden_tree(), golden_tree(seed=1), fooled]
-    pairs = derive_all(trees, DeriveConfig())["pairs"]
-    seen = []
-
-    def rerollout(prefixes: list[str], n: int) -> list[float]:
-        seen.append((len(prefixes), n))
-        return [0.9 if p.endswith((A + "\n", "10. Answer: 10\n")) else 0.2 for p in prefixes]
-
-    a = audit_dataset(trees, pairs, rerollout=rerollout, sample_pairs=10, greedy_success=0.25, seed=0)
-    assert seen == [(2 * len(pairs), 8)] and a["pairs_sampled"] == len(pairs) == 3
-    assert a["pair_precision"] == 1.0
-    low, high = a["pair_precision_ci95"]
-    assert 0.4 < low < 0.5 and high == pytest.approx(1.0)  # 3 of 3: Wilson's 95 % interval is wide
-    assert a["search_success"] == 1.0 and a["search_minus_greedy"] == pytest.approx(0.75)
-    assert a["critic_favourite_rejected"]["orm"] == pytest.approx(1 / 3)
-    assert a["critic_favourite_rejected"]["value"] == 0.0
-    assert a["critics"]["value"]["terminal_auroc"] == 1.0
-    assert a["critics"]["orm"]["terminal_auroc"] < 1.0
-    assert a["distinct_verified_solutions_per_problem"]["histogram"] == {"1": 1, "2": 1}
-    assert a["pairs_per_problem"]["histogram"] == {"1": 1, "2": 1}
-    none = audit_dataset(trees, pairs, rerollout=None, sample_pairs=10, greedy_success=None, seed=0)
-    assert none["pair_precision"] is None and none["search_minus_greedy"] is None
+    a = audit_dataset(
+        [golden, rich],
+        pairs,
+        kto=out["kto"],
+        sft=out["sft"],
+        rerollout=rerollout,
+        verify=verify,
+        sample_pairs=10,
+        greedy={"golden": False, "rich": True},
+        seed=0,
+        critic_trees=[fooled, golden_tree()],
+        seen={"policy": {content_key(golden.question, golden.meta)}, "critics": set()},
+    )
+    # terminal sides are scored by their verdict: 3 both-non-terminal pairs x 2 + 1 one-terminal
+    assert asked == [(7, 16)] and a["pairs_sampled"] == 5
+    assert a["pair_precision"] == pytest.approx(3 / 5)  # (0,1,3) and (0,2,3) lose to C's 0.95
+    by = a["pair_precision_by_stratum"]
+    assert by["both_nonterminal"]["precision"] == pytest.approx(1 / 3) and by["both_nonterminal"]["n"] == 3
+    assert by["both_terminal"]["precision"] == 1.0 and by["one_terminal"]["precision"] == 1.0
+    assert by["depth_1"]["n"] == 3 and by["depth_2"]["n"] == 2
+    assert set(a["labels"].values()) == {0}  # every exported text agrees with the verifier
+    assert a["search_success"] == 1.0 and a["greedy_success"] == 0.5 and a["search_minus_greedy"] == 0.5
+    assert a["seen_in_training"] == {"policy": 1, "critics": 0}
+    assert a["unseen"] == {"problems": 1, "search_success": 1.0, "greedy_success": 1.0}
+    assert a["orm_favourite_rejected"] == 0.5  # fooled's favourite is wrong, golden's is right
+    assert 0 < a["critics"]["orm"]["auroc"] < 1 and a["critics"]["orm"]["n"] == 8
+    assert a["critics"]["orm"]["auroc_se"] > 0
+    assert "score" not in a["critics"]  # a terminal's score is its own verdict: nothing to audit
+    # a negative the verifier accepts, a positive it refuses, duplicates and a contradiction are counted
+    bad = {**pairs[0], "rejected": pairs[0]["chosen"] + " "}
+    flipped = {**pairs[1], "chosen": pairs[1]["rejected"], "rejected": pairs[1]["chosen"]}
+    k = {**out["kto"][0], "label": not out["kto"][0]["label"]}
+    labels = audit_dataset(
+        [golden], [*pairs, pairs[2], bad, flipped], kto=[k], rerollout=None, verify=verify,
+        sample_pairs=0, greedy=None, seed=0,
+    )["labels"]  # fmt: skip
+    assert labels["rejected_accepted"] == 1 and labels["chosen_refused"] == 1
+    assert labels["duplicate_pairs"] == 1 and labels["contradictory_pairs"] == 1
+    assert labels["undesirable_accepted"] + labels["desirable_refused"] == 1
+    none = audit_dataset([golden], pairs, rerollout=None, sample_pairs=10, greedy=None, seed=0)
+    assert none["pair_precision"] is None and none["search_minus_greedy"] is None and none["critics"] is None
 
 
 def test_rewards_layer_imports_no_model_or_cluster_code():

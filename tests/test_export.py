@@ -16,7 +16,7 @@ from rewards.derive import DeriveConfig, derive_all
 from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit, write_card
 from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
 
-CFG = DeriveConfig()
+CFG = DeriveConfig(confidence=0.0)  # the golden tree's pairs rest on one sample a side
 CONFIG = {"derive": {"min_visits": 2}, "seed": 0}
 VERSIONS = {"arborist": "0.1.0"}
 
@@ -44,7 +44,7 @@ def test_every_kind_loads_with_datasets(tmp_path):
         assert ds.num_rows == manifest["rows"][kind], kind
         assert ds.column_names == records.SCHEMAS[kind].names, kind
     pairs = _load(out, "pairs", tmp_path)
-    assert pairs.num_rows == 4 and pairs[0]["prompt"] == GOLDEN_PROMPT and pairs[0]["margin"] > 0
+    assert pairs.num_rows == 8 and pairs[0]["prompt"] == GOLDEN_PROMPT and pairs[0]["margin"] > 0
     steps = _load(out, "steps", tmp_path)
     assert steps.features["labels"].feature.dtype == "bool"
     assert steps[1]["labels"] == [True, True, False]
@@ -93,7 +93,7 @@ def test_crash_between_shard_and_manifest_leaves_ids_unfinished(tmp_path, monkey
     resumed.write_shard(*_batch("p2"), "s2")  # redone under a new name: no duplicate rows
     files = sorted(p.name for p in (tmp_path / "pairs").iterdir())
     assert files == ["s0.parquet", "s2.parquet"]
-    assert sorted(_load(tmp_path, "pairs", tmp_path)["problem_id"]) == ["p1", "p1", "p2", "p2"]
+    assert sorted(_load(tmp_path, "pairs", tmp_path)["problem_id"]) == ["p1"] * 4 + ["p2"] * 4
 
 
 def test_stray_tmp_files_are_swept(tmp_path):
@@ -119,7 +119,7 @@ def test_rewrite_is_idempotent_or_refused(tmp_path):
         w.write_shard(*_batch("p3"), "../evil")
     with pytest.raises(ValueError, match="unknown record kinds"):
         w.write_shard({"pears": []}, ["p3"], "s1")
-    assert load_manifest(tmp_path)["rows"]["pairs"] == 4
+    assert load_manifest(tmp_path)["rows"]["pairs"] == 8
 
 
 def test_trees_round_trip_and_rederive(tmp_path):
@@ -147,7 +147,7 @@ def test_trees_round_trip_and_rederive(tmp_path):
 def test_card_and_audit(tmp_path):
     DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "s0")
     card = write_card(tmp_path).read_text()
-    assert "| pairs | 1 | 2 |" in card and "| pairs/s0.parquet | 2 |" in card
+    assert "| pairs | 1 | 4 |" in card and "| pairs/s0.parquet | 4 |" in card
     assert 'load_dataset("parquet"' in card and "DPOTrainer" in card and "KTOTrainer" in card
     for kind, schema in records.SCHEMAS.items():
         assert f"- config_name: {kind}" in card

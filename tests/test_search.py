@@ -258,7 +258,7 @@ def test_a_solved_rollout_is_grafted_as_an_unvisited_verified_path():
         seed=0,
     )[0]
     assert solved_only.num_nodes == tree.num_nodes - 2
-    # the search goes on from there: the grafted terminal is reachable and counted when revisited
+    # the search goes on from there: the grafted terminal is reachable (a revisit adds N, not evidence)
     tree = run_search(
         _problems(1),
         task,
@@ -270,3 +270,71 @@ def test_a_solved_rollout_is_grafted_as_an_unvisited_verified_path():
         kids = tree.children(i)
         if kids.size:
             assert tree.nodes["visits"][i] >= tree.nodes["visits"][kids].sum()
+
+
+class SamplingExpander(FakeExpander):
+    """Random valued options, some terminal, and `rollouts` random rollouts per new non-terminal node
+    (the first one handed back for grafting). Every verified sample it makes is recorded once, as
+    (problem id, the option it came from, its full path, verdict): what the tree's evidence must add
+    up to, over the options the search kept (widening keeps the best few by prior)."""
+
+    def __init__(self, task: PathTask, rollouts: int, seed: int):
+        super().__init__(task)
+        self.rollouts, self.rng = rollouts, np.random.default_rng(seed)
+        self.samples: list[tuple[str, tuple[str, ...], tuple[str, ...], int]] = []
+
+    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]:
+        out = super().__call__(leaves, seed)
+        for leaf, expansion in zip(leaves, out, strict=True):
+            for child in expansion.children:
+                path = (*leaf.steps, child.text)
+                if child.terminal:
+                    self.samples.append((leaf.problem.id, path, path, child.outcome))
+                    continue
+                for r in range(self.rollouts):
+                    steps = tuple(self.rng.choice(["a", "b", "c"], size=3 - len(path)).tolist())
+                    if self.rng.random() < 0.2:  # cut short before any verdict: no sample
+                        steps = steps[:-1]
+                    check = self.task.check(leaf.problem, [*path, *steps])
+                    verdict = int(bool(check.success)) if check.terminal else -1
+                    if verdict >= 0:
+                        self.samples.append((leaf.problem.id, path, path + steps, verdict))
+                        child.rollout_trials += 1
+                        child.rollout_successes += verdict
+                    if r == 0 and steps:
+                        child.graft, child.graft_outcome = steps, verdict
+        return out
+
+
+@pytest.mark.parametrize("keep", ["all", "solved", "none"])
+@pytest.mark.parametrize("seed, rollouts, leaves, max_nodes", [(0, 1, 1, 256), (1, 2, 3, 256), (2, 1, 2, 24)])
+def test_evidence_counts_each_verified_sample_once(keep, seed, rollouts, leaves, max_nodes):
+    """V at a node never exceeds the distinct verified samples below it (S: the correct ones), and the
+    root holds them all, however often terminals are revisited and whether rollouts are grafted,
+    kept apart or cut by the node budget."""
+    task = PathTask()
+    expander = SamplingExpander(task, rollouts, seed)
+    cfg = SearchConfig(
+        simulations=100, leaves_per_tree=leaves, num_options=2, max_nodes=max_nodes, c_min=1, c_max=3,
+        keep_rollouts=keep,
+    )  # fmt: skip
+    trees = run_search(_problems(2), task, expander, cfg, seed=seed)
+    revisits = 0
+    for tree in trees:
+        successes, trials = tree.evidence()
+        kept = {tuple(tree.path_steps(i)) for i in range(tree.num_nodes)}
+        made = [(origin, path, v) for pid, origin, path, v in expander.samples if pid == tree.problem_id]
+        assert trials[0] <= len(made)  # never more evidence than samples were drawn
+        mine = [(path, v) for origin, path, v in made if origin in kept]
+        for node in range(tree.num_nodes):
+            prefix = tuple(tree.path_steps(node))
+            below = [v for path, v in mine if path[: len(prefix)] == prefix]
+            assert trials[node] <= len(below), f"node {node} {prefix}: V={trials[node]}, samples {len(below)}"
+            assert successes[node] <= sum(below)
+            if tree.nodes["terminal"][node] and tree.nodes["outcome"][node] >= 0:
+                revisits += max(int(tree.nodes["visits"][node]) - 1, 0)
+        # nothing lost: every sample of a kept option is evidence somewhere (an ungrafted rollout at its
+        # option, a grafted one at its terminal)
+        assert trials[0] == len(mine) and successes[0] == sum(v for _, v in mine)
+    if leaves > 1 and max_nodes > 100:  # several leaves a round reach terminals again while others grow
+        assert revisits > 0, "the workload must revisit terminals, or it tests nothing"

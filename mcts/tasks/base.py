@@ -51,3 +51,12 @@ class Task(Protocol):
 
     def normalize_step(self, step: str) -> str:
         """Canonical form of one step, used by state merge to detect identical options."""
+
+
+def content_key(question: str, meta: dict) -> str:
+    """What a problem *is*, independent of its id: for Countdown the sorted numbers and the target
+    (the order the numbers are listed in does not make another problem), else the whitespace-
+    normalised question. Held-out sets, training sets and the job's problem list are compared by it."""
+    if "numbers" in meta and "target" in meta:
+        return f"{sorted(int(x) for x in meta['numbers'])}->{int(meta['target'])}"
+    return " ".join(question.split())

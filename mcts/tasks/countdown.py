@@ -283,6 +283,28 @@ def generate_problems(n: int, seed: int = 0, difficulty: CountdownDifficulty | N
     return problems
 
 
+def distinct_problems(n: int, seed: int = 0, difficulty: CountdownDifficulty | None = None) -> list[Problem]:
+    """The first `n` problems of `generate_problems(..., seed)` that are distinct by content (sorted
+    numbers and target): a problem drawn twice is searched once. Ids keep their generator index,
+    so a problem has the same id here and in `generate_problems`."""
+    out: list[Problem] = []
+    size = n
+    while len(out) < n:
+        size = 2 * size + 16  # the generator is prefix-stable: a longer list starts with the shorter one
+        out, seen = [], set()
+        for p in generate_problems(size, seed, difficulty):
+            key = (tuple(sorted(p.meta["numbers"])), p.meta["target"])
+            if key not in seen and len(out) < n:
+                seen.add(key)
+                out.append(p)
+        if size > 64 * n + 1024:
+            raise TaskInputError(
+                f"countdown: only {len(out)} distinct problems of {n} asked for exist at {difficulty}: "
+                "ask for fewer (task.num_problems) or widen the difficulty"
+            )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Problem files: JSONL or parquet rows with `id`, `numbers`, `target`.
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mcts.tasks.base import Problem, Task, TaskInputError
-from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, load_countdown_file
+from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, distinct_problems, load_countdown_file
 from mcts.tasks.jsonl import JsonlTask, load_jsonl_file
 
 # name -> Task class. A task class is a dataclass whose fields are its settings.
@@ -65,8 +65,8 @@ def load_problems(
 ) -> list[Problem]:
     """The problems for task `name`.
 
-    - countdown: read from `path` when given, else `num_problems` (default 100) generated with
-      `seed` and the difficulty (a CountdownDifficulty, a dict of its fields, or its fields as
+    - countdown: read from `path` when given, else `num_problems` (default 100) distinct problems
+      generated with `seed` and the difficulty (a CountdownDifficulty, a dict of its fields, or its fields as
       keyword arguments, e.g. `max_numbers=5`);
     - jsonl: read from `path` (required).
 
@@ -91,7 +91,7 @@ def load_problems(
             f"countdown has no setting {', '.join(unknown)}: difficulty settings are {', '.join(_DIFFICULTY_FIELDS)}"
         )
     difficulty = _difficulty(difficulty, known)
-    return generate_problems(100 if num_problems is None else num_problems, seed=seed, difficulty=difficulty)
+    return distinct_problems(100 if num_problems is None else num_problems, seed=seed, difficulty=difficulty)
 
 
 def _difficulty(base: CountdownDifficulty | dict | None, overrides: dict) -> CountdownDifficulty:
