@@ -5,6 +5,8 @@
                                                  policy.path=DIR search.simulations=N ray.address=auto
                                                  ray.num_workers=N; `arborist search --help` lists all
     arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
+    arborist train DATASET_DIR --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
+                                                 train a policy with TRL on a search output directory
     arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
 
 Bad input (a malformed problem file, an unknown task, a missing model directory, pickle weights,
@@ -131,7 +133,58 @@ def train_critics(argv: list[str]) -> int:
     return main_train_critics(argv)
 
 
-COMMANDS = {"search": search, "bootstrap": bootstrap, "train-critics": train_critics}
+def train(argv: list[str]) -> int:
+    """`arborist train DATASET_DIR --out DIR`: rewards.train, with one-line errors."""
+    from rewards.train import RECIPES, TrainInputError, TrainPolicyConfig, train_policy
+
+    parser = argparse.ArgumentParser(
+        prog="arborist train", description="Train a policy with TRL on an arborist dataset as it is."
+    )
+    parser.add_argument("dataset", help="the out= directory of `arborist search`")
+    parser.add_argument("--out", required=True, help="where the trained model directory goes")
+    parser.add_argument("--policy", default="", help="model to start from (default: the embedded policy)")
+    parser.add_argument("--recipe", default=TrainPolicyConfig.recipe, choices=RECIPES)
+    parser.add_argument("--sft-epochs", type=float, default=TrainPolicyConfig.sft_epochs)
+    parser.add_argument("--sft-lr", type=float, default=TrainPolicyConfig.sft_lr)
+    parser.add_argument("--dpo-epochs", type=float, default=TrainPolicyConfig.dpo_epochs)
+    parser.add_argument("--dpo-lr", type=float, default=TrainPolicyConfig.dpo_lr)
+    parser.add_argument("--beta", type=float, default=TrainPolicyConfig.beta)
+    parser.add_argument("--nll-weight", type=float, default=TrainPolicyConfig.nll_weight)
+    parser.add_argument("--batch-size", type=int, default=TrainPolicyConfig.batch_size)
+    parser.add_argument("--seed", type=int, default=TrainPolicyConfig.seed)
+    parser.add_argument("--device", default=TrainPolicyConfig.device)
+    args = parser.parse_args(argv)
+    from mcts.policy import PolicyLoadError
+
+    try:
+        cfg = TrainPolicyConfig(
+            recipe=args.recipe,
+            sft_epochs=args.sft_epochs,
+            sft_lr=args.sft_lr,
+            dpo_epochs=args.dpo_epochs,
+            dpo_lr=args.dpo_lr,
+            beta=args.beta,
+            nll_weight=args.nll_weight,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+        )
+        policy = args.policy
+        if not policy:
+            from mcts.embedded import bootstrap_policy
+
+            policy = str(bootstrap_policy(0))
+        report = train_policy(args.dataset, args.out, policy, cfg)
+    except (TrainInputError, PolicyLoadError) as e:
+        return _fail(e)
+    rows = {k: report[k] for k in ("sft_rows", "dpo_rows") if k in report}
+    print(
+        f"arborist: trained {args.recipe} on {rows} in {report['seconds']} s -> {args.out} (policy.path={args.out})"
+    )
+    return 0
+
+
+COMMANDS = {"search": search, "bootstrap": bootstrap, "train": train, "train-critics": train_critics}
 
 
 def main(argv: list[str] | None = None) -> int:

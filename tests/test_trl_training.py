@@ -14,7 +14,7 @@ from datasets import load_dataset
 from rewards.derive import DeriveConfig, derive_all
 from rewards.export import DatasetWriter, load_manifest
 from tests._tiny_models import char_tokenizer, save_tiny_llama
-from tests._trees import golden_tree
+from tests._trees import golden_tree, rich_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 def workdir(tmp_path_factory) -> Path:
     """An exported dataset (two problems, two seeds each) and a saved tiny policy."""
     root = tmp_path_factory.mktemp("trl")
-    trees = [golden_tree(pid, seed) for pid in ("p1", "p2") for seed in (0, 1)]
+    trees = [golden_tree(pid, seed) for pid in ("p1", "p2") for seed in (0, 1)] + [rich_tree("p3")]
     DatasetWriter(root / "out", {"test": True}, {}).write_shard(
-        derive_all(trees, DeriveConfig()), ["p1", "p2"], "s0"
+        derive_all(trees, DeriveConfig(confidence=0.0)), ["p1", "p2", "p3"], "s0"
     )
     save_tiny_llama(root / "policy", d_model=32, n_layers=2)
     return root
@@ -66,7 +66,7 @@ def test_dpo_on_pairs(workdir, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     ds = _data(workdir, "pairs")
-    assert {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names) and ds.num_rows == 4
+    assert {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names) and ds.num_rows == 9  # 4 + 4 + 1
     args = DPOConfig(**_common(tmp_path, 2))
     trainer = DPOTrainer(
         model=str(workdir / "policy"), args=args, train_dataset=ds, processing_class=char_tokenizer()
@@ -109,7 +109,7 @@ def test_sft_on_best_trajectories(workdir, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     ds = _data(workdir, "sft")
-    assert ds.num_rows == 2  # one best verified trajectory per problem
+    assert ds.num_rows == 3  # one best verified trajectory per problem
     trainer = SFTTrainer(
         model=str(workdir / "policy"),
         args=SFTConfig(**_common(tmp_path, 2)),

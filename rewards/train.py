@@ -1,0 +1,273 @@
+"""`arborist train DATASET --out DIR`: a policy trained with TRL on an arborist dataset as it is.
+
+    arborist train arborist-out --out trained                  # the shipped recipe (sft+dpo)
+    arborist train arborist-out --out trained --recipe sft     # best-trajectory SFT only
+    arborist train arborist-out --out trained --policy DIR     # any local causal LM
+
+Recipes (`TrainPolicyConfig.recipe`):
+- "sft": SFTTrainer on `sft/` (the best verified trajectory per problem): rejection-sampling
+  fine-tuning, the baseline every preference method has to beat;
+- "dpo": DPOTrainer on `pairs/` with an NLL term on chosen (`loss_type=["sigmoid", "sft"]`): plain
+  DPO on reasoning pairs lowers the likelihood of both sides and collapses the policy;
+- "sft+dpo": the two in sequence, DPO's reference being the SFT model.
+
+Text that trains as it is generated. The search conditions the policy on `tokenizer(prompt)`,
+which carries BOS where the tokenizer adds one, and a policy ends a solution with the step
+separator, then EOS. TRL appends EOS right after the completion, so every completion must end
+with the separator (exported completions do; older datasets are mended here). Whether TRL's own
+tokenization puts BOS before the prompt is a property of the TRL version, not of its docs: 1.16's
+text DPO and SFT paths call the tokenizer with its defaults (BOS included), while its vision
+collator passes `add_special_tokens=False`. So each trainer's tokenized first row is checked
+against the policy's own encoding (`_check_alignment`), and the BOS text is put into the prompts
+only where TRL left it out. tests/test_train.py holds the ids the trainers build to the ids the
+policy writes and scores at search time.
+
+The result is a local model directory (safetensors + tokenizer + `arborist_train.json`) that
+`policy.path=` takes. Seeded; CPU here, CUDA where present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECIPES = ("sft", "dpo", "sft+dpo")
+
+
+class TrainInputError(ValueError):
+    """A dataset or setting `arborist train` cannot use; one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class TrainPolicyConfig:
+    """How `arborist train` trains (defaults: the embedded policy's size; a multi-billion model
+    wants learning rates ~100x smaller)."""
+
+    recipe: str = "sft+dpo"
+    """"sft", "dpo" or "sft+dpo" (see the module docstring)."""
+    sft_epochs: float = 4.0
+    sft_lr: float = 1e-3
+    dpo_epochs: float = 1.0
+    dpo_lr: float = 1e-4
+    beta: float = 0.1
+    """DPO's KL strength."""
+    nll_weight: float = 1.0
+    """Weight of the NLL term on chosen beside the DPO loss (0: plain DPO)."""
+    batch_size: int = 32
+    max_length: int = 256
+    seed: int = 0
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+    separator: str = "\n"
+    """The task's step separator: a completion ends with it, as the policy ends its steps."""
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise TrainInputError(
+                f"recipe {self.recipe!r} is not one of {', '.join(RECIPES)}: use --recipe sft+dpo"
+            )
+        for name in ("sft_epochs", "sft_lr", "dpo_epochs", "dpo_lr", "beta", "batch_size", "max_length"):
+            if not getattr(self, name) > 0:
+                raise TrainInputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.nll_weight < 0:
+            raise TrainInputError(f"nll_weight must be >= 0, got {self.nll_weight}")
+
+
+# -- text ---------------------------------------------------------------------------------------------
+def bos_text(tokenizer) -> str:
+    """The BOS token's text when the tokenizer puts it before a text on its own, else ""."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ""
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token if ids and ids[0] == bos else ""
+
+
+def as_trained(row: dict, sep: str, keys: tuple[str, ...], bos: str = "") -> dict:
+    """A row with each completion column ended by the separator (and `bos` text before its prompt)."""
+    out = {"prompt": bos + row["prompt"]}
+    for k in keys:
+        text = row[k]
+        out[k] = text if text.endswith(sep) else text + sep
+    return out
+
+
+def search_ids(tokenizer, prompt: str, completion: str, sep: str = "\n") -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + EOS) as the search has them: the prompt encoded as the policy
+    encodes it (special tokens included), then each step and its separator as generated, then EOS."""
+    steps = completion.split(sep)[:-1] if completion.endswith(sep) else completion.split(sep)
+    ids = [i for s in steps for i in tokenizer(s + sep, add_special_tokens=False)["input_ids"]]
+    return tokenizer(prompt)["input_ids"], ids + [tokenizer.eos_token_id]
+
+
+def _check_alignment(trainer, tokenizer, row: dict, key: str) -> bool:
+    """Does the trainer's tokenized first row hold the search's ids for (prompt, row[key])?"""
+    got = trainer.train_dataset[0]
+    prompt, completion = search_ids(tokenizer, row["prompt"], row[key])
+    if "prompt_ids" in got:  # DPO
+        return list(got["prompt_ids"]) == prompt and list(got[f"{key}_ids"]) == completion
+    return list(got["input_ids"]) == prompt + completion  # SFT: one sequence
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def read_kind(dataset: Path, kind: str) -> list[dict]:
+    """Rows of one kind of an arborist output directory (the files its manifest names)."""
+    manifest_path = dataset / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainInputError(f"{dataset} has no manifest.json: pass the out= directory of `arborist search`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"][kind]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainInputError(
+            f"{manifest_path} is not an arborist manifest ({e}): rerun `arborist search`"
+        ) from None
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for rel in sorted(files):
+        rows += pq.read_table(dataset / rel).to_pylist()
+    return rows
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainInputError(f"device={name}, but torch sees no CUDA device: use --device cpu")
+    return name
+
+
+def _common(cfg: TrainPolicyConfig, out: Path, epochs: float, lr: float, device: str) -> dict:
+    return dict(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=cfg.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=5,
+        logging_steps=10,
+        report_to=[],
+        bf16=False,
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataset_num_proc=None,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def _trainer(make, tokenizer, rows: list[dict], sep: str, keys: tuple[str, ...]):
+    """`make(dataset)` on the rows as TRL must see them: completions ended by the separator, and the
+    BOS text before the prompt only if TRL's tokenization leaves BOS out (see the module docstring)."""
+    from datasets import Dataset
+
+    for bos in ("", bos_text(tokenizer)):
+        trainer = make(Dataset.from_list([as_trained(r, sep, keys, bos) for r in rows]))
+        if _check_alignment(trainer, tokenizer, as_trained(rows[0], sep, keys), keys[0]):
+            return trainer
+        if not bos_text(tokenizer):
+            break
+    raise RuntimeError(
+        f"{type(trainer).__name__} tokenizes the first row differently from the policy at search time "
+        "(BOS or separators): this TRL version is not supported by `arborist train`"
+    )
+
+
+def train_sft(model, tokenizer, rows: list[dict], cfg: TrainPolicyConfig, work: Path, device: str):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**_common(cfg, work, cfg.sft_epochs, cfg.sft_lr, device), completion_only_loss=True)
+    trainer = _trainer(
+        lambda ds: SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer),
+        tokenizer,
+        rows,
+        cfg.separator,
+        ("completion",),
+    )
+    result = trainer.train()
+    return trainer.model, {"train_loss": float(result.training_loss), "logged": _losses(trainer)}
+
+
+def train_dpo(model, tokenizer, rows: list[dict], cfg: TrainPolicyConfig, work: Path, device: str):
+    from trl import DPOConfig, DPOTrainer
+
+    losses = ["sigmoid", "sft"] if cfg.nll_weight > 0 else ["sigmoid"]
+    weights = [1.0, cfg.nll_weight] if cfg.nll_weight > 0 else None
+    args = DPOConfig(
+        **_common(cfg, work, cfg.dpo_epochs, cfg.dpo_lr, device),
+        beta=cfg.beta,
+        loss_type=losses,
+        loss_weights=weights,
+    )
+    trainer = _trainer(
+        lambda ds: DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer),
+        tokenizer,
+        rows,
+        cfg.separator,
+        ("chosen", "rejected"),
+    )
+    result = trainer.train()
+    return trainer.model, {"train_loss": float(result.training_loss), "logged": _losses(trainer)}
+
+
+def _losses(trainer) -> list[float]:
+    return [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+# -- the command --------------------------------------------------------------------------------------
+def train_policy(dataset: str | Path, out: str | Path, policy: str | Path, cfg: TrainPolicyConfig) -> dict:
+    """Train `policy` on `dataset` with `cfg`; write the model to `out` atomically; return a report."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from mcts.policy import check_policy_dir
+
+    dataset, out, policy = Path(dataset), Path(out), Path(policy)
+    check_policy_dir(policy)
+    if out.exists() and any(out.iterdir()) and not (out / "arborist_train.json").is_file():
+        raise TrainInputError(
+            f"--out {out} exists and is not a model `arborist train` wrote: choose a new --out"
+        )
+    sft = read_kind(dataset, "sft") if "sft" in cfg.recipe else []
+    pairs = read_kind(dataset, "pairs") if "dpo" in cfg.recipe else []
+    if "sft" in cfg.recipe and not sft:
+        raise TrainInputError(f"{dataset} has no sft rows: search more problems, or use --recipe dpo")
+    if "dpo" in cfg.recipe and not pairs:
+        raise TrainInputError(f"{dataset} has no pairs: search more problems, or use --recipe sft")
+    device = _device(cfg.device)
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
+    report: dict = {"config": asdict(cfg), "dataset": str(dataset), "base": str(policy), "device": device}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if sft:
+            model, report["sft"] = train_sft(model, tokenizer, sft, cfg, work / "sft", device)
+            report["sft_rows"] = len(sft)
+        if pairs:
+            model, report["dpo"] = train_dpo(model, tokenizer, pairs, cfg, work / "dpo", device)
+            report["dpo_rows"] = len(pairs)
+        final = work / "model"
+        model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        (final / "arborist_train.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
