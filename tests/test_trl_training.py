@@ -66,7 +66,9 @@ def test_dpo_on_pairs(workdir, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     ds = _data(workdir, "pairs")
-    assert {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names) and ds.num_rows == 9  # 4 + 4 + 1
+    assert {"prompt", "chosen", "rejected", "margin"} <= set(
+        ds.column_names
+    ) and ds.num_rows == 9  # 4 + 4 + 1
     args = DPOConfig(**_common(tmp_path, 2))
     trainer = DPOTrainer(
         model=str(workdir / "policy"), args=args, train_dataset=ds, processing_class=char_tokenizer()
