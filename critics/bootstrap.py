@@ -59,7 +59,10 @@ class BootstrapCriticsConfig:
     validation value / PRM 0.588 / 0.547 with 800 problems, 0.703 / 0.707 with 3,200; from the
     critics' trunk (top block, 1,000 steps) held-out value 0.732 with 3,200, 0.756 with 6,400."""
     search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=16, max_depth=4))
-    """Search of the bootstrap trees; nodes are valued by one verified rollout each."""
+    """Search of the bootstrap trees; nodes are valued by verified rollouts alone."""
+    rollouts: int = 4
+    """Verified rollouts per new node of the bootstrap search: a value target is a success rate
+    over distinct samples, and with one rollout a node's rate rests on one or two of them."""
     trunk: TrainConfig | None = field(
         default_factory=lambda: TrainConfig(steps=5200, threads=2, time_cap_s=3600.0)
     )
@@ -121,12 +124,17 @@ def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None)
 
 
 def rollout_trees(
-    policy_dir: str | Path, problems: list[Problem], search: SearchConfig, seed: int, **policy_caps
+    policy_dir: str | Path,
+    problems: list[Problem],
+    search: SearchConfig,
+    seed: int,
+    rollouts: int = 1,
+    **policy_caps,
 ) -> list[FinishedTree]:
-    """Trees of a search valued by verified rollouts alone (one per new node)."""
+    """Trees of a search valued by verified rollouts alone (`rollouts` per new node)."""
     task = CountdownTask()
     policy = Policy.load(PolicyConfig(path=str(policy_dir), device="cpu", **policy_caps))
-    plain = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=1, w_value=0.0, w_prm=0.0)
+    plain = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=rollouts, w_value=0.0, w_prm=0.0)
     expander = PolicyExpander(policy, task, plain.expand_config())
     return run_search(problems, task, expander, search, seed=seed)
 
@@ -183,6 +191,7 @@ def ensure_default_critics(
             problems,
             cfg.search,
             seed,
+            rollouts=cfg.rollouts,
             max_step_tokens=cfg.max_step_tokens,
             max_rollout_tokens=cfg.max_rollout_tokens,
         )

@@ -7,6 +7,8 @@
     arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
     arborist train DATASET_DIR --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
                                                  train a policy with TRL on a search output directory
+    arborist improve --out DIR [--rounds 3] [--recipe sft+dpo|sft|dpo]
+                                                 rounds of search -> train -> held-out evaluation
     arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
 
 Bad input (a malformed problem file, an unknown task, a missing model directory, pickle weights,
@@ -184,7 +186,63 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"search": search, "bootstrap": bootstrap, "train": train, "train-critics": train_critics}
+def improve(argv: list[str]) -> int:
+    """`arborist improve --out DIR`: rewards.improve, with one-line errors."""
+    from dataclasses import replace
+
+    from rewards.improve import ImproveConfig, run_improve, table
+    from rewards.train import RECIPES, TrainInputError
+
+    d = ImproveConfig()
+    parser = argparse.ArgumentParser(
+        prog="arborist improve", description="Rounds of search -> train -> evaluate."
+    )
+    parser.add_argument("--out", required=True, help="directory of the rounds (resumed when it exists)")
+    parser.add_argument("--policy", default="", help="base policy (default: the embedded policy)")
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument(
+        "--problems", type=int, default=d.problems_per_round, help="training problems per round"
+    )
+    parser.add_argument("--simulations", type=int, default=d.simulations)
+    parser.add_argument("--rollouts", type=int, default=d.rollouts, help="verified rollouts per new node")
+    parser.add_argument("--recipe", default=d.train.recipe, choices=RECIPES)
+    parser.add_argument("--eval-problems", type=int, default=d.eval_problems, help="0: the whole test slice")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    args = parser.parse_args(argv)
+    from mcts.policy import PolicyLoadError
+
+    try:
+        cfg = ImproveConfig(
+            rounds=args.rounds,
+            problems_per_round=args.problems,
+            simulations=args.simulations,
+            rollouts=args.rollouts,
+            eval_problems=args.eval_problems,
+            seed=args.seed,
+            train=replace(d.train, recipe=args.recipe, seed=args.seed),
+        )
+    except ValueError as e:  # a bad number: ImproveConfig / TrainPolicyConfig say which
+        return _fail(e)
+    try:
+        policy = args.policy
+        if not policy:
+            from mcts.embedded import bootstrap_policy
+
+            policy = str(bootstrap_policy(0))
+        summary = run_improve(args.out, cfg, policy)
+    except (TrainInputError, PolicyLoadError, *_input_errors()) as e:
+        return _fail(e)
+    print(table(summary))
+    return 0
+
+
+COMMANDS = {
+    "search": search,
+    "bootstrap": bootstrap,
+    "train": train,
+    "improve": improve,
+    "train-critics": train_critics,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

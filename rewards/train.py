@@ -227,30 +227,44 @@ def _losses(trainer) -> list[float]:
 
 # -- the command --------------------------------------------------------------------------------------
 def train_policy(dataset: str | Path, out: str | Path, policy: str | Path, cfg: TrainPolicyConfig) -> dict:
-    """Train `policy` on `dataset` with `cfg`; write the model to `out` atomically; return a report."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-
-    from mcts.policy import check_policy_dir
-
-    dataset, out, policy = Path(dataset), Path(out), Path(policy)
-    check_policy_dir(policy)
-    if out.exists() and any(out.iterdir()) and not (out / "arborist_train.json").is_file():
-        raise TrainInputError(
-            f"--out {out} exists and is not a model `arborist train` wrote: choose a new --out"
-        )
+    """Train `policy` on the dataset directory `dataset` with `cfg`; write the model to `out`
+    atomically; return a report."""
+    dataset = Path(dataset)
     sft = read_kind(dataset, "sft") if "sft" in cfg.recipe else []
     pairs = read_kind(dataset, "pairs") if "dpo" in cfg.recipe else []
     if "sft" in cfg.recipe and not sft:
         raise TrainInputError(f"{dataset} has no sft rows: search more problems, or use --recipe dpo")
     if "dpo" in cfg.recipe and not pairs:
         raise TrainInputError(f"{dataset} has no pairs: search more problems, or use --recipe sft")
+    return train_on_rows(sft, pairs, out, policy, cfg, source=str(dataset))
+
+
+def train_on_rows(
+    sft: list[dict],
+    pairs: list[dict],
+    out: str | Path,
+    policy: str | Path,
+    cfg: TrainPolicyConfig,
+    source: str = "",
+) -> dict:
+    """SFT on `sft` rows, then DPO on `pairs` rows (either may be empty), from `policy` into `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from mcts.policy import check_policy_dir
+
+    out, policy = Path(out), Path(policy)
+    check_policy_dir(policy)
+    if out.exists() and any(out.iterdir()) and not (out / "arborist_train.json").is_file():
+        raise TrainInputError(
+            f"--out {out} exists and is not a model `arborist train` wrote: choose a new --out"
+        )
     device = _device(cfg.device)
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
-    report: dict = {"config": asdict(cfg), "dataset": str(dataset), "base": str(policy), "device": device}
+    report: dict = {"config": asdict(cfg), "dataset": source, "base": str(policy), "device": device}
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -1,0 +1,152 @@
+"""Does a policy trained on arborist's data get better? Arms at equal search compute, round by round.
+
+    python -m benchmarks.improve --json results/improve.json        # ~40 min on 2 cores
+    python -m benchmarks.improve --quick --json /tmp/improve.json   # 1 round, small sets: a smoke run
+
+From the same base policy (the embedded one), every arm runs `arborist improve`'s loop on-policy:
+each round searches the same number of fresh training problems with the same search (so the same
+search compute) using that arm's previous policy, then trains that arm's way:
+
+- `sft`: best-trajectory SFT (rejection-sampling fine-tuning), the baseline to beat;
+- `outcome_dpo`: DPO + NLL on whole paths of one tree: its most visited verified-correct solution
+  against its most visited verified-wrong one;
+- `step_dpo`: DPO + NLL on arborist's step-level pairs;
+- `shipped`: the recipe `arborist improve` ships (SFT then step-level DPO + NLL).
+
+Each round's policy is evaluated on the held-out pool's `test` slice (excluded from every training
+set by content; no tuning looked at it): greedy success, pass@16, distinct verified solutions per
+problem (each with its standard error), and the search success of the round's own search. Writes
+`base_greedy`, `greedy_by_round`, `pass16_by_round`, `distinct_by_round`, `search_by_round`,
+`gap_by_round` (search success minus greedy) for the shipped recipe, the same keys per arm under
+`arms`, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks._report import environment, write_json
+from rewards.improve import ImproveConfig, evaluate, run_improve
+from rewards.train import train_on_rows, train_policy
+
+ARMS = {"sft": "sft", "outcome_dpo": "dpo", "step_dpo": "dpo", "shipped": "sft+dpo"}
+
+
+def outcome_pairs(dataset: Path) -> list[dict]:
+    """Per tree: its most visited verified-correct solution (chosen) against its most visited
+    verified-wrong one (rejected), both from the bare prompt."""
+    from mcts.finished import FinishedTree
+    from rewards.derive import completion_text, node_stats
+    from rewards.train import read_kind
+
+    rows = []
+    for r in read_kind(dataset, "trees"):
+        tree = FinishedTree.from_row(r)
+        st = node_stats(tree)
+        good, bad = int(st.best_verified[0]), int(st.best_wrong[0])
+        if good > 0 and bad > 0:
+            rows.append(
+                {
+                    "prompt": tree.prompt,
+                    "chosen": completion_text(tree, tree.path(good)),
+                    "rejected": completion_text(tree, tree.path(bad)),
+                }
+            )
+    return rows
+
+
+def outcome_trainer(dataset, out, policy, cfg):
+    pairs = outcome_pairs(Path(dataset))
+    return train_on_rows([], pairs, out, policy, cfg, source=f"{dataset} (outcome pairs)")
+
+
+def arm_keys(summary: dict, k: int) -> dict:
+    rounds = summary["rounds"]
+    later = rounds[1:]
+    return {
+        "greedy_by_round": [r["greedy"] for r in later],
+        "greedy_se_by_round": [r["greedy_se"] for r in later],
+        f"pass{k}_by_round": [r[f"pass{k}"] for r in later],
+        "distinct_by_round": [r["distinct"] for r in later],
+        "search_by_round": [r.get("search_success") for r in later],
+        "gap_by_round": [r["search_success"] - r["greedy"] for r in later],
+        "pairs_by_round": [r.get("pairs") for r in later],
+        "sft_rows_by_round": [r.get("sft_rows") for r in later],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--out", default="/tmp/arborist-improve-bench", help="work directory (resumed)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--problems", type=int, default=300, help="training problems per round")
+    ap.add_argument("--simulations", type=int, default=32)
+    ap.add_argument("--eval-problems", type=int, default=300)
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.problems, args.eval_problems = 1, 48, 48
+    import torch
+
+    torch.set_num_threads(2)
+    from mcts.embedded import bootstrap_policy, evaluation_problems
+
+    base = str(bootstrap_policy(0))
+    work = Path(args.out)
+    cfg = ImproveConfig(
+        rounds=args.rounds,
+        problems_per_round=args.problems,
+        simulations=args.simulations,
+        eval_problems=args.eval_problems,
+    )
+    held_out = evaluation_problems(cfg.eval_split, args.eval_problems)
+    base_eval_file = work / "base-eval.json"
+    if not base_eval_file.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        base_eval_file.write_text(
+            json.dumps({"policy": base, **evaluate(base, held_out, cfg.pass_k, cfg.seed)})
+        )
+    base_eval = json.loads(base_eval_file.read_text())
+    t0 = time.perf_counter()
+    arms: dict = {}
+    for name in args.arms.split(","):
+        arm_dir = work / name
+        (arm_dir / "round-0").mkdir(parents=True, exist_ok=True)
+        shutil.copy(base_eval_file, arm_dir / "round-0" / "eval.json")  # the same base for every arm
+        arm_cfg = replace(cfg, train=replace(cfg.train, recipe=ARMS[name]))
+        trainer = outcome_trainer if name == "outcome_dpo" else train_policy
+        summary = run_improve(arm_dir, arm_cfg, base, trainer=trainer)
+        arms[name] = arm_keys(summary, cfg.pass_k)
+        print(f"{name}: greedy {arms[name]['greedy_by_round']}", file=sys.stderr, flush=True)
+    k = cfg.pass_k
+    result = {
+        "base_greedy": base_eval["greedy"],
+        "base_greedy_se": base_eval["greedy_se"],
+        f"base_pass{k}": base_eval[f"pass{k}"],
+        "base_distinct": base_eval["distinct"],
+        **(arms.get("shipped") or {}),
+        "arms": arms,
+        "config": {**vars(args), "improve": json.loads(json.dumps(cfg, default=lambda o: o.__dict__))},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
+    }
+    print(f"| arm | greedy by round (base {result['base_greedy']:.3f}) | pass@{k} | distinct | search |")
+    print("|---|---|---|---|---|")
+    for name, a in arms.items():
+        fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        print(f"| {name} | {fmt(a['greedy_by_round'])} | {fmt(a[f'pass{k}_by_round'])} | "
+              f"{fmt(a['distinct_by_round'])} | {fmt(a['search_by_round'])} |")  # fmt: skip
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""`arborist improve --out DIR`: rounds of search -> derive -> train -> evaluate, on-policy.
+
+    arborist improve --out improve-out                     # 3 rounds from the embedded policy
+    arborist improve --out improve-out --recipe sft        # the rejection-sampling baseline
+
+Round k (1..rounds) searches `problems_per_round` fresh Countdown problems with round k-1's policy
+(round 0 is the base policy), derives the dataset (`arborist search` itself, in-process), trains
+on it with `arborist train`'s recipe starting from round k-1's policy, and evaluates the new policy
+on held-out problems. Everything a round makes stays under `out/round-k/`:
+
+    problems.jsonl   the round's training problems (distinct by content, the held-out pool removed)
+    data/            the search job's dataset (manifest, shards, audit.json)
+    policy/          the trained model (policy.path= takes it)
+    eval.json        held-out greedy success, pass@k, distinct verified solutions per problem
+
+A round whose eval.json exists is done; an interrupted round resumes where it stopped (the search
+job resumes from its manifest, training reruns from the round's dataset). Training problems of
+round k come from generator seed `IMPROVE_SEED_BASE + 1000 * seed + k`; the held-out pool
+(`mcts.embedded.evaluation_problems`) is excluded from every round by content, and the evaluation
+uses its `eval_split` slice ("test": no tuning looked at it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rewards.train import TrainPolicyConfig
+
+IMPROVE_SEED_BASE = 3_000_000
+
+
+@dataclass(frozen=True)
+class ImproveConfig:
+    """The improvement loop (defaults: the shipped recipe on the embedded policy)."""
+
+    rounds: int = 3
+    problems_per_round: int = 500
+    simulations: int = 32
+    rollouts: int = 8
+    """Verified rollouts per new node (no learned critics: they were trained for the base policy)."""
+    eval_split: str = "test"
+    eval_problems: int = 0
+    """Held-out problems evaluated (0: the whole slice)."""
+    pass_k: int = 16
+    seed: int = 0
+    num_workers: int = 2
+    train: TrainPolicyConfig = field(default_factory=TrainPolicyConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "problems_per_round", "simulations", "pass_k", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def round_problems(k: int, n: int, seed: int) -> list:
+    """`n` distinct Countdown problems for round k, none in the held-out pool (by content)."""
+    from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, default_difficulty
+    from mcts.tasks.base import content_key
+    from mcts.tasks.countdown import generate_problems
+
+    difficulty = default_difficulty()
+    seen = {content_key(p.question, p.meta) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
+    out = []
+    for p in generate_problems(8 * n + 100, IMPROVE_SEED_BASE + 1000 * seed + k, difficulty):
+        key = content_key(p.question, p.meta)
+        if key not in seen and len(out) < n:
+            seen.add(key)
+            out.append(p)
+    assert len(out) == n, f"only {len(out)} fresh problems for round {k}"
+    return out
+
+
+def evaluate(policy_dir: str | Path, problems: list, pass_k: int, seed: int) -> dict:
+    """Held-out greedy success, pass@k (temperature 1) and distinct verified solutions per problem,
+    each with its standard error over problems."""
+    import torch
+
+    from mcts.policy import Policy, PolicyConfig
+    from mcts.tasks.countdown import CountdownTask
+
+    torch.set_num_threads(2)
+    task = CountdownTask()
+    policy = Policy.load(PolicyConfig(path=str(policy_dir), device="cpu", max_rollout_tokens=48))
+    prompts = [task.prompt(p) for p in problems]
+    greedy = [
+        task.check(p, r.steps).success is True for p, r in zip(problems, policy.greedy(prompts), strict=True)
+    ]
+    flat = [pr for pr in prompts for _ in range(pass_k)]
+    samples = []
+    for lo in range(0, len(flat), 1024):
+        samples += policy.rollout(flat[lo : lo + 1024], seed=seed + lo)
+    solved, distinct = [], []
+    for i, p in enumerate(problems):
+        right = {
+            " ".join(s.split())
+            for r in samples[i * pass_k : (i + 1) * pass_k]
+            if task.check(p, r.steps).success is True
+            for s in ["\n".join(r.steps)]
+        }
+        solved.append(bool(right))
+        distinct.append(len(right))
+
+    def mean_se(x) -> tuple[float, float]:
+        a = np.asarray(x, dtype=float)
+        return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+    (g, g_se), (pk, pk_se), (d, d_se) = mean_se(greedy), mean_se(solved), mean_se(distinct)
+    return {
+        "problems": len(problems),
+        "greedy": g,
+        "greedy_se": g_se,
+        f"pass{pass_k}": pk,
+        f"pass{pass_k}_se": pk_se,
+        "distinct": d,
+        "distinct_se": d_se,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from rewards.export import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
+    """The round's search job (resumable), on its own problem file."""
+    from rewards.pipeline import compose, run
+
+    problems_file = rd / "problems.jsonl"
+    if not problems_file.is_file():
+        rows = [
+            json.dumps({"id": p.id, "numbers": p.meta["numbers"], "target": p.meta["target"]})
+            for p in round_problems(k, cfg.problems_per_round, cfg.seed)
+        ]
+        from rewards.export import atomic_write_text
+
+        atomic_write_text(problems_file, "\n".join(rows) + "\n")
+    data = rd / "data"
+    overrides = [
+        f"out={data}",
+        f"task.path={problems_file}",
+        f"policy.path={policy}",
+        "critics=rollouts",
+        f"critics.rollouts={cfg.rollouts}",
+        f"search.simulations={cfg.simulations}",
+        f"seed={cfg.seed * 1000 + k}",
+        f"ray.num_workers={cfg.num_workers}",
+        "rewards.audit_critic_problems=0",
+    ]
+    run(compose(overrides))
+    return data
+
+
+def run_improve(
+    out: str | Path, cfg: ImproveConfig, base_policy: str | Path, progress: bool = True, trainer=None
+) -> dict:
+    """All rounds (resuming finished ones); returns {"rounds": [eval of round 0..R], ...}.
+    `trainer(dataset_dir, out_dir, policy, train_cfg) -> report` (default `train_policy`) lets a
+    benchmark train another way on the same on-policy searches."""
+    from mcts.embedded import evaluation_problems
+    from rewards.train import train_policy
+
+    trainer = trainer or train_policy
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = evaluation_problems(cfg.eval_split, cfg.eval_problems or None)
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"arborist improve: {msg}", file=sys.stderr, flush=True)
+
+    r0 = out / "round-0"
+    if not (r0 / "eval.json").is_file():
+        say(f"evaluating the base policy on {len(held_out)} held-out problems")
+        _write_json(
+            r0 / "eval.json",
+            {"policy": str(base_policy), **evaluate(base_policy, held_out, cfg.pass_k, cfg.seed)},
+        )
+    policy = str(base_policy)
+    for k in range(1, cfg.rounds + 1):
+        rd = out / f"round-{k}"
+        if (rd / "eval.json").is_file():
+            policy = str(rd / "policy")
+            continue
+        t0 = time.perf_counter()
+        say(f"round {k}: searching {cfg.problems_per_round} problems with {policy}")
+        data = search_round(rd, policy, cfg, k)
+        say(f"round {k}: training ({cfg.train.recipe})")
+        report = trainer(data, rd / "policy", policy, cfg.train)
+        policy = str(rd / "policy")
+        say(f"round {k}: evaluating")
+        result = evaluate(policy, held_out, cfg.pass_k, cfg.seed)
+        audit = json.loads((data / "audit.json").read_text())
+        rows = json.loads((data / "manifest.json").read_text())["rows"]
+        result |= {
+            "policy": policy,
+            "search_success": audit.get("search_success"),
+            "pairs": rows.get("pairs"),
+            "sft_rows": rows.get("sft"),
+            "train_seconds": report["seconds"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        _write_json(rd / "eval.json", result)
+    rounds = [json.loads((out / f"round-{k}" / "eval.json").read_text()) for k in range(cfg.rounds + 1)]
+    summary = {"config": asdict(cfg), "rounds": rounds}
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def table(summary: dict) -> str:
+    k = summary["config"]["pass_k"]
+    lines = [
+        f"| round | greedy | pass@{k} | distinct solutions | search success | pairs | sft rows |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(summary["rounds"]):
+        lines.append(
+            f"| {i} | {r['greedy']:.3f} ± {r['greedy_se']:.3f} | {r[f'pass{k}']:.3f} | {r['distinct']:.2f} | "
+            f"{r.get('search_success') or float('nan'):.3f} | {r.get('pairs', '–')} | {r.get('sft_rows', '–')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""`arborist improve`'s parts: fresh round problems kept apart from the held-out pool by content,
+the held-out evaluation on a real (tiny) model, and the outcome-level pairs of the benchmark."""
+
+from __future__ import annotations
+
+from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, default_difficulty, evaluation_problems
+from mcts.tasks.base import content_key
+from mcts.tasks.countdown import generate_problems
+from rewards.derive import DeriveConfig, derive_all
+from rewards.export import DatasetWriter
+from rewards.improve import evaluate, round_problems
+from tests._tiny_models import save_tiny_llama
+from tests._trees import golden_tree, rich_tree
+
+
+def test_round_problems_are_fresh_distinct_and_never_held_out():
+    pool = {
+        content_key(p.question, p.meta)
+        for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, default_difficulty())
+    }
+    one, two = round_problems(1, 200, 0), round_problems(2, 200, 0)
+    for problems in (one, two):
+        keys = [content_key(p.question, p.meta) for p in problems]
+        assert len(set(keys)) == 200 and not set(keys) & pool
+    assert [p.id for p in one] != [p.id for p in two] and round_problems(1, 200, 0) == one
+    # the evaluation slices are disjoint by content, and inside the pool
+    slices = {
+        s: {content_key(p.question, p.meta) for p in evaluation_problems(s)}
+        for s in ("tune", "audit", "test")
+    }
+    assert not slices["tune"] & slices["test"] and not slices["audit"] & slices["test"]
+    assert slices["test"] <= pool and len(slices["test"]) > 400
+
+
+def test_evaluate_reports_rates_with_standard_errors(tmp_path):
+    policy = save_tiny_llama(tmp_path / "policy")
+    r = evaluate(policy, evaluation_problems("test", 6), pass_k=2, seed=0)
+    assert r["problems"] == 6 and 0 <= r["greedy"] <= 1 and 0 <= r["pass2"] <= 1
+    assert r["distinct"] <= 2 and r["greedy_se"] >= 0
+
+
+def test_outcome_pairs_are_whole_verified_paths(tmp_path):
+    from benchmarks.improve import outcome_pairs
+
+    out = tmp_path / "out"
+    trees = [golden_tree("p1"), rich_tree("p2")]
+    DatasetWriter(out, {"test": True}, {}).write_shard(derive_all(trees, DeriveConfig()), ["p1", "p2"], "s0")
+    rows = outcome_pairs(out)
+    assert [r["prompt"] for r in rows] == [trees[0].prompt, trees[1].prompt]
+    assert rows[0]["chosen"] == "3 + 2 = 5\n5 + 5 = 10. Answer: 10\n"
+    assert rows[0]["rejected"] == "3 * 2 = 6\n6 + 5 = 11\n11 + 0 = 11. Answer: 11\n"  # most visited wrong end
