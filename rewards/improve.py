@@ -125,6 +125,7 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, seed: int) -> 
 def _write_json(path: Path, obj: dict) -> None:
     from rewards.export import atomic_write_text
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -133,6 +134,7 @@ def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
     from rewards.pipeline import compose, run
 
     problems_file = rd / "problems.jsonl"
+    rd.mkdir(parents=True, exist_ok=True)
     if not problems_file.is_file():
         rows = [
             json.dumps({"id": p.id, "numbers": p.meta["numbers"], "target": p.meta["target"]})
