@@ -47,14 +47,17 @@ class TrainInputError(ValueError):
 @dataclass(frozen=True)
 class TrainPolicyConfig:
     """How `arborist train` trains (defaults: the embedded policy's size; a multi-billion model
-    wants learning rates ~100x smaller)."""
+    wants learning rates ~100x smaller). The learning rates and epochs were chosen on the held-out
+    pool's tune slice, one round from the embedded policy (188 SFT rows, 329 pairs): SFT at 1e-3 x 4
+    epochs cut pass@16 from 0.695 to 0.512 (diversity collapse), 1e-4 x 2 kept 0.651; DPO + NLL at
+    1e-4 cut it to 0.603, 3e-5 kept 0.681; no variant moved greedy beyond its standard error."""
 
     recipe: str = "sft+dpo"
     """"sft", "dpo" or "sft+dpo" (see the module docstring)."""
-    sft_epochs: float = 4.0
-    sft_lr: float = 1e-3
+    sft_epochs: float = 2.0
+    sft_lr: float = 1e-4
     dpo_epochs: float = 1.0
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-5
     beta: float = 0.1
     """DPO's KL strength."""
     nll_weight: float = 1.0
