@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--simulations", type=int, default=32)
     ap.add_argument("--eval-problems", type=int, default=300)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--split", default="test", help="held-out slice evaluated on: test (headline) or tune")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         problems_per_round=args.problems,
         simulations=args.simulations,
         eval_problems=args.eval_problems,
+        eval_split=args.split,
     )
     held_out = evaluation_problems(cfg.eval_split, args.eval_problems)
     base_eval_file = work / "base-eval.json"
