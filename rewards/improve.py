@@ -129,9 +129,9 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
-    """The round's search job (resumable), on its own problem file."""
-    from rewards.pipeline import compose, run
+def round_overrides(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> list[str]:
+    """The `arborist search` overrides of round k's job; writes the round's problem file first."""
+    from rewards.export import atomic_write_text
 
     problems_file = rd / "problems.jsonl"
     rd.mkdir(parents=True, exist_ok=True)
@@ -140,13 +140,11 @@ def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
             json.dumps({"id": p.id, "numbers": p.meta["numbers"], "target": p.meta["target"]})
             for p in round_problems(k, cfg.problems_per_round, cfg.seed)
         ]
-        from rewards.export import atomic_write_text
-
         atomic_write_text(problems_file, "\n".join(rows) + "\n")
-    data = rd / "data"
-    overrides = [
-        f"out={data}",
+    return [
+        f"out={rd / 'data'}",
         f"task.path={problems_file}",
+        "task.num_problems=null",  # the whole file (the group's default keeps the first 256)
         f"policy.path={policy}",
         "critics=rollouts",
         f"critics.rollouts={cfg.rollouts}",
@@ -155,8 +153,14 @@ def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
         f"ray.num_workers={cfg.num_workers}",
         "rewards.audit_critic_problems=0",
     ]
-    run(compose(overrides))
-    return data
+
+
+def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
+    """The round's search job (resumable), on its own problem file."""
+    from rewards.pipeline import compose, run
+
+    run(compose(round_overrides(rd, policy, cfg, k)))
+    return rd / "data"
 
 
 def run_improve(

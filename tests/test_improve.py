@@ -49,3 +49,15 @@ def test_outcome_pairs_are_whole_verified_paths(tmp_path):
     assert [r["prompt"] for r in rows] == [trees[0].prompt, trees[1].prompt]
     assert rows[0]["chosen"] == "3 + 2 = 5\n5 + 5 = 10. Answer: 10\n"
     assert rows[0]["rejected"] == "3 * 2 = 6\n6 + 5 = 11\n11 + 0 = 11. Answer: 11\n"  # most visited wrong end
+
+
+def test_a_round_searches_every_problem_of_its_file(tmp_path):
+    """The round's job takes the whole problem file (the task group's default would keep 256)."""
+    from rewards.improve import ImproveConfig, round_overrides
+    from rewards.pipeline import check_config, compose
+
+    policy = save_tiny_llama(tmp_path / "policy")
+    cfg = ImproveConfig(problems_per_round=300)
+    job = check_config(compose(round_overrides(tmp_path / "round-1", str(policy), cfg, 1)))
+    assert len(job.problems) == 300
+    assert {p.id for p in job.problems} == {p.id for p in round_problems(1, 300, 0)}
