@@ -30,12 +30,11 @@ from pathlib import Path
 from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig, train_critics
 from mcts.embedded import (
-    EVAL_EXCLUDE,
-    EVAL_SEED,
     TrainConfig,
     bootstrap_policy,
     default_difficulty,
     default_policy_dir,
+    held_out_keys,
     trained_on,
     weights_hash,
 )
@@ -44,7 +43,7 @@ from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
 from mcts.tasks.base import Problem, content_key
-from mcts.tasks.countdown import CountdownTask, generate_problems
+from mcts.tasks.countdown import CountdownTask, distinct_problems
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
 
@@ -99,20 +98,7 @@ def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: boo
 
 def training_problems(n: int, seed: int) -> list[Problem]:
     """`n` bootstrap problems, distinct by content, none of them in the held-out evaluation pool."""
-    difficulty = default_difficulty()
-    held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
-    pool = generate_problems(4 * n + 100, CRITICS_SEED_BASE + seed, difficulty)
-    out = []
-    for p in pool:
-        if _key(p) not in held_out and len(out) < n:
-            held_out.add(_key(p))  # each problem once
-            out.append(p)
-    assert len(out) == n, f"only {len(out)} of {n} bootstrap problems are distinct and not held out"
-    return out
-
-
-def _key(p: Problem) -> str:
-    return content_key(p.question, p.meta)
+    return distinct_problems(n, CRITICS_SEED_BASE + seed, default_difficulty(), exclude=held_out_keys())
 
 
 def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None) -> set[str]:
@@ -120,7 +106,7 @@ def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None)
     and the bootstrap search problems."""
     cfg = cfg or BootstrapCriticsConfig()
     keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
-    return keys | {_key(p) for p in training_problems(cfg.problems, seed)}
+    return keys | {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
 
 
 def rollout_trees(

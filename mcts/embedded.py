@@ -92,6 +92,12 @@ class TrainConfig:
     eval_samples: int = 8
 
 
+def held_out_keys() -> set[str]:
+    """Content keys of the held-out pool (the first EVAL_EXCLUDE problems of EVAL_SEED): no training
+    set of the embedded models, the critics' or `arborist improve`'s holds any of them."""
+    return {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, default_difficulty())}
+
+
 def training_problems(n: int, seed: int, difficulty: CountdownDifficulty) -> list:
     """The `n` problems whose solver traces the model trains on (held-out pool removed by content)."""
     held_out = {_key(p) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
@@ -120,7 +126,7 @@ def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
     `bootstrap_policy(seed, train=train)` saw in training (~1 s per 40k training sequences)."""
     train = train or TrainConfig()
     problems = training_problems(train.steps * train.batch_size, seed, default_difficulty())
-    return {content_key(p.question, p.meta) for p in problems}
+    return {_key(p) for p in problems}
 
 
 # The held-out pool (the first EVAL_EXCLUDE problems of EVAL_SEED, removed by content from every
@@ -149,8 +155,8 @@ def evaluation_problems(split: str, n: int | None = None) -> list:
     return out if n is None else out[:n]
 
 
-def _key(p) -> tuple:
-    return tuple(sorted(p.meta["numbers"])), p.meta["target"]
+def _key(p) -> str:
+    return content_key(p.question, p.meta)
 
 
 def _encode(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,20 +60,12 @@ class ImproveConfig:
 
 def round_problems(k: int, n: int, seed: int) -> list:
     """`n` distinct Countdown problems for round k, none in the held-out pool (by content)."""
-    from mcts.embedded import EVAL_EXCLUDE, EVAL_SEED, default_difficulty
-    from mcts.tasks.base import content_key
-    from mcts.tasks.countdown import generate_problems
+    from mcts.embedded import default_difficulty, held_out_keys
+    from mcts.tasks.countdown import distinct_problems
 
-    difficulty = default_difficulty()
-    seen = {content_key(p.question, p.meta) for p in generate_problems(EVAL_EXCLUDE, EVAL_SEED, difficulty)}
-    out = []
-    for p in generate_problems(8 * n + 100, IMPROVE_SEED_BASE + 1000 * seed + k, difficulty):
-        key = content_key(p.question, p.meta)
-        if key not in seen and len(out) < n:
-            seen.add(key)
-            out.append(p)
-    assert len(out) == n, f"only {len(out)} fresh problems for round {k}"
-    return out
+    return distinct_problems(
+        n, IMPROVE_SEED_BASE + 1000 * seed + k, default_difficulty(), exclude=held_out_keys()
+    )
 
 
 def evaluate(policy_dir: str | Path, problems: list, pass_k: int, seed: int) -> dict:

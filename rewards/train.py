@@ -140,13 +140,15 @@ def read_kind(dataset: Path, kind: str) -> list[dict]:
 
 
 def _device(name: str) -> str:
+    """`mcts.policy.resolve_device`, refusing CUDA in one line where torch sees none."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    from mcts.policy import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainInputError(f"device={name}, but torch sees no CUDA device: use --device cpu")
-    return name
+    return str(device)
 
 
 def _common(cfg: TrainPolicyConfig, out: Path, epochs: float, lr: float, device: str) -> dict:

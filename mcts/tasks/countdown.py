@@ -30,11 +30,12 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from mcts.tasks.base import Problem, StepCheck, TaskInputError
+from mcts.tasks.base import Problem, StepCheck, TaskInputError, content_key
 from mcts.tasks.files import check_unique_id, quote, read_rows, row_error, row_id
 
 MAX_STEP_CHARS = 64  # longest step the parser looks at (three 18-digit numbers fit)
@@ -283,17 +284,20 @@ def generate_problems(n: int, seed: int = 0, difficulty: CountdownDifficulty | N
     return problems
 
 
-def distinct_problems(n: int, seed: int = 0, difficulty: CountdownDifficulty | None = None) -> list[Problem]:
-    """The first `n` problems of `generate_problems(..., seed)` that are distinct by content (sorted
-    numbers and target): a problem drawn twice is searched once. Ids keep their generator index,
-    so a problem has the same id here and in `generate_problems`."""
+def distinct_problems(
+    n: int, seed: int = 0, difficulty: CountdownDifficulty | None = None, exclude: Iterable[str] = ()
+) -> list[Problem]:
+    """The first `n` problems of `generate_problems(..., seed)` that are distinct by content
+    (`content_key`: sorted numbers and target) and not in `exclude` (content keys): a problem drawn
+    twice is searched once, a held-out one never. Ids keep their generator index, so a problem has
+    the same id here and in `generate_problems`."""
     out: list[Problem] = []
     size = n
     while len(out) < n:
         size = 2 * size + 16  # the generator is prefix-stable: a longer list starts with the shorter one
-        out, seen = [], set()
+        out, seen = [], set(exclude)
         for p in generate_problems(size, seed, difficulty):
-            key = (tuple(sorted(p.meta["numbers"])), p.meta["target"])
+            key = content_key(p.question, p.meta)
             if key not in seen and len(out) < n:
                 seen.add(key)
                 out.append(p)
