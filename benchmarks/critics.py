@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from critics.base import CriticsConfig, CriticSet
-from critics.bootstrap import ensure_default_critics
-from critics.labels import Labels, orm_labels, prm_labels, value_labels
+from critics.labels import Labels
+from critics.metrics import auroc, auroc_se, ece
 from critics.models import ModelCritic
 from mcts.embedded import bootstrap_policy, evaluation_problems
 from mcts.expander import PolicyExpander
@@ -48,8 +48,9 @@ from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
 from mcts.tasks.countdown import CountdownTask
+from rewards.critic_bootstrap import ensure_default_critics
+from rewards.critic_data import orm_labels, prm_labels, value_labels
 from rewards.derive import node_stats
-from rewards.metrics import auroc, auroc_se, ece
 
 TASK = CountdownTask()
 

@@ -136,7 +136,7 @@ class CriticSet:
     def load(cls, cfg: CriticsConfig, task: Task, default_dir: str | Path | None = None) -> CriticSet | None:
         """Load the configured critics; None when every path is "" (the expander then needs rollouts).
 
-        A path of "default" resolves to `<default_dir>/<kind>` (see `critics.bootstrap`). Without a
+        A path of "default" resolves to `<default_dir>/<kind>` (see `rewards.critic_bootstrap`). Without a
         `default_dir` (the task or policy is not the built-in one, so the embedded critics cannot
         read its text) that critic is off, and a one-line note says so on stderr.
         """

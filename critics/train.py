@@ -1,11 +1,9 @@
-"""Train the value function, PRM and ORM from finished search trees.
+"""Train the value function, PRM and ORM on labelled rows (`critics.labels.Labels`).
 
-    arborist train-critics DATASET_DIR [--out DIR] [--base DIR]   (rewards.cli calls `main_train_critics`)
-
-Reads `DATASET_DIR/trees/*.parquet` (one `FinishedTree.to_row()` per row; only the files the
-manifest lists as finished when there is a manifest), derives labels (`critics.labels`), and
-fine-tunes each critic from a base checkpoint, by default the policy that searched: its trunk
-already reads the task's text, so only a one-logit head is new.
+The rows come from finished search trees (`rewards.critic_data`; `arborist train-critics` reads
+a dataset directory in `rewards.train_critics`). Each critic is fine-tuned from a base
+checkpoint, by default the policy that searched: its trunk already reads the task's text, so only
+a one-logit head is new.
 
 Losses (binary cross-entropy on the sigmoid of the logit):
 - value: soft targets S / V at the last token;
@@ -21,7 +19,6 @@ temporary directory beside it, then moved into place).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,17 +33,16 @@ import numpy as np
 import torch
 
 from critics.base import KINDS
-from critics.labels import Labels, all_labels, split_by_problem
+from critics.labels import Labels, split_by_problem
+from critics.metrics import auroc, ece
 from critics.models import StepEncoder, init_from_policy, pad_right, save_critic, step_logits
-from mcts.finished import FinishedTree
 from mcts.policy import resolve_device
-from rewards.metrics import auroc, ece
 
 
 @dataclass
 class TrainCriticsConfig:
     """How the critics are fine-tuned (the defaults are the embedded critics' recipe, but for
-    `value_steps`, which `critics.bootstrap` sets to 2,000)."""
+    `value_steps`, which `rewards.critic_bootstrap` sets to 2,000)."""
 
     kinds: tuple[str, ...] = KINDS
     """Which critics to train."""
@@ -64,7 +60,7 @@ class TrainCriticsConfig:
     wears away what it already reads. Held-out AUROC value / PRM / ORM on the trees of
     `benchmarks.critics`, one run each, 1,000 steps unless said (PRM here counted per path
     position as `evaluate` does; the benchmark counts each node once, which put the shipped PRM
-    at 0.832 against 0.779 per position). From the critics' own trunk (`critics.bootstrap`, 5,200
+    at 0.832 against 0.779 per position). From the critics' own trunk (`rewards.critic_bootstrap`, 5,200
     steps), 3,200 bootstrap problems' trees: top block (this default) 0.732 / 0.766 / -, 2,000
     steps 0.740 / - / -; top two blocks 0.710 / 0.748 / 0.913, 2,000 steps 0.717 / 0.711 / -;
     whole model 0.667 / - / -; head only (500 steps) 0.584; 6,400 problems' trees, top block
@@ -101,23 +97,6 @@ class TrainCriticsConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: a critic needs at least one optimizer step")
-
-
-def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
-    """Trees of a dataset directory: the manifest's finished `trees` files, else `trees/*.parquet`."""
-    import pyarrow.parquet as pq
-
-    root = Path(dataset_dir)
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        files = [root / f for f in json.loads(manifest.read_text()).get("files", {}).get("trees", [])]
-    else:
-        files = sorted((root / "trees").glob("*.parquet"))
-    if not files:
-        raise ValueError(
-            f"{root} has no trees/*.parquet: point train-critics at the output directory of `arborist search`"
-        )
-    return [FinishedTree.from_row(r) for f in files for r in pq.read_table(f).to_pylist()]
 
 
 def _lr_factor(i: int, cfg: TrainCriticsConfig) -> float:
@@ -283,18 +262,18 @@ def evaluate(
 
 
 def train_critics(
-    trees: list[FinishedTree],
+    labels: dict[str, Labels],
     out_dir: str | Path,
     policy_dir: str | Path,
     cfg: TrainCriticsConfig | None = None,
     sep: str = "\n",
     meta: dict | None = None,
 ) -> dict:
-    """Train `cfg.kinds` from `trees` into `out_dir/<kind>` (starting from `policy_dir`'s trunk);
-    returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash)."""
+    """Train `cfg.kinds` on `labels[kind]` into `out_dir/<kind>` (starting from `policy_dir`'s trunk);
+    returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash and the
+    number of trees the rows came from)."""
     cfg = cfg or TrainCriticsConfig()
     out = Path(out_dir)
-    labels = all_labels(trees, cfg.min_verified)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +286,6 @@ def train_critics(
             reports[kind] = report
             info = {
                 "base": str(policy_dir),
-                "trees": len(trees),
                 "logit_offset": report["logit_offset"],  # read by critics.models.load_critic
                 "train": report,
                 "config": asdict(cfg),
@@ -328,65 +306,3 @@ def train_critics(
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return reports
-
-
-def train_critics_from_dir(
-    dataset_dir: str | Path,
-    out_dir: str | Path | None = None,
-    base_dir: str | Path | None = None,
-    cfg: TrainCriticsConfig | None = None,
-) -> dict:
-    """`arborist train-critics`: trees of `dataset_dir` -> critics in `out_dir` (default
-    `dataset_dir/critics`), fine-tuned from `base_dir` (default: the embedded policy)."""
-    trees = read_tree_dir(dataset_dir)
-    if base_dir is None:
-        from mcts.embedded import bootstrap_policy
-
-        base_dir = bootstrap_policy((cfg or TrainCriticsConfig()).seed)
-    out = Path(out_dir) if out_dir is not None else Path(dataset_dir) / "critics"
-    return train_critics(trees, out, base_dir, cfg, meta={"dataset": str(dataset_dir)})
-
-
-def main_train_critics(argv: list[str] | None = None) -> int:
-    """Command line of `arborist train-critics`; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="arborist train-critics", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dataset_dir", help="output directory of `arborist search` (reads trees/*.parquet)")
-    ap.add_argument("--out", default=None, help="where the critics go (default: DATASET_DIR/critics)")
-    ap.add_argument("--base", default=None, help="checkpoint to start from (default: the embedded policy)")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of value,prm,orm")
-    ap.add_argument("--steps", type=int, default=TrainCriticsConfig.steps)
-    ap.add_argument(
-        "--value-steps", type=int, default=None, help="the value function's steps (default: --steps)"
-    )
-    ap.add_argument(
-        "--train-layers",
-        type=int,
-        default=TrainCriticsConfig.train_layers,
-        help="top transformer blocks trained with the head (-1: the whole model, 0: the head only)",
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    if not kinds or set(kinds) - set(KINDS):
-        print(f"arborist train-critics: --kinds={args.kinds}: use a subset of value,prm,orm", file=sys.stderr)
-        return 2
-    try:
-        cfg = TrainCriticsConfig(
-            kinds=kinds,
-            steps=args.steps,
-            value_steps=args.value_steps,
-            train_layers=args.train_layers,
-            seed=args.seed,
-            device=args.device,
-        )
-        reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
-    except (ValueError, OSError) as e:
-        print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(json.dumps(reports, indent=2, default=float))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main_train_critics())

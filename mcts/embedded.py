@@ -288,7 +288,7 @@ def bootstrap_policy(
     moved into place with `os.replace`, so a killed bootstrap never leaves a half-written model:
     the directory exists only once it is complete. `train` and `root` (instead of
     `<cache>/default-v1-seed{seed}`) are for tests and experiments; `name` is the directory under
-    `root` (the critics' own trunk, `critics.bootstrap`, is the same model trained longer).
+    `root` (the critics' own trunk, `rewards.critic_bootstrap`, is the same model trained longer).
     """
     train = train or TrainConfig()
     root = Path(root) if root is not None else default_policy_dir(seed).parent

@@ -42,7 +42,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from critics.models import CriticLoadError
     from mcts.policy import PolicyLoadError
     from mcts.tasks.base import TaskInputError
-    from rewards.pipeline import JobInputError
+    from rewards.job import JobInputError
 
     return (
         JobInputError,
@@ -117,7 +117,7 @@ def bootstrap(argv: list[str]) -> int:
     policy = bootstrap_policy(args.seed, force=args.force)
     print(f"arborist: default policy: {policy}")
     try:
-        from critics.bootstrap import ensure_default_critics
+        from rewards.critic_bootstrap import ensure_default_critics
     except ImportError:
         print("arborist: critics are not part of this build; the job values nodes by verified rollouts")
         return 0
@@ -128,7 +128,7 @@ def bootstrap(argv: list[str]) -> int:
 def train_critics(argv: list[str]) -> int:
     """`arborist train-critics DATASET_DIR [--out DIR] ...`: the critics package's own command line."""
     try:
-        from critics.train import main_train_critics
+        from rewards.train_critics import main_train_critics
     except ImportError:
         print("arborist: error: critics are not part of this build", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -189,7 +189,7 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
         else:
             ray.init(address=address, **kwargs)
     except ConnectionError as e:
-        from rewards.pipeline import JobInputError
+        from rewards.job import JobInputError
 
         raise JobInputError(
             f"ray.address={address}: no Ray cluster reachable ({str(e).splitlines()[0][:120]}): start one "
@@ -439,7 +439,7 @@ def audit_sets(problems: list[Problem], conf, models: dict) -> tuple[list[Proble
     if not (embedded or own):
         return [], seen  # no critics to audit
     if embedded and not own:
-        from critics.bootstrap import critics_trained_on
+        from rewards.critic_bootstrap import critics_trained_on
 
         seen["critics"] = critics_trained_on(seed)
         return (evaluation_problems("audit", n) if n else []), seen
@@ -489,7 +489,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
     from mcts.tasks.registry import make_task
     from rewards.derive import derive_all
     from rewards.export import DatasetWriter, atomic_write_text, load_manifest, write_audit, write_card
-    from rewards.pipeline import shard_name, versions
+    from rewards.job import shard_name, versions
 
     conf, out = job.conf, job.out
     t_start = time.perf_counter() if started is None else started

@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,10 @@ from critics.base import CriticsConfig
 from mcts.policy import PolicyConfig
 from mcts.search import SearchConfig
 from mcts.tasks.base import Problem, TaskInputError
+from rewards.job import JobInputError, shard_name
 
 log = logging.getLogger("arborist")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class JobInputError(ValueError):
-    """A bad setting or input of the job; the message is one line saying what to change."""
 
 
 # -- schemas (one per config group) -------------------------------------------------------------------
@@ -145,6 +141,7 @@ class RewardsConf:
     value_target: str = "success"
     kto_from_pairs: bool = True
     kto_trajectories: bool = True
+    sft_solutions: int = 1
     audit_pairs: int = 256
     """Pairs whose exported first steps are re-rolled for audit.json's pair precision (>= 200 gives
     a Wilson interval about +-0.04 wide at 0.9); 0 skips the re-rollouts."""
@@ -343,11 +340,6 @@ def _check_model_dirs(conf: Config) -> None:
                 raise JobInputError(str(e).splitlines()[0]) from None
 
 
-def shard_name(index: int) -> str:
-    """Batch `index` is written as shard `shard-<index>`: a redone batch lands under the same name."""
-    return f"shard-{index:05d}"
-
-
 def _check_out(out: Path, batches: list[list[Problem]]) -> None:
     """Refuse an output directory whose finished shards do not match this job's batches (resuming
     with another task, problem count or batch size would mix two layouts and duplicate problems)."""
@@ -381,17 +373,6 @@ def _check_out(out: Path, batches: list[list[Problem]]) -> None:
 
 
 # -- the job ---------------------------------------------------------------------------------------------
-def versions() -> dict:
-    """Package versions recorded in the manifest (metadata only: nothing heavy is imported)."""
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("arborist", "numpy", "numba", "torch", "transformers", "ray"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def resolve_models(job: Job) -> dict[str, Any]:
     """Model directories for the workers; trains the embedded defaults first when they are needed."""
     from mcts.embedded import bootstrap_policy
@@ -403,7 +384,7 @@ def resolve_models(job: Job) -> dict[str, Any]:
     critics_dir = None
     wants_default = "default" in conf.critics.paths().values()
     if wants_default and embedded and conf.task.name == "countdown":
-        from critics.bootstrap import ensure_default_critics
+        from rewards.critic_bootstrap import ensure_default_critics
 
         critics_dir = str(
             ensure_default_critics(conf.policy.bootstrap_seed, policy_dir=policy, progress=conf.progress)

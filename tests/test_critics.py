@@ -12,14 +12,16 @@ from _tiny_models import save_tiny_llama
 from _trees import golden_tree
 
 from critics.base import CriticsConfig, CriticSet
-from critics.labels import Labels, orm_labels, prm_labels, value_labels
+from critics.labels import Labels
 from critics.models import CriticLoadError, ModelCritic, init_from_policy, load_critic, save_critic
-from critics.train import TrainCriticsConfig, main_train_critics, train_critics, train_one
+from critics.train import TrainCriticsConfig, train_one
 from critics.verifier import VerifierCritic
 from mcts.expander import PolicyExpander
 from mcts.policy import Option, Rollout
 from mcts.search import SearchConfig, run_search
 from mcts.tasks.countdown import CountdownTask, make_problem
+from rewards.critic_data import orm_labels, prm_labels, value_labels
+from rewards.train_critics import main_train_critics, train_critics_on_trees
 
 TASK = CountdownTask()
 PROBLEMS = [
@@ -339,7 +341,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     assert main_train_critics([str(tmp_path / "empty")]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--train-layers", "-3"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--value-steps", "0"]) == 2
-    reports = train_critics(
+    reports = train_critics_on_trees(
         trees,
         tmp_path / "direct",
         policy_dir,
@@ -352,7 +354,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
 def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
     """`ensure_default_critics` reuses a build for the same policy and recipe, and rebuilds one made
     with another recipe or before critic.json carried the ORM's logit offset."""
-    from critics.bootstrap import BootstrapCriticsConfig, ensure_default_critics
+    from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_default_critics
 
     tiny = BootstrapCriticsConfig(
         problems=6,
@@ -386,8 +388,8 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     """With `trunk` set, the critics are fine-tuned from a model trained beside them
     (`critic-trunk/`), not from the policy; a changed trunk recipe rebuilds the trunk and the
     critics, the same one reuses both."""
-    from critics.bootstrap import BootstrapCriticsConfig, ensure_default_critics
     from mcts.embedded import TrainConfig, weights_hash
+    from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_default_critics
 
     def cfg(trunk_steps):
         trunk = TrainConfig(

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import NUM_PROBLEMS
 
-from rewards.pipeline import JobInputError, check_config, compose, run
+from rewards.job import JobInputError
+from rewards.pipeline import check_config, compose, run
 
 LAYOUT = ("pairs", "steps", "kto", "sft", "values", "trees")
 

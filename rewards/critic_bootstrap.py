@@ -13,7 +13,7 @@ another recipe (`bootstrap.json` records it), or before critic.json carried the 
    node valued by one verified fast rollout (no critics: the labels must come from the verifier);
    the problems are drawn with seed `CRITICS_SEED_BASE + seed`, and every (numbers, target) of the
    held-out evaluation problems (`mcts.embedded.EVAL_SEED`, first `EVAL_EXCLUDE`) is removed;
-3. train the three critics from those trees (`critics.train`), each starting from the trunk.
+3. train the three critics from those trees (`rewards.train_critics`), each starting from the trunk.
 
 The labels are the default policy's (its trees, its success rates); only the weights the critics
 start from are the trunk's. The whole run is seeded; each directory appears atomically.
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from critics.base import CriticsConfig
-from critics.train import TrainCriticsConfig, train_critics
+from critics.train import TrainCriticsConfig
 from mcts.embedded import (
     TrainConfig,
     bootstrap_policy,
@@ -44,6 +44,7 @@ from mcts.policy import Policy, PolicyConfig
 from mcts.search import SearchConfig, run_search
 from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, distinct_problems
+from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
 
@@ -199,7 +200,7 @@ def ensure_default_critics(
             "config": asdict(cfg),
         },
     }
-    reports = train_critics(trees, final, base, cfg.train, meta=meta)
+    reports = train_critics_on_trees(trees, final, base, cfg.train, meta=meta)
     total = time.perf_counter() - t0
     summary = {**meta["bootstrap"], "train_seconds": round(total - search_s, 1), "seconds": round(total, 1)}
     (final / "bootstrap.json").write_text(

@@ -1,4 +1,5 @@
-"""Small numpy metrics for the audit: rank-based AUROC and expected calibration error."""
+"""Small numpy metrics shared by the critics' training and the audit: rank-based AUROC (with its
+standard error) and expected calibration error."""
 
 from __future__ import annotations
 

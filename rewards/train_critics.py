@@ -1,0 +1,113 @@
+"""`arborist train-critics DATASET_DIR [--out DIR] [--base DIR]`: critics from a search's trees.
+
+Reads `DATASET_DIR/trees/*.parquet` (one `FinishedTree.to_row()` per row; only the files the
+manifest lists as finished when there is a manifest), builds the critics' rows
+(`rewards.critic_data`) and trains them (`critics.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from critics.base import KINDS
+from critics.train import TrainCriticsConfig, train_critics
+from mcts.finished import FinishedTree
+from rewards.critic_data import all_labels
+
+
+def train_critics_on_trees(
+    trees: list[FinishedTree],
+    out_dir: str | Path,
+    policy_dir: str | Path,
+    cfg: TrainCriticsConfig | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`)."""
+    cfg = cfg or TrainCriticsConfig()
+    labels = all_labels(trees, cfg.min_verified)
+    return train_critics(labels, out_dir, policy_dir, cfg, meta={"trees": len(trees), **(meta or {})})
+
+
+def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
+    """Trees of a dataset directory: the manifest's finished `trees` files, else `trees/*.parquet`."""
+    import pyarrow.parquet as pq
+
+    root = Path(dataset_dir)
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        files = [root / f for f in json.loads(manifest.read_text()).get("files", {}).get("trees", [])]
+    else:
+        files = sorted((root / "trees").glob("*.parquet"))
+    if not files:
+        raise ValueError(
+            f"{root} has no trees/*.parquet: point train-critics at the output directory of `arborist search`"
+        )
+    return [FinishedTree.from_row(r) for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def train_critics_from_dir(
+    dataset_dir: str | Path,
+    out_dir: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    cfg: TrainCriticsConfig | None = None,
+) -> dict:
+    """`arborist train-critics`: trees of `dataset_dir` -> critics in `out_dir` (default
+    `dataset_dir/critics`), fine-tuned from `base_dir` (default: the embedded policy)."""
+    trees = read_tree_dir(dataset_dir)
+    if base_dir is None:
+        from mcts.embedded import bootstrap_policy
+
+        base_dir = bootstrap_policy((cfg or TrainCriticsConfig()).seed)
+    out = Path(out_dir) if out_dir is not None else Path(dataset_dir) / "critics"
+    return train_critics_on_trees(trees, out, base_dir, cfg, meta={"dataset": str(dataset_dir)})
+
+
+def main_train_critics(argv: list[str] | None = None) -> int:
+    """Command line of `arborist train-critics`; returns the exit status."""
+    ap = argparse.ArgumentParser(
+        prog="arborist train-critics",
+        description="Train the value function, PRM and ORM on the trees of an `arborist search` output.",
+    )
+    ap.add_argument("dataset_dir", help="output directory of `arborist search` (reads trees/*.parquet)")
+    ap.add_argument("--out", default=None, help="where the critics go (default: DATASET_DIR/critics)")
+    ap.add_argument("--base", default=None, help="checkpoint to start from (default: the embedded policy)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of value,prm,orm")
+    ap.add_argument("--steps", type=int, default=TrainCriticsConfig.steps)
+    ap.add_argument(
+        "--value-steps", type=int, default=None, help="the value function's steps (default: --steps)"
+    )
+    ap.add_argument(
+        "--train-layers",
+        type=int,
+        default=TrainCriticsConfig.train_layers,
+        help="top transformer blocks trained with the head (-1: the whole model, 0: the head only)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        print(f"arborist train-critics: --kinds={args.kinds}: use a subset of value,prm,orm", file=sys.stderr)
+        return 2
+    try:
+        cfg = TrainCriticsConfig(
+            kinds=kinds,
+            steps=args.steps,
+            value_steps=args.value_steps,
+            train_layers=args.train_layers,
+            seed=args.seed,
+            device=args.device,
+        )
+        reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
+    except (ValueError, OSError) as e:
+        print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(reports, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_train_critics())
