@@ -7,11 +7,18 @@ From the same base policy (the embedded one), every arm runs `arborist improve`'
 each round searches the same number of fresh training problems with the same search (so the same
 search compute) using that arm's previous policy, then trains that arm's way:
 
-- `sft`: best-trajectory SFT (rejection-sampling fine-tuning), the baseline to beat;
+- `sft`: best-trajectory SFT (the most visited verified solution per problem), the baseline;
 - `outcome_dpo`: DPO + NLL on whole paths of one tree: its most visited verified-correct solution
   against its most visited verified-wrong one;
 - `step_dpo`: DPO + NLL on arborist's step-level pairs;
-- `shipped`: the recipe `arborist improve` ships (SFT then step-level DPO + NLL).
+- `sft_step_dpo` (not run by default): SFT on every distinct verified solution, then DPO + NLL on
+  the step pairs;
+- `shipped`: the recipe `arborist improve` ships (`TrainPolicyConfig`'s default: SFT on every
+  distinct verified solution the round's search found, `rewards.sft_solutions`).
+
+Every round's search exports every distinct solution (`ImproveConfig.sft_solutions`); an arm that
+trains on the best trajectory takes the first, most visited one per problem. Round 1 searches the
+same problems with the same base policy in every arm, so it runs once and is copied.
 
 Each round's policy is evaluated on the held-out pool's `test` slice (excluded from every training
 set by content; no tuning looked at it): greedy success, pass@16, distinct verified solutions per
@@ -33,9 +40,25 @@ from pathlib import Path
 
 from benchmarks._report import environment, write_json
 from rewards.improve import ImproveConfig, evaluate, run_improve
-from rewards.train import train_on_rows, train_policy
+from rewards.train import TrainPolicyConfig, train_on_rows, train_policy
 
-ARMS = {"sft": "sft", "outcome_dpo": "dpo", "step_dpo": "dpo", "shipped": "sft+dpo"}
+ARMS = {
+    "shipped": TrainPolicyConfig.recipe,
+    "sft": "sft",
+    "outcome_dpo": "dpo",
+    "step_dpo": "dpo",
+    "sft_step_dpo": "sft+dpo",
+}
+
+
+def best_trajectory_trainer(dataset, out, policy, cfg):
+    """SFT on the first (most visited) verified solution of each problem."""
+    from rewards.train import read_kind
+
+    first: dict[str, dict] = {}
+    for row in read_kind(Path(dataset), "sft"):
+        first.setdefault(row["problem_id"], row)
+    return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{dataset} (best per problem)")
 
 
 def outcome_pairs(dataset: Path) -> list[dict]:
@@ -86,10 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", required=True)
     ap.add_argument("--out", default="/tmp/arborist-improve-bench", help="work directory (resumed)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--problems", type=int, default=300, help="training problems per round")
+    ap.add_argument(
+        "--problems", type=int, default=ImproveConfig.problems_per_round, help="training problems per round"
+    )
     ap.add_argument("--simulations", type=int, default=32)
     ap.add_argument("--eval-problems", type=int, default=300)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default="shipped,sft,outcome_dpo,step_dpo", help=f"of {', '.join(ARMS)}")
     ap.add_argument("--split", default="test", help="held-out slice evaluated on: test (headline) or tune")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -119,13 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
     base_eval = json.loads(base_eval_file.read_text())
     t0 = time.perf_counter()
     arms: dict = {}
+    first_search: Path | None = None
     for name in args.arms.split(","):
         arm_dir = work / name
         (arm_dir / "round-0").mkdir(parents=True, exist_ok=True)
         shutil.copy(base_eval_file, arm_dir / "round-0" / "eval.json")  # the same base for every arm
+        if first_search is not None and not (arm_dir / "round-1" / "data" / "audit.json").is_file():
+            # Round 1 searches the same problems with the same base policy and seed in every arm:
+            # one search, copied (the job's records do not depend on the run that made them).
+            shutil.rmtree(arm_dir / "round-1", ignore_errors=True)
+            (arm_dir / "round-1").mkdir(parents=True)
+            shutil.copy(first_search / "problems.jsonl", arm_dir / "round-1" / "problems.jsonl")
+            shutil.copytree(first_search / "data", arm_dir / "round-1" / "data")
         arm_cfg = replace(cfg, train=replace(cfg.train, recipe=ARMS[name]))
-        trainer = outcome_trainer if name == "outcome_dpo" else train_policy
+        trainer = {"outcome_dpo": outcome_trainer, "sft": best_trajectory_trainer}.get(name, train_policy)
         summary = run_improve(arm_dir, arm_cfg, base, trainer=trainer)
+        first_search = first_search or arm_dir / "round-1"
         arms[name] = arm_keys(summary, cfg.pass_k)
         print(f"{name}: greedy {arms[name]['greedy_by_round']}", file=sys.stderr, flush=True)
     k = cfg.pass_k

@@ -67,6 +67,10 @@ class DeriveConfig:
     """KTO rows from the two sides of every accepted pair (chosen desirable, rejected not)."""
     kto_trajectories: bool = True
     """KTO rows from whole verified trajectories (label = verified outcome)."""
+    sft_solutions: int = 1
+    """`sft` rows per problem: its distinct verified-correct trajectories, most visited first (1: the
+    best trajectory; more: rejection-sampling fine-tuning on every distinct solution the search found,
+    as `arborist improve` trains)."""
     config_hash: str = ""
     """Hash written into every record; empty: a hash of the fields above."""
 
@@ -79,6 +83,8 @@ class DeriveConfig:
             raise ValueError(
                 f"confidence={self.confidence}: use a level in [0, 1), e.g. 0.9; 0 disables the test"
             )
+        if self.sft_solutions < 1:
+            raise ValueError(f"sft_solutions={self.sft_solutions}: keep at least 1 trajectory per problem")
         if self.max_pairs_per_node < 1 or self.max_trajectories_per_tree < 0:
             raise ValueError("max_pairs_per_node must be >= 1 and max_trajectories_per_tree >= 0")
         if self.value_target not in ("success", "q"):
@@ -416,25 +422,34 @@ def kto_rows(
 
 
 def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
-    """The most visited verified-correct trajectory of the tree (records.SFT_SCHEMA); [] if none."""
+    """The tree's `cfg.sft_solutions` most visited verified-correct trajectories with distinct texts
+    (records.SFT_SCHEMA); [] if none."""
     st = stats or node_stats(tree)
-    end = int(st.best_verified[0])
-    if end <= 0:
-        return []
-    return [
-        {
-            "prompt": tree.prompt,
-            "completion": completion_text(tree, tree.path(end)),
-            "problem_id": tree.problem_id,
-            "tree_id": _tree_id(tree),
-            "end_node": end,
-            "visits": int(st.visits[end]),
-            "q": _f(st.q[end]),
-            "depth": int(st.depth[end]),
-            "num_verified_terminals": int(st.num_verified_below[0]),
-            "config_hash": cfg.hash(),
-        }
-    ]
+    ends = np.flatnonzero(st.terminal & (st.outcome == CORRECT) & (st.depth > 0))
+    ends = ends[np.lexsort((ends, -st.visits[ends]))]  # as best_verified: most visits, then lower id
+    rows, seen = [], set()
+    for end in (int(e) for e in ends):
+        completion = completion_text(tree, tree.path(end))
+        if normalize_text(completion) in seen:
+            continue
+        seen.add(normalize_text(completion))
+        rows.append(
+            {
+                "prompt": tree.prompt,
+                "completion": completion,
+                "problem_id": tree.problem_id,
+                "tree_id": _tree_id(tree),
+                "end_node": end,
+                "visits": int(st.visits[end]),
+                "q": _f(st.q[end]),
+                "depth": int(st.depth[end]),
+                "num_verified_terminals": int(st.num_verified_below[0]),
+                "config_hash": cfg.hash(),
+            }
+        )
+        if len(rows) == cfg.sft_solutions:
+            break
+    return rows
 
 
 def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = None) -> list[dict]:
@@ -500,9 +515,9 @@ def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, li
     """Every record kind for a batch of trees: {"pairs", "steps", "kto", "sft", "values", "trees"}.
     Pairs are de-duplicated across the trees of one problem (several seeds find the same options),
     and contradictory ones (A>B in one tree, B>A in another) are dropped before KTO rows are made
-    from them; SFT keeps the single most visited verified trajectory per problem."""
+    from them; SFT keeps the `sft_solutions` most visited distinct verified trajectories per problem."""
     out: dict[str, list[dict]] = {k: [] for k in ("pairs", "steps", "kto", "sft", "values", "trees")}
-    best_sft: dict[str, dict] = {}
+    sft: dict[str, list[dict]] = {}
     trees = list(trees)
     stats = [node_stats(tree) for tree in trees]
     for tree, st in zip(trees, stats, strict=True):
@@ -511,9 +526,7 @@ def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, li
         out["values"] += value_rows(tree, cfg, st)
         out["trees"].append(tree.to_row())
         for row in sft_rows(tree, cfg, st):
-            old = best_sft.get(row["problem_id"])
-            if old is None or row["visits"] > old["visits"]:
-                best_sft[row["problem_id"]] = row
+            sft.setdefault(row["problem_id"], []).append(row)
     out["pairs"] = dedupe(out["pairs"], pair_key, label="chosen", normalize=normalize_text)
     by_tree: dict[str, list[dict]] = {}
     for p in out["pairs"]:
@@ -521,5 +534,7 @@ def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, li
     for tree, st in zip(trees, stats, strict=True):
         out["kto"] += kto_rows(tree, cfg, st, by_tree.get(_tree_id(tree), []))
     out["kto"] = dedupe(out["kto"], kto_key, label="label")
-    out["sft"] = list(best_sft.values())
+    for rows in sft.values():  # the problem's most visited distinct solutions over all its trees
+        rows.sort(key=lambda r: -r["visits"])  # stable: ties keep tree order
+        out["sft"] += dedupe(rows, lambda r: normalize_text(r["completion"]))[: cfg.sft_solutions]
     return out

@@ -40,10 +40,13 @@ class ImproveConfig:
     """The improvement loop (defaults: the shipped recipe on the embedded policy)."""
 
     rounds: int = 3
-    problems_per_round: int = 500
+    problems_per_round: int = 600
     simulations: int = 32
     rollouts: int = 8
     """Verified rollouts per new node (no learned critics: they were trained for the base policy)."""
+    sft_solutions: int = 16
+    """Distinct verified solutions per problem in the round's `sft` rows (`rewards.sft_solutions`):
+    the search finds ~1.4 per solved problem, and every one is training data."""
     eval_split: str = "test"
     eval_problems: int = 0
     """Held-out problems evaluated (0: the whole slice)."""
@@ -53,7 +56,7 @@ class ImproveConfig:
     train: TrainPolicyConfig = field(default_factory=TrainPolicyConfig)
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "problems_per_round", "simulations", "pass_k", "num_workers"):
+        for name in ("rounds", "problems_per_round", "simulations", "pass_k", "num_workers", "sft_solutions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -144,6 +147,7 @@ def round_overrides(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> list[s
         f"seed={cfg.seed * 1000 + k}",
         f"ray.num_workers={cfg.num_workers}",
         "rewards.audit_critic_problems=0",
+        f"rewards.sft_solutions={cfg.sft_solutions}",
     ]
 
 
@@ -187,8 +191,10 @@ def run_improve(
             policy = str(rd / "policy")
             continue
         t0 = time.perf_counter()
-        say(f"round {k}: searching {cfg.problems_per_round} problems with {policy}")
-        data = search_round(rd, policy, cfg, k)
+        data = rd / "data"
+        if not (data / "audit.json").is_file():  # the job writes its audit last
+            say(f"round {k}: searching {cfg.problems_per_round} problems with {policy}")
+            search_round(rd, policy, cfg, k)
         say(f"round {k}: training ({cfg.train.recipe})")
         report = trainer(data, rd / "policy", policy, cfg.train)
         policy = str(rd / "policy")

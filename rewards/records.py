@@ -89,7 +89,8 @@ kto — TRL unpaired preference format (KTOTrainer)
     outcome           int8     outcome at end_node
     config_hash       string   config hash
 
-sft — TRL prompt-completion format (SFTTrainer): the best verified trajectory per problem
+sft — TRL prompt-completion format (SFTTrainer): the most visited distinct verified trajectories per
+problem (`sft_solutions`, 1 by default: the best one)
     column                 type     meaning
     prompt                 string   the problem prompt (tree.prompt)
     completion             string   the steps of the most visited verified-correct path

@@ -1,12 +1,12 @@
 """`arborist train DATASET --out DIR`: a policy trained with TRL on an arborist dataset as it is.
 
-    arborist train arborist-out --out trained                  # the shipped recipe (sft+dpo)
-    arborist train arborist-out --out trained --recipe sft     # best-trajectory SFT only
+    arborist train arborist-out --out trained                  # the shipped recipe (sft)
+    arborist train arborist-out --out trained --recipe sft+dpo # SFT, then step-level DPO + NLL
     arborist train arborist-out --out trained --policy DIR     # any local causal LM
 
 Recipes (`TrainPolicyConfig.recipe`):
-- "sft": SFTTrainer on `sft/` (the best verified trajectory per problem): rejection-sampling
-  fine-tuning, the baseline every preference method has to beat;
+- "sft": SFTTrainer on `sft/` (the verified trajectories of every problem: one by default,
+  every distinct one with `rewards.sft_solutions`): rejection-sampling fine-tuning;
 - "dpo": DPOTrainer on `pairs/` with an NLL term on chosen (`loss_type=["sigmoid", "sft"]`): plain
   DPO on reasoning pairs lowers the likelihood of both sides and collapses the policy;
 - "sft+dpo": the two in sequence, DPO's reference being the SFT model.
@@ -47,15 +47,16 @@ class TrainInputError(ValueError):
 @dataclass(frozen=True)
 class TrainPolicyConfig:
     """How `arborist train` trains (defaults: the embedded policy's size; a multi-billion model
-    wants learning rates ~100x smaller). The learning rates and epochs were chosen on the held-out
-    pool's tune slice, one round from the embedded policy (188 SFT rows, 329 pairs): SFT at 1e-3 x 4
-    epochs cut pass@16 from 0.695 to 0.512 (diversity collapse), 1e-4 x 2 kept 0.651; DPO + NLL at
-    1e-4 cut it to 0.603, 3e-5 kept 0.681; no variant moved greedy beyond its standard error."""
+    wants learning rates ~100x smaller). Chosen on the held-out pool's tune slice, one round from
+    the embedded policy (docs/improve-recipes.md): SFT on every distinct verified solution of the
+    round at 1e-3 x 3 epochs lifted greedy most while keeping pass@16; DPO + NLL on the step pairs
+    never lifted greedy beyond its standard error and, at a learning rate that moves the policy at
+    all (1e-4 and up), cut pass@16 by 0.05-0.2, so the default recipe is SFT alone."""
 
-    recipe: str = "sft+dpo"
+    recipe: str = "sft"
     """"sft", "dpo" or "sft+dpo" (see the module docstring)."""
-    sft_epochs: float = 2.0
-    sft_lr: float = 1e-4
+    sft_epochs: float = 3.0
+    sft_lr: float = 1e-3
     dpo_epochs: float = 1.0
     dpo_lr: float = 3e-5
     beta: float = 0.1

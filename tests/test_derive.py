@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from critics.metrics import auroc, ece
 from mcts.tasks.base import content_key
 from rewards import records
 from rewards.audit import audit_dataset
@@ -31,7 +32,6 @@ from rewards.derive import (
     wilson_separation,
     z_of_confidence,
 )
-from rewards.metrics import auroc, ece
 from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree, rich_tree
 
 P = GOLDEN_PROMPT
@@ -205,6 +205,19 @@ def test_golden_sft_and_values():
     other = build_tree([N(C, T("2 * 5 = 10. Answer: 10", 12, 1))], prompt=P, problem_id="golden", seed=7)
     (best,) = derive_all([golden_tree(), other], DeriveConfig())["sft"]
     assert (best["tree_id"], best["completion"]) == ("golden/7", f"{C}\n2 * 5 = 10. Answer: 10\n")
+    # sft_solutions > 1: every distinct verified solution of the problem, most visited first, across
+    # its trees; a solution found in two trees is kept once
+    many = derive_all([golden_tree(), other, golden_tree(seed=3)], DeriveConfig(sft_solutions=8))["sft"]
+    assert [(r["tree_id"], r["end_node"], r["visits"]) for r in many] == [
+        ("golden/7", 2, 12),
+        ("golden/0", 4, 8),
+        ("golden/0", 9, 1),
+    ]
+    assert [len(derive_all([golden_tree()], DeriveConfig(sft_solutions=n))["sft"]) for n in (1, 2, 3)] == [
+        1,
+        2,
+        2,
+    ]
 
     values = value_rows(golden_tree(), DeriveConfig())
     assert [r["node"] for r in values] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # node 9 has N = 1
@@ -423,7 +436,7 @@ def test_rewards_layer_imports_no_model_or_cluster_code():
     import sys
 
     code = (
-        "import sys, rewards.derive, rewards.records, rewards.export, rewards.audit, rewards.metrics; "
+        "import sys, rewards.derive, rewards.records, rewards.export, rewards.audit, critics.metrics; "
         "print(sorted(m for m in ('torch', 'transformers', 'ray', 'numba') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

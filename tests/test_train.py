@@ -89,7 +89,7 @@ def test_an_old_dataset_without_step_ends_is_mended():
 @pytest.mark.slow
 def test_train_writes_a_policy_the_search_loads(dataset, tmp_path):
     policy = save_tiny_llama(tmp_path / "policy")
-    cfg = TrainPolicyConfig(sft_epochs=1, dpo_epochs=1, batch_size=4, device="cpu")
+    cfg = TrainPolicyConfig(recipe="sft+dpo", sft_epochs=1, dpo_epochs=1, batch_size=4, device="cpu")
     report = train_policy(dataset, tmp_path / "trained", policy, cfg)
     assert report["sft_rows"] == 2 and report["dpo_rows"] > 0 and report["dpo"]["train_loss"] > 0
     loaded = Policy.load(PolicyConfig(path=str(tmp_path / "trained"), device="cpu"))
