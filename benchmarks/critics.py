@@ -42,15 +42,16 @@ from critics.base import CriticsConfig, CriticSet
 from critics.labels import Labels
 from critics.metrics import auroc, auroc_se, ece
 from critics.models import ModelCritic
+from mcts.base import SearchConfig
 from mcts.embedded import bootstrap_policy, evaluation_problems
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
-from mcts.search import SearchConfig, run_search
+from mcts.search import run_search
 from mcts.tasks.countdown import CountdownTask
 from rewards.critic_bootstrap import ensure_default_critics
 from rewards.critic_data import orm_labels, prm_labels, value_labels
-from rewards.derive import node_stats
+from rewards.stats import node_stats
 
 TASK = CountdownTask()
 

@@ -38,10 +38,11 @@ import time
 import numpy as np
 
 from benchmarks._report import environment, format_table, write_json
+from mcts.base import SearchConfig
 from mcts.expander import ExpandConfig, PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
-from mcts.search import SearchConfig, run_search
+from mcts.search import run_search
 from mcts.tasks.base import Problem
 from mcts.tasks.countdown import CountdownTask
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcts.policy import resolve_device
+from mcts.policy import resolve_device, resolve_dtype
 from mcts.tasks.base import Problem, Task
 
 SEQ_KINDS = ("value", "orm")
@@ -36,7 +36,6 @@ CLASSES = {
     "orm": "sequence classification",
     "prm": "token classification",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CriticLoadError(ValueError):
@@ -48,19 +47,6 @@ def auto_class(kind: str):
 
     assert kind in CLASSES, f"unknown critic kind {kind!r}: use one of {sorted(CLASSES)}"
     return AutoModelForSequenceClassification if kind in SEQ_KINDS else AutoModelForTokenClassification
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto": bfloat16 (float16 without bf16 support) on GPU, float32 on CPU."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise CriticLoadError(
-            f"critics.dtype={dtype} is not supported: use auto, float32, bfloat16 or float16"
-        )
-    return _DTYPES[dtype]
 
 
 # -- text layout ------------------------------------------------------------------------------------
@@ -243,7 +229,10 @@ def load_critic(
     dev = resolve_device(device)
     tok = load_tokenizer(p)
     model = auto_class(kind).from_pretrained(
-        p, local_files_only=True, use_safetensors=True, dtype=resolve_dtype(dtype, dev)
+        p,
+        local_files_only=True,
+        use_safetensors=True,
+        dtype=resolve_dtype(dtype, dev, "critics.dtype", CriticLoadError),
     )
     # Sequence classifiers pool the last non-pad token; they need to know which id pads.
     model.config.pad_token_id = tok.pad_token_id

@@ -36,6 +36,7 @@ from critics.base import KINDS
 from critics.labels import Labels, split_by_problem
 from critics.metrics import auroc, ece
 from critics.models import StepEncoder, init_from_policy, pad_right, save_critic, step_logits
+from mcts.charlm import warmup_cosine
 from mcts.policy import resolve_device
 
 
@@ -97,13 +98,6 @@ class TrainCriticsConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: a critic needs at least one optimizer step")
-
-
-def _lr_factor(i: int, cfg: TrainCriticsConfig) -> float:
-    if i < cfg.warmup:
-        return (i + 1) / cfg.warmup
-    frac = (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 class _Rows:
@@ -195,7 +189,7 @@ def train_one(
     targets, weights, offset = _targets(kind, train, cfg)
     rows = _Rows(train, enc, kind, targets, weights)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor, losses = torch.randperm(len(train), generator=gen), 0, []
     from tqdm import tqdm

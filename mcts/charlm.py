@@ -17,6 +17,7 @@ matters for left-padded batches); `</s>` ends a solution.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -120,3 +121,12 @@ def save_model_dir(model, tok, path: str | Path) -> Path:
 def num_params(model) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def warmup_cosine(i: int, steps: int, warmup: int, floor: float = 0.05) -> float:
+    """Learning-rate factor of step i: linear warmup over `warmup` steps, then cosine decay to
+    `floor` at `steps` (the embedded policy's and the critics' schedule)."""
+    if i < warmup:
+        return (i + 1) / warmup
+    frac = (i - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))

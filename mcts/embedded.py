@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from mcts.charlm import build_char_tokenizer, num_params, save_model_dir, tiny_llama_config
+from mcts.charlm import build_char_tokenizer, num_params, save_model_dir, tiny_llama_config, warmup_cosine
 from mcts.policy import Policy, PolicyConfig
 from mcts.tasks.base import content_key
 from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, solve
@@ -201,7 +201,7 @@ def train_policy(
         )
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
         order = torch.randperm(len(ids), generator=gen)
         capped_at = None
         bar = tqdm(
@@ -242,13 +242,6 @@ def train_policy(
         # CPU seconds: with one thread, what the wall time is on an otherwise idle machine.
         "train_cpu_seconds": round(time.process_time() - c0, 1),
     }
-
-
-def _lr_factor(i: int, cfg: TrainConfig) -> float:
-    if i < cfg.warmup:
-        return (i + 1) / cfg.warmup
-    frac = (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def evaluate_policy(

@@ -21,8 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
-from mcts.policy import Policy, merge_options
-from mcts.search import Child, Expansion, Leaf
+from mcts.base import Child, Expansion, Leaf
+from mcts.merge import merge_options
+from mcts.policy import Policy
 from mcts.tasks.base import Problem, Task
 
 

@@ -343,37 +343,3 @@ def backup(
                     c_max,
                 )
                 node = parent[b + np.uint64(node)]
-
-
-@njit(cache=True, error_model="numpy")
-def most_visited_path(F, b, out):
-    """Follow the most visited child from the root (ties: lowest id); writes ids to `out`
-    (int32 [max_depth + 1]) and returns the path length (root included)."""
-    first_child, num_children, visits = F[1], F[2], F[6]
-    o = b * capacity_of(F)
-    s = ROOT
-    length = 0
-    while True:
-        out[length] = s
-        length += 1
-        if num_children[o + s] == 0 or length == out.shape[0]:
-            return length
-        best = first_child[o + s]
-        for c in range(best + 1, first_child[o + s] + num_children[o + s]):
-            if visits[o + c] > visits[o + best]:
-                best = c
-        s = best
-
-
-@njit(cache=True, error_model="numpy")
-def subtree_has_success(F, b, out):
-    """out[s] = 1 if a verified-correct terminal lies in s's subtree (int8 [capacity])."""
-    parent, outcome, num_nodes = F[0], F[13], F[16]
-    o = b * capacity_of(F)
-    out[:] = 0
-    for c in range(num_nodes[b]):
-        if outcome[o + c] == 1:
-            node = c
-            while node != NO_NODE and out[node] == 0:
-                out[node] = 1
-                node = parent[o + node]

@@ -53,10 +53,6 @@ UNWRITTEN = {name: 0 for name in FIELD_NAMES} | {
 }
 
 
-class TreeCapacityError(RuntimeError):
-    """A tree needs more nodes than were preallocated."""
-
-
 @dataclass
 class Forest:
     """`num_trees` trees of at most `capacity` nodes each, every tree starting as a lone root."""
@@ -88,28 +84,11 @@ class Forest:
     def bytes_per_node(cls) -> int:
         return int(sum(np.dtype(dtype).itemsize for _, dtype, _ in FIELDS))
 
-    def check_room(self, tree_ids: np.ndarray, reserve: np.ndarray, config_key: str) -> None:
-        """Raise `TreeCapacityError` naming `config_key` if the reservations do not fit."""
-        need = self.num_nodes.astype(np.int64).copy()
-        np.add.at(need, tree_ids, reserve)
-        over = np.flatnonzero(need > self.capacity)
-        if over.size:
-            b = int(over[0])
-            raise TreeCapacityError(
-                f"tree {b} needs {int(need[b])} nodes but the forest holds {self.capacity} per tree: "
-                f"raise {config_key}"
-            )
-
     # -- reading --------------------------------------------------------------------------
     def used(self, name: str) -> np.ndarray:
         """Field `name` over every tree's used ids (< num_nodes[b]), trees concatenated."""
         field = getattr(self, name)
         return np.concatenate([field[b, :n] for b, n in enumerate(self.num_nodes.tolist())])
-
-    def q(self, b: int) -> np.ndarray:
-        n = self.num_nodes[b]
-        visits = self.visits[b, :n]
-        return np.where(visits > 0, self.value_sum[b, :n] / np.maximum(visits, 1), np.nan)
 
     def children(self, b: int, node: int) -> np.ndarray:
         first, count = int(self.first_child[b, node]), int(self.num_children[b, node])

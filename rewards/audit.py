@@ -55,7 +55,8 @@ import numpy as np
 from critics.metrics import auroc, auroc_se, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
-from rewards.derive import CORRECT, node_stats, normalize_text, wilson_interval
+from rewards.derive import normalize_text
+from rewards.stats import CORRECT, node_stats, wilson_interval
 
 CRITICS = ("value", "prm", "orm")
 # (problem id, prefix text) -> success rate of n fresh verified rollouts from that prefix

@@ -93,11 +93,12 @@ def _fail(err: BaseException) -> int:
 def search(overrides: list[str]) -> int:
     """`arborist search`: check the composed config, then hand over to the Hydra app."""
     from rewards import pipeline
+    from rewards.config import compose
 
     # Hydra's own flags (--help, --cfg job, -m ...) are Hydra's business: pass them through.
     if not any(a.startswith("-") for a in overrides):
         try:
-            pipeline.check_config(pipeline.compose(overrides))
+            pipeline.check_config(compose(overrides))
         except _input_errors() as e:
             return _fail(e)
     sys.argv = ["arborist search", *overrides]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig
+from mcts.base import SearchConfig
 from mcts.embedded import (
     TrainConfig,
     bootstrap_policy,
@@ -41,7 +42,7 @@ from mcts.embedded import (
 from mcts.expander import PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
-from mcts.search import SearchConfig, run_search
+from mcts.search import run_search
 from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, distinct_problems
 from rewards.train_critics import train_critics_on_trees

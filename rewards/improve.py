@@ -153,7 +153,8 @@ def round_overrides(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> list[s
 
 def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
     """The round's search job (resumable), on its own problem file."""
-    from rewards.pipeline import compose, run
+    from rewards.config import compose
+    from rewards.pipeline import run
 
     run(compose(round_overrides(rd, policy, cfg, k)))
     return rd / "data"

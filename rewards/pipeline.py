@@ -26,231 +26,19 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from critics.base import CriticsConfig
-from mcts.policy import PolicyConfig
-from mcts.search import SearchConfig
 from mcts.tasks.base import Problem, TaskInputError
+from rewards.config import CONF_DIR, Config, TaskConf
 from rewards.job import JobInputError, shard_name
 
 log = logging.getLogger("arborist")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-# -- schemas (one per config group) -------------------------------------------------------------------
-@dataclass
-class TaskConf:
-    """Group `task`: which problems (the task's own settings come from its option's schema)."""
-
-    name: str = MISSING
-    """Task name: countdown | jsonl."""
-    path: str = ""
-    """Problem file (JSONL or parquet rows with id, question, answer); "" = generate (countdown)."""
-    num_problems: int | None = None
-    """Keep the first N problems (generate N for countdown); null = all of the file."""
-
-    def __post_init__(self) -> None:
-        if self.num_problems is not None and self.num_problems < 1:
-            raise ValueError(f"task.num_problems must be >= 1, got {self.num_problems}")
-
-
-@dataclass
-class CountdownTaskConf(TaskConf):
-    """Countdown: generated with `seed` at this difficulty (see mcts.tasks.countdown)."""
-
-    seed: int = 0
-    """Problem generator seed; independent of the search seed, so `seed=N` re-searches the same problems."""
-    min_numbers: int = 3
-    max_numbers: int = 4
-    min_number: int = 1
-    max_number: int = 9
-    min_target: int = 1
-    max_target: int = 60
-
-
-@dataclass
-class JsonlTaskConf(TaskConf):
-    """GSM8K-style word problems from `path` (see mcts.tasks.jsonl)."""
-
-    max_steps: int = 16
-    """Lines before a solution without a `####` answer counts as failed."""
-
-
-@dataclass
-class PolicyConf(PolicyConfig):
-    """Group `policy`: mcts.policy.PolicyConfig, plus where the model comes from."""
-
-    rollout_path: str = ""
-    """A smaller policy for fast rollouts; "" = the policy itself."""
-    bootstrap_seed: int = 0
-    """Training seed of the embedded default policy (used when `path` is "")."""
-    allow_embedded: bool = True
-    """An empty `path` means the embedded default; false (policy=hf): an empty path is an error."""
-
-    def __post_init__(self) -> None:
-        if not self.path and not self.allow_embedded:
-            raise ValueError(
-                "policy.path is empty: set policy.path=DIR (a local Hugging Face model directory)"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"policy.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"policy.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("max_step_tokens", "max_rollout_tokens", "max_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
-        if self.top_k < 0:
-            raise ValueError(f"policy.top_k must be >= 0, got {self.top_k}")
-
-
-@dataclass
-class SearchConf(SearchConfig):
-    """Group `search`: mcts.search.SearchConfig, plus the unit of work and state merge."""
-
-    batch_problems: int = 8
-    """Problems per batch: one worker task, one forest, one shard."""
-    merge_similarity: float = 1.0
-    """State merge threshold: 1.0 merges options equal after the task's normal form only."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_problems < 1:
-            raise ValueError(f"search.batch_problems must be >= 1, got {self.batch_problems}")
-        if not 0 < self.merge_similarity <= 1:
-            raise ValueError(f"search.merge_similarity must be in (0, 1], got {self.merge_similarity}")
-
-
-@dataclass
-class RewardsConf:
-    """Group `rewards`: rewards.derive.DeriveConfig (field docs there) plus the audit."""
-
-    min_visits: int = 2
-    min_margin: float = 0.2
-    confidence: float = 0.9
-    max_pairs_per_node: int = 3
-    trajectory_min_visits: int = 1
-    max_trajectories_per_tree: int = 32
-    value_target: str = "success"
-    kto_from_pairs: bool = True
-    kto_trajectories: bool = True
-    sft_solutions: int = 1
-    audit_pairs: int = 256
-    """Pairs whose exported first steps are re-rolled for audit.json's pair precision (>= 200 gives
-    a Wilson interval about +-0.04 wide at 0.9); 0 skips the re-rollouts."""
-    audit_critic_problems: int = 64
-    """Problems the critics never trained on, searched by verified rollouts alone for audit.json's
-    critic agreement (the critics score every node but steer nothing); 0 skips it."""
-    audit_rollouts: int = 16
-    """Fresh rollouts per prefix in that check."""
-    greedy_baseline: bool = True
-    """Decode every problem greedily once, for audit.json's search-minus-greedy gap."""
-
-    def __post_init__(self) -> None:
-        if self.audit_critic_problems < 0:
-            raise ValueError(f"rewards.audit_critic_problems must be >= 0, got {self.audit_critic_problems}")
-        if self.audit_pairs < 0 or self.audit_rollouts < 1:
-            raise ValueError(
-                f"rewards.audit_pairs must be >= 0 and rewards.audit_rollouts >= 1, "
-                f"got {self.audit_pairs} and {self.audit_rollouts}"
-            )
-        try:
-            self.derive_config()
-        except ValueError as e:
-            raise ValueError(f"rewards.{e}") from None
-
-    def derive_config(self, config_hash: str = ""):
-        from rewards.derive import DeriveConfig
-
-        names = {f.name for f in dataclasses.fields(DeriveConfig)} - {"config_hash"}
-        return DeriveConfig(**{n: getattr(self, n) for n in names}, config_hash=config_hash)
-
-
-@dataclass
-class RayConf:
-    """Group `ray`: where the workers run."""
-
-    address: str = "local"
-    """"local": start Ray in this process, on this machine; "auto" or HOST:PORT: join that cluster."""
-    num_workers: int = 2
-    """Search actors; each loads the policy and critics once."""
-    cpus_per_worker: float = 0.5
-    """Ray CPUs reserved per actor (fractional is fine: the thread count is `torch_threads`)."""
-    gpus_per_worker: float = 0.0
-    """Ray GPUs per actor (set policy.device=cuda too)."""
-    torch_threads: int = 1
-    """torch threads per actor. Fixed, because float reductions differ across thread counts and the
-    records must not depend on where a batch ran."""
-    num_cpus: int | None = None
-    """CPUs of a local Ray (address=local); null = all of this machine's."""
-    max_retries: int = 3
-    """Times a batch is resubmitted after its worker died, before the job gives up."""
-    start_timeout_s: float = 600.0
-    """Seconds to wait for the workers to load their models (and for the cluster to have room)."""
-    log_to_driver: bool = False
-    """Forward the workers' stdout/stderr to this terminal."""
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"ray.num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
-            raise ValueError("ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
-        if self.torch_threads < 1:
-            raise ValueError(f"ray.torch_threads must be >= 1, got {self.torch_threads}")
-        if self.max_retries < 0:
-            raise ValueError(f"ray.max_retries must be >= 0, got {self.max_retries}")
-        if not self.address:
-            raise ValueError("ray.address is empty: use ray.address=local, ray.address=auto or HOST:PORT")
-
-
-@dataclass
-class Config:
-    """The whole job (`conf/config.yaml`)."""
-
-    out: str = "arborist-out"
-    """Output directory (created; rerunning with the same `out` resumes)."""
-    seed: int = 0
-    """Base search seed; each batch's seed is derived from it and the batch's problem ids."""
-    progress: bool = True
-    """Show the live progress bar on stderr."""
-    task: TaskConf = MISSING
-    policy: PolicyConf = field(default_factory=PolicyConf)
-    critics: CriticsConfig = field(default_factory=CriticsConfig)
-    search: SearchConf = field(default_factory=SearchConf)
-    rewards: RewardsConf = field(default_factory=RewardsConf)
-    ray: RayConf = field(default_factory=RayConf)
-
-
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="task", name="countdown_schema", node=CountdownTaskConf)
-    cs.store(group="task", name="jsonl_schema", node=JsonlTaskConf)
-    cs.store(group="policy", name="schema", node=PolicyConf)
-    cs.store(group="critics", name="schema", node=CriticsConfig)
-    cs.store(group="search", name="schema", node=SearchConf)
-    cs.store(group="rewards", name="schema", node=RewardsConf)
-    cs.store(group="ray", name="schema", node=RayConf)
-
-
-register_configs()
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The job's config with `overrides`, composed as `arborist search` would (tests, the CLI)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 # -- checking the inputs --------------------------------------------------------------------------------
@@ -395,19 +183,19 @@ def resolve_models(job: Job) -> dict[str, Any]:
 def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
     """Run the job described by `cfg`; returns the metrics (also written to `out/metrics.json`).
 
-    `hooks` (a `rewards.distributed.Hooks`) lets tests act at points of the job (kill a worker).
+    `hooks` (a `rewards.launcher.Hooks`) lets tests act at points of the job (kill a worker).
     Raises JobInputError / TaskInputError / PolicyLoadError on bad input, before writing anything.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from rewards import distributed
+    from rewards import driver, launcher
 
     started = time.perf_counter()
     job = check_config(cfg)
     ray_conf = job.conf.ray
-    with distributed.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
+    with launcher.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
         models = resolve_models(job)  # after Ray is up: a bad ray.address fails before a bootstrap
-        metrics = distributed.run_job(job, models, hooks=hooks, started=started)
+        metrics = driver.run_job(job, models, hooks=hooks, started=started)
     report_done(metrics)
     return metrics
 

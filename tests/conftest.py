@@ -40,7 +40,7 @@ def ray_session():
     """The test run's one Ray session (2 CPUs; pool actors ask for 0.5 CPU each)."""
     import ray
 
-    from rewards.distributed import WORKER_ENV
+    from rewards.worker import WORKER_ENV
 
     started = not ray.is_initialized()
     if started:
@@ -88,7 +88,8 @@ def job_overrides(tiny_policy, word_problems):
 @pytest.fixture(scope="session")
 def reference_run(ray_session, job_overrides, tmp_path_factory) -> Path:
     """An uninterrupted run of the workload with 2 workers: what every other run must reproduce."""
-    from rewards.pipeline import compose, run
+    from rewards.config import compose
+    from rewards.pipeline import run
 
     out = tmp_path_factory.mktemp("reference") / "out"
     run(compose(job_overrides(out, "ray.num_workers=2")))

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rewards.pipeline import CONF_DIR, JobInputError, RewardsConf, compose, to_schema
+from rewards.config import CONF_DIR, RewardsConf, compose
+from rewards.job import JobInputError
+from rewards.pipeline import to_schema
 
 GROUPS = ("task", "policy", "critics", "search", "rewards", "ray")
 # Options that need a user setting to be complete.

@@ -16,9 +16,11 @@ from critics.labels import Labels
 from critics.models import CriticLoadError, ModelCritic, init_from_policy, load_critic, save_critic
 from critics.train import TrainCriticsConfig, train_one
 from critics.verifier import VerifierCritic
+from mcts.base import SearchConfig
 from mcts.expander import PolicyExpander
-from mcts.policy import Option, Rollout
-from mcts.search import SearchConfig, run_search
+from mcts.merge import Option
+from mcts.policy import Rollout
+from mcts.search import run_search
 from mcts.tasks.countdown import CountdownTask, make_problem
 from rewards.critic_data import orm_labels, prm_labels, value_labels
 from rewards.train_critics import main_train_critics, train_critics_on_trees

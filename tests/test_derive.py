@@ -20,7 +20,6 @@ from rewards.derive import (
     dedupe,
     derive_all,
     kto_rows,
-    node_stats,
     normalize_text,
     pair_key,
     prefix_text,
@@ -28,10 +27,8 @@ from rewards.derive import (
     sft_rows,
     step_pairs,
     value_rows,
-    wilson_interval,
-    wilson_separation,
-    z_of_confidence,
 )
+from rewards.stats import node_stats, wilson_interval, wilson_separation, z_of_confidence
 from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree, rich_tree
 
 P = GOLDEN_PROMPT

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import NUM_PROBLEMS
 
-from rewards.pipeline import compose, run
+from rewards.config import compose
+from rewards.pipeline import run
 
 
 def _tree_ids(out: Path) -> list[str]:
@@ -30,7 +31,7 @@ def _tree_ids(out: Path) -> list[str]:
 
 
 def test_sigkill_a_worker_mid_batch(reference_run, job_overrides, records, tmp_path):
-    from rewards.distributed import Hooks
+    from rewards.launcher import Hooks
 
     killed: list[int] = []
 

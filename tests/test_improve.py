@@ -53,8 +53,9 @@ def test_outcome_pairs_are_whole_verified_paths(tmp_path):
 
 def test_a_round_searches_every_problem_of_its_file(tmp_path):
     """The round's job takes the whole problem file (the task group's default would keep 256)."""
+    from rewards.config import compose
     from rewards.improve import ImproveConfig, round_overrides
-    from rewards.pipeline import check_config, compose
+    from rewards.pipeline import check_config
 
     policy = save_tiny_llama(tmp_path / "policy")
     cfg = ImproveConfig(problems_per_round=300)

@@ -20,7 +20,7 @@ from mcts.synthetic import (
     run_reference,
     visits_identical,
 )
-from mcts.tree import NO_NODE, ROOT, UNVERIFIED, Forest, TreeCapacityError
+from mcts.tree import NO_NODE, ROOT, UNVERIFIED, Forest
 
 DEPTHS = 16
 C_MIN_OFF = np.zeros(DEPTHS, np.int64)
@@ -323,13 +323,6 @@ def test_widening_refresh_is_off_with_negative_alpha():
 
 
 # -- capacity -----------------------------------------------------------------------------------------
-def test_check_room_names_the_config_key():
-    forest = Forest(3, 10)
-    forest.check_room(np.array([0, 2]), np.array([9, 9]), "search.max_nodes")  # fits exactly
-    with pytest.raises(TreeCapacityError, match=r"tree 1 needs 11 nodes .* raise search\.max_nodes"):
-        forest.check_room(np.array([0, 1, 1]), np.array([2, 5, 5]), "search.max_nodes")
-
-
 def test_expand_returns_the_index_that_did_not_fit():
     forest = Forest(1, 6)
     first = np.empty(2, np.int32)
@@ -349,42 +342,6 @@ def test_synthetic_capacity_bound_holds():
     w = Workload(num_trees=2, simulations=30, k=4, leaves_per_tree=4, terminal_rate=0.0, table_rows=256)
     forest = run_kernels(w)
     assert (forest.num_nodes <= w.capacity).all()
-
-
-# -- summaries ----------------------------------------------------------------------------------------
-def _hand_tree() -> Forest:
-    """root 0 -> {1, 2, 3}; 2 -> {4, 5}; 5 -> {6 (correct terminal), 7 (wrong terminal)};
-    3 -> {8}. Visits chosen so that 2 and 3 tie (2 wins on the lower id)."""
-    forest = Forest(2, 16)
-    for s, k in [(ROOT, 3), (2, 2), (5, 2), (3, 1)]:
-        expand_one(forest, 0, s, [1.0 / k] * k)
-    forest.terminal[0, [6, 7]] = 1
-    forest.outcome[0, [6, 7]] = [1, 0]
-    forest.visits[0, :9] = [11, 1, 5, 5, 1, 3, 2, 1, 4]
-    return forest
-
-
-def test_most_visited_path():
-    forest = _hand_tree()
-    out = np.full(8, -9, np.int32)
-    length = kernels.most_visited_path(forest.arrays, 0, out)
-    assert out[:length].tolist() == [0, 2, 5, 6]
-    short = np.full(2, -9, np.int32)
-    assert kernels.most_visited_path(forest.arrays, 0, short) == 2 and short.tolist() == [0, 2]
-    assert kernels.most_visited_path(forest.arrays, 1, out) == 1 and out[0] == ROOT  # lone root
-
-
-def test_subtree_has_success():
-    forest = _hand_tree()
-    out = np.full(forest.capacity, 7, np.int8)
-    kernels.subtree_has_success(forest.arrays, 0, out)
-    assert np.flatnonzero(out).tolist() == [0, 2, 5, 6]
-    forest.outcome[0, 6] = 0
-    kernels.subtree_has_success(forest.arrays, 0, out)
-    assert not out.any()
-    forest.outcome[0, 8] = 1  # now the only success is under 3
-    kernels.subtree_has_success(forest.arrays, 0, out)
-    assert np.flatnonzero(out).tolist() == [0, 3, 8]
 
 
 # -- bandits --------------------------------------------------------------------------------------------

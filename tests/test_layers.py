@@ -15,10 +15,20 @@ PACKAGES = ("mcts", "critics", "rewards", "benchmarks")
 # Floor of a module: the first entry whose prefix matches (lower = further down). DESIGN.md's list.
 FLOORS = [
     (1, ("mcts.tree", "mcts.kernels")),
-    (2, ("mcts.tasks", "mcts.finished", "mcts.reference", "mcts.synthetic")),
+    (2, ("mcts.tasks", "mcts.base", "mcts.finished", "mcts.merge", "mcts.reference", "mcts.synthetic")),
     (3, ("mcts.search",)),
     (4, ("mcts", "critics")),
-    (5, ("rewards.derive", "rewards.records", "rewards.export", "rewards.audit", "rewards.critic_data")),
+    (
+        5,
+        (
+            "rewards.stats",
+            "rewards.derive",
+            "rewards.records",
+            "rewards.export",
+            "rewards.audit",
+            "rewards.critic_data",
+        ),
+    ),
     (6, ("rewards",)),
     (7, ("benchmarks",)),
 ]
@@ -135,3 +145,12 @@ def test_the_check_sees_an_upward_import_and_a_circle(tmp_path, monkeypatch):
         test_every_import_points_down_the_layer_list()
     with pytest.raises(AssertionError, match="import circles"):
         test_no_import_circle()
+
+
+def test_only_the_launcher_imports_ray():
+    users = sorted(
+        name
+        for name, f in modules().items()
+        if name not in PACKAGES and any(m.split(".")[0] == "ray" for m in imported(f, name))
+    )
+    assert users == ["rewards.launcher"]

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import NUM_PROBLEMS
 
+from rewards.config import compose
 from rewards.job import JobInputError
-from rewards.pipeline import check_config, compose, run
+from rewards.pipeline import check_config, run
 
 LAYOUT = ("pairs", "steps", "kto", "sft", "values", "trees")
 
@@ -73,7 +74,7 @@ def test_one_worker_writes_the_same_records_as_two(reference_run, job_overrides,
 
 
 def test_crash_between_shards_resumes_to_the_same_dataset(reference_run, job_overrides, records, tmp_path):
-    from rewards.distributed import Hooks
+    from rewards.launcher import Hooks
 
     class Crash(RuntimeError):
         pass

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mcts.base import Child, Expansion, Leaf, SearchConfig, problem_seed
 from mcts.finished import FinishedTree
-from mcts.search import Child, Expansion, Leaf, SearchConfig, problem_seed, run_search
+from mcts.search import run_search
 from mcts.tasks.base import Problem, StepCheck
 
 GOLDEN = Path(__file__).parent / "golden" / "search_visits.json"

@@ -1,0 +1,285 @@
+"""The job's driver: the workers' settings, batches streamed to them, a shard written as each comes
+back (derive -> export, manifest last), progress, then the audit, the dataset card and metrics.
+Ray stays behind `rewards.launcher`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from critics.base import CriticsConfig
+from mcts.base import SearchConfig
+from mcts.finished import FinishedTree
+from mcts.policy import PolicyConfig
+from mcts.tasks.base import Problem
+from rewards.launcher import Hooks, WorkerPool, stream_batches
+from rewards.worker import WorkerSpec, as_base
+
+log = logging.getLogger("arborist")
+
+
+class Progress:
+    """Live bar on stderr (problems, nodes/s, success rate, pairs) and the counters behind it."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.t0 = time.perf_counter()
+        self.nodes = self.tokens = self.solved = self.trees = self.pairs = 0
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc="search",
+            unit="problem",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+
+    def add(self, trees: list[FinishedTree], pairs: int) -> None:
+        self.trees += len(trees)
+        self.nodes += sum(t.num_nodes for t in trees)
+        self.tokens += sum(t.policy_tokens for t in trees)
+        self.solved += sum(bool((t.nodes["outcome"] == 1).any()) for t in trees)
+        self.pairs += pairs
+        self.bar.update(len(trees))
+        self.tick()
+
+    def tick(self) -> None:
+        self.bar.set_postfix(
+            nodes_s=f"{self.nodes_per_s():.0f}", success=f"{self.success_rate():.2f}", pairs=self.pairs
+        )
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def nodes_per_s(self) -> float:
+        return self.nodes / max(self.seconds(), 1e-9)
+
+    def success_rate(self) -> float:
+        """Share of this run's trees that hold a verified correct solution."""
+        return self.solved / self.trees if self.trees else 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, models: dict) -> dict:
+    """`rewards.audit.audit_dataset` over the written dataset, with its model work done by the
+    workers: re-rollouts from the exported pair prefixes, greedy decoding, and a search on problems
+    the critics never trained on whose nodes the critics score but do not steer."""
+    from rewards.audit import audit_dataset
+
+    by_id = {p.id: p for p in problems}
+    sep = task.step_separator
+
+    def steps_of(problem_id: str, prefix: str) -> tuple[Problem, list[str]] | None:
+        problem = by_id.get(problem_id)
+        head = task.prompt(problem) if problem is not None else None
+        if head is None or not prefix.startswith(head):
+            return None
+        return problem, [s for s in prefix[len(head) :].split(sep)[:-1]]
+
+    def verify(problem_id: str, prompt: str, completion: str) -> bool | None:
+        got = steps_of(problem_id, prompt + completion)
+        return None if got is None else task.check(got[0], got[1]).success is True
+
+    def rerollout(items: list[tuple[str, str]], n: int) -> list[float]:
+        asks = [steps_of(pid, prefix) for pid, prefix in items]
+        assert all(a is not None for a in asks), "a pair prefix does not start with its problem's prompt"
+        return pool.call("rerollout", asks, n, conf.seed, retries=conf.ray.max_retries)
+
+    greedy_call = pool.start("greedy_success", problems) if conf.rewards.greedy_baseline else None
+    critic_problems, seen = audit_sets(problems, conf, models)
+    critic_trees = None
+    if critic_problems:
+        critic_trees = pool.call("audit_search", critic_problems, conf.seed, retries=conf.ray.max_retries)
+    greedy = None
+    if greedy_call is not None:
+        flags = pool.finish(greedy_call, retries=conf.ray.max_retries)
+        greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
+    trees = [FinishedTree.from_row(r) for r in read_kind(out, manifest, "trees")]
+    report = audit_dataset(
+        trees,
+        read_kind(out, manifest, "pairs"),
+        kto=read_kind(out, manifest, "kto"),
+        sft=read_kind(out, manifest, "sft"),
+        rerollout=rerollout,
+        verify=verify,
+        sample_pairs=conf.rewards.audit_pairs,
+        rollouts_per_prefix=conf.rewards.audit_rollouts,
+        greedy=greedy,
+        seed=conf.seed,
+        critic_trees=critic_trees,
+        seen=seen,
+    )
+    report["critic_problems"] = [p.id for p in critic_problems]
+    return report
+
+
+def audit_sets(problems: list[Problem], conf, models: dict) -> tuple[list[Problem], dict]:
+    """(problems the critics are audited on, {model: content keys of its training problems or None}).
+
+    The embedded models' training sets are known (rebuilt from their seeds); a user's are not. The
+    embedded critics saw nearly every Countdown problem through their trunk, so they are audited on
+    the "audit" slice of the held-out pool; other critics on the job's own problems (the report says
+    their training set is unknown)."""
+    from mcts.embedded import evaluation_problems, trained_on
+
+    seed = conf.policy.bootstrap_seed
+    embedded_policy = not conf.policy.path
+    seen: dict = {"policy": trained_on(seed) if embedded_policy else None}
+    n = conf.rewards.audit_critic_problems
+    paths = list(conf.critics.paths().values())
+    embedded = models.get("critics_dir") is not None and "default" in paths
+    own = any(p not in ("", "default") for p in paths)
+    if not (embedded or own):
+        return [], seen  # no critics to audit
+    if embedded and not own:
+        from rewards.critic_bootstrap import critics_trained_on
+
+        seen["critics"] = critics_trained_on(seed)
+        return (evaluation_problems("audit", n) if n else []), seen
+    seen["critics"] = None
+    return problems[:n], seen
+
+
+def read_kind(out: Path, manifest: dict, kind: str) -> list[dict]:
+    """Rows of one kind, in shard-name order (not completion order), so that what is computed from
+    them (the audit's pair sample) does not depend on which batch finished first."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for rel in sorted(manifest["files"][kind]):
+        rows += pq.read_table(out / rel).to_pylist()
+    return rows
+
+
+# -- the job, after its inputs were checked ----------------------------------------------------------------
+def build_spec(job, models: dict) -> WorkerSpec:
+    """The workers' settings for a checked `rewards.pipeline.Job` and its resolved model paths."""
+    conf = job.conf
+    policy = as_base(PolicyConfig, conf.policy)
+    policy.path = models["policy"]
+    rollout = None
+    if conf.policy.rollout_path:
+        rollout = as_base(PolicyConfig, conf.policy)
+        rollout.path = conf.policy.rollout_path
+    return WorkerSpec(
+        task_name=conf.task.name,
+        task_settings=task_kwargs(conf),
+        policy=policy,
+        rollout_policy=rollout,
+        critics=as_base(CriticsConfig, conf.critics),
+        critics_dir=models["critics_dir"],
+        search=as_base(SearchConfig, conf.search),
+        expand=conf.critics.expand_config(conf.search.merge_similarity),
+        torch_threads=conf.ray.torch_threads,
+        warmup_problem=job.problems[0],
+    )
+
+
+def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None = None) -> dict:
+    """Search every batch not yet in `job.out`'s manifest, write shards as they complete, then the
+    audit, the dataset card and `metrics.json`. Returns the metrics. `started`: the job's
+    `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too)."""
+    from mcts.tasks.registry import make_task
+    from rewards.derive import derive_all
+    from rewards.export import DatasetWriter, atomic_write_text, load_manifest, write_audit, write_card
+    from rewards.job import shard_name, versions
+
+    conf, out = job.conf, job.out
+    t_start = time.perf_counter() if started is None else started
+    writer = DatasetWriter(out, job.config, {**versions(), "policy_dir": models["policy"]})
+    if writer.swept:
+        log.info("removed %d files of an interrupted shard: %s", len(writer.swept), writer.swept[:3])
+    finished = writer.manifest["shards"]
+    todo = [(i, b) for i, b in enumerate(job.batches) if shard_name(i) not in finished]
+    resumed = sum(len(b) for i, b in enumerate(job.batches) if shard_name(i) in finished)
+    log.info(
+        "%d problems in %d batches -> %s (%d problems already there, %d batches to run)",
+        len(job.problems), len(job.batches), out, resumed, len(todo),
+    )  # fmt: skip
+    derive = conf.rewards.derive_config(job.config_hash)
+    metrics: dict = {
+        "status": "running",
+        "out": str(out),
+        "problems_total": len(job.problems),
+        "problems_resumed": resumed,
+        "batches_total": len(job.batches),
+        "batches_run": 0,
+        "bootstrap_seconds": round(models["bootstrap_s"], 1),
+        "config_hash": job.config_hash,
+    }
+
+    def write_metrics(progress: Progress | None, **extra) -> None:
+        if progress is not None:
+            metrics.update(
+                problems_done=resumed + progress.trees,
+                nodes=progress.nodes,
+                policy_tokens=progress.tokens,
+                nodes_per_s=round(progress.nodes_per_s(), 1),
+                tokens_per_s=round(progress.tokens / max(progress.seconds(), 1e-9), 1),
+                success_rate=round(progress.success_rate(), 4),
+                pairs_this_run=progress.pairs,
+                search_seconds=round(progress.seconds(), 1),
+            )
+        metrics.update(extra, rows=dict(writer.manifest["rows"]))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    t0 = time.perf_counter()
+    pool = WorkerPool(
+        build_spec(job, models),
+        conf.ray.num_workers,
+        conf.ray.cpus_per_worker,
+        conf.ray.gpus_per_worker,
+        conf.ray.start_timeout_s,
+    )
+    log.info("%d workers ready in %.1f s (pids %s)", len(pool.actors), time.perf_counter() - t0, pool.pids())
+    metrics["workers"] = pool.infos
+    progress = Progress(len(job.problems), resumed, conf.progress)
+
+    def on_done(index: int, trees: list[FinishedTree], stats: dict) -> str:
+        batch = job.batches[index]
+        assert [t.problem_id for t in trees] == [p.id for p in batch], f"batch {index}: trees out of order"
+        rows = derive_all(trees, derive)
+        name = shard_name(index)
+        writer.write_shard(rows, [p.id for p in batch], name)
+        progress.add(trees, len(rows["pairs"]))
+        metrics["batches_run"] += 1
+        write_metrics(progress)
+        return name
+
+    try:
+        write_metrics(progress)
+        stream = stream_batches(
+            pool, todo, conf.seed, on_done, conf.ray.max_retries, tick=progress.tick, hooks=hooks
+        )
+        progress.close()
+        manifest = load_manifest(out)
+        log.info("auditing the dataset (%d problems)", len(job.problems))
+        task = make_task(conf.task.name, **task_kwargs(conf))
+        audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
+    finally:
+        progress.close()
+        pool.shutdown()
+    write_audit(out, audit)
+    write_card(out)
+    write_metrics(
+        progress,
+        status="finished",
+        retries=stream["retries"],
+        batches_by_worker=stream["by_worker"],
+        wall_seconds=round(time.perf_counter() - t_start, 1),
+        audit={k: audit.get(k) for k in ("pair_precision", "search_success", "greedy_success")},
+    )
+    return metrics
+
+
+def task_kwargs(conf) -> dict:
+    """The task group's settings that `make_task` takes (the rest only shape the problem list)."""
+    return {"max_steps": conf.task.max_steps} if conf.task.name == "jsonl" else {}

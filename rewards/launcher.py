@@ -1,0 +1,202 @@
+"""The job's only Ray code: start or join a cluster, a pool of search actors, batches streamed over
+them with bounded retries.
+
+Exactly once. A batch is written under its own shard name only after it completed; the manifest
+then names its problems, and a resumed job skips exactly those batches. If a worker dies (SIGKILL,
+OOM, a lost node) its in-flight batch fails with `RayActorError`: Ray restarts the actor
+(`max_restarts=-1`) and the driver resubmits the batch, up to `ray.max_retries` times. A redone
+batch gives the same records, because its seed depends only on the base seed and its problem ids
+and every actor runs torch with the same thread count.
+
+Ray runs in-process by default (`ray.address=local`); `ray.address=auto` joins a running cluster.
+On a cluster every node needs this package installed and the model directories at the same path
+(put `ARBORIST_CACHE` on a shared filesystem for the embedded defaults).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from mcts.finished import FinishedTree
+from mcts.tasks.base import Problem
+from rewards.worker import WORKER_ENV, SearchWorker, WorkerSpec
+
+log = logging.getLogger("arborist")
+
+
+class JobError(RuntimeError):
+    """The job cannot go on (workers do not start, a batch keeps failing); one-line message."""
+
+
+@contextmanager
+def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator[None]:
+    """Start Ray here (`local`) or join a cluster; shut down only what this call started.
+
+    A session that is already initialised (tests share one) is used as it is.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(
+        log_to_driver=log_to_driver,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+    )
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        from rewards.job import JobInputError
+
+        raise JobInputError(
+            f"ray.address={address}: no Ray cluster reachable ({str(e).splitlines()[0][:120]}): start one "
+            "with `ray start --head`, or run locally with ray.address=local"
+        ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _first_error_line(err: BaseException) -> str:
+    """The innermost `SomeError: message` line of a Ray error (its text nests the remote traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    return (named[-1] if named else next((ln for ln in lines if ln), repr(err)))[:300]
+
+
+class WorkerPool:
+    """`num_workers` SearchWorker actors, started and warmed before the first batch is sent."""
+
+    def __init__(self, spec: WorkerSpec, num_workers: int, cpus: float, gpus: float, timeout_s: float):
+        actor = ray.remote(SearchWorker).options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_restarts=-1,  # a killed worker comes back; the driver resubmits its batch
+            max_task_retries=0,  # ... and decides itself, so every retry is counted and bounded
+        )
+        self.actors = [actor.remote(spec) for _ in range(num_workers)]
+        try:
+            self.infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
+        except GetTimeoutError:
+            self.shutdown()
+            raise JobError(
+                f"the {num_workers} workers did not start within {timeout_s:.0f} s: the cluster has "
+                f"{ray.available_resources().get('CPU', 0):g} free CPUs and each worker asks for {cpus:g}; "
+                "lower ray.num_workers / ray.cpus_per_worker or raise ray.start_timeout_s"
+            ) from None
+        except (RayActorError, RayTaskError) as e:
+            self.shutdown()
+            raise JobError(f"a worker failed to start: {_first_error_line(e)}") from None
+
+    def pids(self) -> list[int]:
+        return [i["pid"] for i in self.infos]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+    def call(self, method: str, *args, retries: int, wait_s: float = 2.0):
+        """`method(*args)` on the pool's actors in turn until one answers. A worker killed
+        mid-call is restarted by Ray; its call fails with `RayActorError` and the next actor is
+        asked, up to `retries` failures."""
+        return call_any(self, lambda actor: getattr(actor, method).remote(*args), retries, wait_s)
+
+    def start(self, method: str, *args):
+        """`method(*args)` on the last actor, not waited for: `finish` collects it."""
+        return (method, args, getattr(self.actors[-1], method).remote(*args))
+
+    def finish(self, started, retries: int):
+        """The result of `start`; if that actor was lost, asked again of the pool."""
+        method, args, ref = started
+        try:
+            return ray.get(ref)
+        except RayActorError:
+            return self.call(method, *args, retries=retries)
+
+
+@dataclass
+class Hooks:
+    """Test hooks. `on_submit(n, worker, pool)` right after the n-th batch submission (1-based) went
+    to worker index `worker`, so that batch is in flight; `on_shard(shard_name)` after each shard
+    is written (raising there simulates a driver crash between shards)."""
+
+    on_submit: Callable[[int, int, WorkerPool], None] | None = None
+    on_shard: Callable[[str], None] | None = None
+
+
+def stream_batches(
+    pool: WorkerPool,
+    work: list[tuple[int, list[Problem]]],
+    seed: int,
+    on_done: Callable[[int, list[FinishedTree], dict], str],
+    max_retries: int,
+    tick: Callable[[], None] = lambda: None,
+    hooks: Hooks | None = None,
+) -> dict:
+    """Run every (batch index, problems) of `work` on the pool, one batch per free actor; call
+    `on_done(index, trees, stats)` (which writes the shard and returns its name) as each completes.
+
+    Returns {"retries": resubmitted batches, "by_worker": batches per worker pid}.
+    """
+    queue = deque(work)
+    free = deque(range(len(pool.actors)))
+    inflight: dict = {}  # ObjectRef -> (worker index, (batch index, problems))
+    failures: Counter = Counter()
+    by_worker: Counter = Counter()
+    submitted = 0
+    while queue or inflight:
+        while queue and free:
+            w, item = free.popleft(), queue.popleft()
+            inflight[pool.actors[w].run_batch.remote(item[1], seed)] = (w, item)
+            submitted += 1
+            if hooks is not None and hooks.on_submit is not None:
+                hooks.on_submit(submitted, w, pool)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        tick()
+        for ref in ready:
+            w, item = inflight.pop(ref)
+            free.append(w)  # a dead actor is being restarted by Ray; calls queue until it is back
+            try:
+                trees, stats = ray.get(ref)
+            except RayActorError as e:
+                failures[item[0]] += 1
+                if failures[item[0]] > max_retries:
+                    raise JobError(
+                        f"batch {item[0]} lost its worker {failures[item[0]]} times (ray.max_retries="
+                        f"{max_retries}): {_first_error_line(e)}"
+                    ) from None
+                log.warning("worker %d died on batch %d; resubmitting it (%s)", w, item[0], type(e).__name__)
+                queue.appendleft(item)
+                continue
+            except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
+                raise JobError(f"batch {item[0]} failed on a worker: {_first_error_line(e)}") from None
+            by_worker[stats["pid"]] += 1
+            name = on_done(item[0], trees, stats)
+            if hooks is not None and hooks.on_shard is not None:
+                hooks.on_shard(name)
+    return {"retries": sum(failures.values()), "by_worker": {str(k): v for k, v in by_worker.items()}}
+
+
+def call_any(pool: WorkerPool, submit: Callable, retries: int, wait_s: float = 2.0):
+    """`ray.get(submit(actor))` on the pool's actors in turn until one answers. A worker killed
+    late in the job may still be restarting (`ActorUnavailableError`) when the audit starts."""
+    for attempt in range(retries * len(pool.actors) + 1):
+        worker = attempt % len(pool.actors)
+        try:
+            return ray.get(submit(pool.actors[worker]))
+        except RayActorError as e:
+            log.warning("worker %d unavailable (%s); asking the next one", worker, type(e).__name__)
+            time.sleep(wait_s)
+    raise RuntimeError(f"no worker answered after {retries} rounds over {len(pool.actors)} workers")

@@ -1,0 +1,142 @@
+"""A search worker: one policy, its critics and an expander, loaded once, serving whole batches.
+
+`SearchWorker` is a plain class; `rewards.launcher` makes Ray actors of it. It loads the models,
+warms the numba kernels on a tiny search, then serves `run_batch(problems, seed)` (the finished
+trees), and the audit's model work: re-rollouts, greedy decoding and an unsteered search.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+from critics.base import CriticsConfig
+from mcts.base import SearchConfig
+from mcts.expander import ExpandConfig
+from mcts.finished import FinishedTree
+from mcts.policy import PolicyConfig
+from mcts.tasks.base import Problem
+
+WORKER_ENV = {
+    # transformers reads these at import time: set them before any worker imports it.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def as_base(cls, obj):
+    """`obj` (a schema subclass from rewards.pipeline) as its base dataclass `cls`, for the workers."""
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker loads: plain, picklable settings with model paths already resolved."""
+
+    task_name: str
+    task_settings: dict
+    policy: PolicyConfig
+    rollout_policy: PolicyConfig | None
+    critics: CriticsConfig
+    critics_dir: str | None  # the embedded critics' directory, when a *_path is "default"
+    search: SearchConfig
+    expand: ExpandConfig
+    torch_threads: int
+    warmup_problem: Problem
+
+
+class SearchWorker:
+    """One policy, its critics and an expander, loaded once (a Ray actor: `rewards.launcher.WorkerPool`)."""
+
+    def __init__(self, spec: WorkerSpec):
+        t0 = time.perf_counter()
+        os.environ.update(WORKER_ENV)
+        import torch
+
+        from critics.base import CriticSet
+        from mcts.expander import PolicyExpander
+        from mcts.policy import Policy
+        from mcts.tasks.registry import make_task
+
+        torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.task = make_task(spec.task_name, **spec.task_settings)
+        self.policy = Policy.load(spec.policy)
+        rollout = Policy.load(spec.rollout_policy) if spec.rollout_policy else None
+        critics = CriticSet.load(spec.critics, self.task, spec.critics_dir)
+        self.critics = critics
+        self.expander = PolicyExpander(self.policy, self.task, spec.expand, rollout, critics)
+        # The audit's expander: nodes valued by one verified rollout alone, the critics scoring every
+        # node without steering anything (their weights are 0), so their agreement with the verifier
+        # is measured on trees they did not shape.
+        unsteered = replace(spec.expand, rollouts=max(1, spec.expand.rollouts), w_rollout=1.0)
+        unsteered = replace(unsteered, w_value=0.0, w_prm=0.0, w_orm=0.0, verifier_at_terminals=True)
+        self.audit_expander = PolicyExpander(self.policy, self.task, unsteered, rollout, critics)
+        self.load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # Compile / load the numba kernels and torch's kernels now, not inside the first batch.
+        # Every policy call reseeds its own generator, so this leaves no trace in later results.
+        warm = SearchConfig(simulations=2, leaves_per_tree=1, num_options=2, max_nodes=64)
+        self._search([spec.warmup_problem], warm, 0)
+        self.warm_s = time.perf_counter() - t0
+
+    def _search(self, problems: list[Problem], cfg: SearchConfig, seed: int) -> list[FinishedTree]:
+        from mcts.search import run_search
+
+        return run_search(problems, self.task, self.expander, cfg, seed=seed)
+
+    def info(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "load_s": self.load_s,
+            "warm_s": self.warm_s,
+        }
+
+    def run_batch(self, problems: list[Problem], seed: int) -> tuple[list[FinishedTree], dict]:
+        t0 = time.perf_counter()
+        trees = self._search(problems, self.spec.search, seed)
+        return trees, {"seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def audit_search(self, problems: list[Problem], seed: int) -> list[FinishedTree]:
+        """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at
+        the nodes they scored during the search, the ORM at every verified terminal afterwards."""
+        from mcts.search import run_search
+
+        trees = run_search(problems, self.task, self.audit_expander, self.spec.search, seed=seed)
+        if self.critics is None or self.critics.orm is None:
+            return trees
+        by_id = {p.id: p for p in problems}
+        ends = [
+            (t, int(i))
+            for t in trees
+            for i in np.flatnonzero(t.nodes["terminal"] & (t.nodes["outcome"] >= 0) & (t.nodes["depth"] > 0))
+        ]
+        if ends:
+            scores = self.critics.score_outcomes(
+                [by_id[t.problem_id] for t, _ in ends], [t.path_steps(i) for t, i in ends]
+            )
+            for (t, i), score in zip(ends, scores, strict=True):
+                t.nodes["orm"][i] = score
+        return trees
+
+    def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, seed: int) -> list[float]:
+        """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
+        sep = self.task.step_separator
+        prompts = [self.expander.prompt(p, steps) for p, steps in items for _ in range(n)]
+        outs = self.policy.rollout(prompts, seed=seed, sep=sep) if prompts else []
+        hits = [
+            self.task.check(items[j // n][0], [*items[j // n][1], *r.steps]).success is True
+            for j, r in enumerate(outs)
+        ]
+        return [sum(hits[i * n : (i + 1) * n]) / n for i in range(len(items))]
+
+    def greedy_success(self, problems: list[Problem]) -> list[bool]:
+        """Greedy decoding of each problem, verified."""
+        outs = self.policy.greedy([self.task.prompt(p) for p in problems], sep=self.task.step_separator)
+        return [self.task.check(p, r.steps).success is True for p, r in zip(problems, outs, strict=True)]
