@@ -10,6 +10,7 @@
     arborist improve --out DIR [--rounds 3] [--recipe sft+dpo|sft|dpo]
                                                  rounds of search -> train -> held-out evaluation
     arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
+    arborist show OUT [--problem ID]             draw a finished tree and the job's plots (OUT/show.html)
 
 Bad input (a malformed problem file, an unknown task, a missing model directory, pickle weights,
 an invalid number in an override) ends with one line `arborist: error: ...` on stderr, exit
@@ -237,12 +238,20 @@ def improve(argv: list[str]) -> int:
     return 0
 
 
+def show(argv: list[str]) -> int:
+    """`arborist show OUT [--problem ID] [--html PATH]`: one self-contained HTML page of a tree."""
+    from rewards.show import main as show_main
+
+    return show_main(argv)
+
+
 COMMANDS = {
     "search": search,
     "bootstrap": bootstrap,
     "train": train,
     "improve": improve,
     "train-critics": train_critics,
+    "show": show,
 }
 
 
