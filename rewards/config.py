@@ -196,6 +196,9 @@ class Config:
     """Base search seed; each batch's seed is derived from it and the batch's problem ids."""
     progress: bool = True
     """Show the live progress bar on stderr."""
+    append_run: bool = False
+    """Add records to an `out` written under another config (recorded as a new run in the
+    manifest's config_history); without it such a resume refuses and names the keys that differ."""
     task: TaskConf = MISSING
     policy: PolicyConf = field(default_factory=PolicyConf)
     critics: CriticsConfig = field(default_factory=CriticsConfig)

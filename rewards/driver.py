@@ -194,90 +194,99 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
 
     conf, out = job.conf, job.out
     t_start = time.perf_counter() if started is None else started
-    writer = DatasetWriter(out, job.config, {**versions(), "policy_dir": models["policy"]})
-    if writer.swept:
-        log.info("removed %d files of an interrupted shard: %s", len(writer.swept), writer.swept[:3])
-    finished = writer.manifest["shards"]
-    todo = [(i, b) for i, b in enumerate(job.batches) if shard_name(i) not in finished]
-    resumed = sum(len(b) for i, b in enumerate(job.batches) if shard_name(i) in finished)
-    log.info(
-        "%d problems in %d batches -> %s (%d problems already there, %d batches to run)",
-        len(job.problems), len(job.batches), out, resumed, len(todo),
-    )  # fmt: skip
-    derive = conf.rewards.derive_config(job.config_hash)
-    metrics: dict = {
-        "status": "running",
-        "out": str(out),
-        "problems_total": len(job.problems),
-        "problems_resumed": resumed,
-        "batches_total": len(job.batches),
-        "batches_run": 0,
-        "bootstrap_seconds": round(models["bootstrap_s"], 1),
-        "config_hash": job.config_hash,
-    }
-
-    def write_metrics(progress: Progress | None, **extra) -> None:
-        if progress is not None:
-            metrics.update(
-                problems_done=resumed + progress.trees,
-                nodes=progress.nodes,
-                policy_tokens=progress.tokens,
-                nodes_per_s=round(progress.nodes_per_s(), 1),
-                tokens_per_s=round(progress.tokens / max(progress.seconds(), 1e-9), 1),
-                success_rate=round(progress.success_rate(), 4),
-                pairs_this_run=progress.pairs,
-                search_seconds=round(progress.seconds(), 1),
-            )
-        metrics.update(extra, rows=dict(writer.manifest["rows"]))
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-
-    t0 = time.perf_counter()
-    pool = WorkerPool(
-        build_spec(job, models),
-        conf.ray.num_workers,
-        conf.ray.cpus_per_worker,
-        conf.ray.gpus_per_worker,
-        conf.ray.start_timeout_s,
+    writer = DatasetWriter(
+        out, job.config, {**versions(), "policy_dir": models["policy"]}, job.config_hash, conf.append_run
     )
-    log.info("%d workers ready in %.1f s (pids %s)", len(pool.actors), time.perf_counter() - t0, pool.pids())
-    metrics["workers"] = pool.infos
-    progress = Progress(len(job.problems), resumed, conf.progress)
-
-    def on_done(index: int, trees: list[FinishedTree], stats: dict) -> str:
-        batch = job.batches[index]
-        assert [t.problem_id for t in trees] == [p.id for p in batch], f"batch {index}: trees out of order"
-        rows = derive_all(trees, derive)
-        name = shard_name(index)
-        writer.write_shard(rows, [p.id for p in batch], name)
-        progress.add(trees, len(rows["pairs"]))
-        metrics["batches_run"] += 1
-        write_metrics(progress)
-        return name
-
     try:
-        write_metrics(progress)
-        stream = stream_batches(
-            pool, todo, conf.seed, on_done, conf.ray.max_retries, tick=progress.tick, hooks=hooks
+        if writer.swept:
+            log.info("removed %d files of an interrupted shard: %s", len(writer.swept), writer.swept[:3])
+        finished = writer.manifest["shards"]
+        todo = [(i, b) for i, b in enumerate(job.batches) if shard_name(i) not in finished]
+        resumed = sum(len(b) for i, b in enumerate(job.batches) if shard_name(i) in finished)
+        log.info(
+            "%d problems in %d batches -> %s (%d problems already there, %d batches to run)",
+            len(job.problems), len(job.batches), out, resumed, len(todo),
+        )  # fmt: skip
+        derive = conf.rewards.derive_config(job.config_hash)
+        metrics: dict = {
+            "status": "running",
+            "out": str(out),
+            "problems_total": len(job.problems),
+            "problems_resumed": resumed,
+            "batches_total": len(job.batches),
+            "batches_run": 0,
+            "bootstrap_seconds": round(models["bootstrap_s"], 1),
+            "config_hash": job.config_hash,
+        }
+
+        def write_metrics(progress: Progress | None, **extra) -> None:
+            if progress is not None:
+                metrics.update(
+                    problems_done=resumed + progress.trees,
+                    nodes=progress.nodes,
+                    policy_tokens=progress.tokens,
+                    nodes_per_s=round(progress.nodes_per_s(), 1),
+                    tokens_per_s=round(progress.tokens / max(progress.seconds(), 1e-9), 1),
+                    success_rate=round(progress.success_rate(), 4),
+                    pairs_this_run=progress.pairs,
+                    search_seconds=round(progress.seconds(), 1),
+                )
+            metrics.update(extra, rows=dict(writer.manifest["rows"]))
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+        t0 = time.perf_counter()
+        pool = WorkerPool(
+            build_spec(job, models),
+            conf.ray.num_workers,
+            conf.ray.cpus_per_worker,
+            conf.ray.gpus_per_worker,
+            conf.ray.start_timeout_s,
         )
-        progress.close()
-        manifest = load_manifest(out)
-        log.info("auditing the dataset (%d problems)", len(job.problems))
-        task = make_task(conf.task.name, **task_kwargs(conf))
-        audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
+        log.info(
+            "%d workers ready in %.1f s (pids %s)", len(pool.actors), time.perf_counter() - t0, pool.pids()
+        )
+        metrics["workers"] = pool.infos
+        progress = Progress(len(job.problems), resumed, conf.progress)
+
+        def on_done(index: int, trees: list[FinishedTree], stats: dict) -> str:
+            batch = job.batches[index]
+            assert [t.problem_id for t in trees] == [p.id for p in batch], (
+                f"batch {index}: trees out of order"
+            )
+            rows = derive_all(trees, derive)
+            name = shard_name(index)
+            writer.write_shard(rows, [p.id for p in batch], name)
+            progress.add(trees, len(rows["pairs"]))
+            metrics["batches_run"] += 1
+            write_metrics(progress)
+            return name
+
+        try:
+            write_metrics(progress)
+            stream = stream_batches(
+                pool, todo, conf.seed, on_done, conf.ray.max_retries, tick=progress.tick, hooks=hooks
+            )
+            progress.close()
+            manifest = load_manifest(out)
+            log.info("auditing the dataset (%d problems)", len(job.problems))
+            task = make_task(conf.task.name, **task_kwargs(conf))
+            audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
+        finally:
+            progress.close()
+            pool.shutdown()
+        write_audit(out, audit)
+        write_card(out)
+        write_metrics(
+            progress,
+            status="finished",
+            retries=stream["retries"],
+            batches_by_worker=stream["by_worker"],
+            wall_seconds=round(time.perf_counter() - t_start, 1),
+            audit={k: audit.get(k) for k in ("pair_precision", "search_success", "greedy_success")},
+        )
+        return metrics
     finally:
-        progress.close()
-        pool.shutdown()
-    write_audit(out, audit)
-    write_card(out)
-    write_metrics(
-        progress,
-        status="finished",
-        retries=stream["retries"],
-        batches_by_worker=stream["by_worker"],
-        wall_seconds=round(time.perf_counter() - t_start, 1),
-        audit={k: audit.get(k) for k in ("pair_precision", "search_success", "greedy_success")},
-    )
-    return metrics
+        writer.close()  # the out dir's lock
 
 
 def task_kwargs(conf) -> dict:

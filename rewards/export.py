@@ -7,20 +7,31 @@ Layout of an output directory (see rewards/records.py for the columns):
     out/audit.json           `write_audit`
     out/README.md            `write_card`
 
-Crash safety. Every file is written to `<name>.tmp` in its own directory, fsynced, and moved into
-place with `os.replace` (atomic on POSIX). A shard's parquet files are all in place *before* the
-manifest names the shard, and a problem id counts as finished only once the manifest says so. A
-crash between the two leaves files the manifest does not know; the next `DatasetWriter` on that
-directory deletes them (and any `*.tmp`), so re-running those problems never duplicates a row.
-One writer per directory at a time: the manifest is read once, when the writer is made.
+Crash safety. Every file is written to a temporary name of its own (`.<name>.<pid>.<random>.tmp`)
+in its own directory, fsynced, and moved into place with `os.replace` (atomic on POSIX). A shard's
+parquet files are all in place *before* the manifest names the shard, and a problem id counts as
+finished only once the manifest says so. A crash between the two leaves files the manifest does not
+know; the next `DatasetWriter` on that directory deletes them, so re-running those problems never
+duplicates a row. The sweep touches only what this job family writes (shard files `shard-*.parquet`
+in the record directories, its own temporary names), and only in a directory that already held its
+manifest (the writer writes an empty one before its first shard, so what a crash leaves after that
+is swept on the next start; `out=.` with no manifest loses nothing).
+
+One writer per directory: `DatasetWriter` holds an exclusive lock (`flock` on `.arborist.lock`,
+released when the writer is closed or its process dies, however it dies), and a second writer
+refuses in one line naming the holder's pid. A resume must be the same job: the manifest records
+the config hash, and a writer with another refuses, naming the keys that differ, unless told to
+append a run under its own config (`append_run`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 
@@ -32,8 +43,20 @@ from rewards import records
 from rewards.records import KINDS
 
 MANIFEST = "manifest.json"
+LOCK = ".arborist.lock"
 FORMAT_VERSION = 1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OWN_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # temp_path's names
+_OWN_SHARD = re.compile(r"^shard-\d+\.parquet$")  # rewards.job.shard_name's files
+
+
+class OutDirError(ValueError):
+    """An output directory this writer may not use (locked, or holding another job); one line."""
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer uses (pid and random suffix)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 # -- atomic files -----------------------------------------------------------------------------------
@@ -55,22 +78,28 @@ def _replace_synced(tmp: Path, final: Path) -> None:
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _replace_synced(tmp, path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _replace_synced(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_table(path: Path | str, table: pa.Table) -> None:
     """Parquet counterpart of `atomic_write_text`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if table.num_rows:
-        pq.write_table(table, tmp)
-    else:
-        # No row group at all: `datasets` reads a file's batch size from its first row group and
-        # fails on an empty one ("BatchSize must be greater than 0"), but skips a file with none.
-        pq.ParquetWriter(tmp, table.schema).close()
-    _replace_synced(tmp, path)
+    tmp = temp_path(path)
+    try:
+        if table.num_rows:
+            pq.write_table(table, tmp)
+        else:
+            # No row group at all: `datasets` reads a file's batch size from its first row group and
+            # fails on an empty one ("BatchSize must be greater than 0"), but skips a file with none.
+            pq.ParquetWriter(tmp, table.schema).close()
+        _replace_synced(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_safe(obj):
@@ -90,6 +119,55 @@ def _dumps(obj) -> str:
     return json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+def _lock(out_dir: Path) -> int:
+    """An exclusive, non-blocking lock on `out_dir` (its fd); OutDirError naming the holder if taken."""
+    path = out_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OutDirError(
+            f"out={out_dir} is in use by another arborist job (pid {holder}): wait for it to finish, "
+            "or choose another out=DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+RUN_ONLY = ("out", "progress", "ray", "append_run")  # settings that do not shape the records
+
+
+def check_resume(manifest: dict, config: dict, config_hash: str, append_run: bool, out: Path) -> None:
+    """Refuse to add records to `out` under another config than its manifest's, unless `append_run`:
+    one line naming the keys that differ (where and how the job runs may change: `RUN_ONLY`)."""
+    if append_run:
+        return
+    old, new = _flat(manifest.get("config", {})), _flat(_json_safe(config))
+    keys = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k.split(".")[0] not in RUN_ONLY
+    )
+    if not keys and config_hash == manifest.get("config_hash", ""):
+        return
+    shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:4]) or "config hash"
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    raise OutDirError(
+        f"out={out} holds a job with another config: {shown}{more} differ: resume with the same "
+        "settings, choose another out=DIR, or add append_run=true to add a run under this config"
+    )
+
+
 def load_manifest(out_dir: Path | str) -> dict | None:
     """The manifest of an output directory, or None if nothing was finished there yet."""
     path = Path(out_dir) / MANIFEST
@@ -100,35 +178,71 @@ def load_manifest(out_dir: Path | str) -> dict | None:
 class DatasetWriter:
     """Writes shards into `out_dir` and keeps `manifest.json` in step with them.
 
-    config:   the job's configuration (plain JSON-able dict), recorded in the manifest. A resumed
-              job with a different config is recorded in `config_history`, not refused: every
-              record carries its own `config_hash`.
+    config:   the job's configuration (plain JSON-able dict), recorded in the manifest. A resume
+              under another config (or `config_hash`) refuses (`check_resume`) unless
+              `append_run`: then the new config goes to `config_history`, and every record
+              carries its own `config_hash`.
     versions: package versions etc., recorded as given.
     """
 
-    def __init__(self, out_dir: Path | str, config: dict, versions: dict) -> None:
+    def __init__(
+        self,
+        out_dir: Path | str,
+        config: dict,
+        versions: dict,
+        config_hash: str = "",
+        append_run: bool = False,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        manifest = load_manifest(self.out_dir)
-        if manifest is None:
-            manifest = {
-                "format": FORMAT_VERSION,
-                "config": config,
-                "config_history": [],
-                "versions": versions,
-                "seeds": [],
-                "finished_problem_ids": [],
-                "shards": {},
-                "rows": {k: 0 for k in KINDS},
-                "files": {k: [] for k in KINDS},
-            }
-        elif _json_safe(config) != manifest["config"]:
-            manifest["config_history"].append({"config": config, "versions": versions, "at": time.time()})
-        self.manifest = _json_safe(manifest)
-        self.swept = self._sweep_unfinished()
+        self._lock: int | None = None
+        self._lock = _lock(self.out_dir)
+        try:
+            manifest = load_manifest(self.out_dir)
+            ours = manifest is not None  # only a directory this job family wrote is swept
+            if manifest is None:
+                manifest = {
+                    "format": FORMAT_VERSION,
+                    "config": config,
+                    "config_hash": config_hash,
+                    "config_history": [],
+                    "versions": versions,
+                    "seeds": [],
+                    "finished_problem_ids": [],
+                    "shards": {},
+                    "rows": {k: 0 for k in KINDS},
+                    "files": {k: [] for k in KINDS},
+                }
+                self._write_manifest(_json_safe(manifest))  # the sweep's mark: this directory is ours
+            elif _json_safe(config) != manifest["config"] or config_hash != manifest.get("config_hash", ""):
+                check_resume(manifest, config, config_hash, append_run, self.out_dir)
+                manifest["config_history"].append(
+                    {"config": config, "config_hash": config_hash, "versions": versions, "at": time.time()}
+                )
+            self.manifest = _json_safe(manifest)
+            self.swept = self._sweep_unfinished() if ours else []
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory's lock (also released when the process ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _sweep_unfinished(self) -> list[str]:
-        """Delete `*.tmp` files and shard files the manifest does not name (left by a crash)."""
+        """Delete this job family's files the manifest does not name (left by a crash): shard files in
+        the record directories and temporary files of its own naming. Nothing else is touched."""
         known = {f for files in self.manifest["files"].values() for f in files}
         removed = []
         for kind in KINDS:
@@ -137,12 +251,13 @@ class DatasetWriter:
                 continue
             for p in sorted(kind_dir.iterdir()):
                 rel = f"{kind}/{p.name}"
-                if p.name.endswith(".tmp") or (p.suffix == ".parquet" and rel not in known):
+                if _OWN_TEMP.match(p.name) or (_OWN_SHARD.match(p.name) and rel not in known):
                     p.unlink()
                     removed.append(rel)
-        for p in self.out_dir.glob("*.tmp"):
-            p.unlink()
-            removed.append(p.name)
+        for p in sorted(self.out_dir.iterdir()):
+            if _OWN_TEMP.match(p.name):
+                p.unlink()
+                removed.append(p.name)
         return removed
 
     def finished_ids(self) -> set[str]:

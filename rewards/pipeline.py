@@ -104,11 +104,45 @@ def check_config(cfg: DictConfig | Config) -> Job:
     size = conf.search.batch_problems
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
     out = Path(conf.out).expanduser().resolve()
-    _check_out(out, batches)
     plain = OmegaConf.to_container(OmegaConf.structured(conf), resolve=True)
-    shaping = {k: v for k, v in plain.items() if k not in ("out", "progress", "ray")}
+    plain["inputs"] = input_hashes(conf, problems)
+    shaping = {k: v for k, v in plain.items() if k not in ("out", "progress", "ray", "append_run")}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    _check_out(out, batches, plain, digest, conf.append_run)
     return Job(conf, problems, batches, plain, digest, out)
+
+
+def input_hashes(conf: Config, problems: list[Problem]) -> dict:
+    """What shapes the records beyond the settings: the problems' content and the policy's weights
+    (a local directory; the embedded policy is fixed by its seed and recipe version)."""
+    rows = [[p.id, p.question, p.answer, p.meta] for p in problems]
+    out = {
+        "problems_sha": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[
+            :16
+        ]
+    }
+    for key, path in (
+        ("policy_weights_sha", conf.policy.path),
+        ("rollout_weights_sha", conf.policy.rollout_path),
+    ):
+        if path:
+            out[key] = weights_fingerprint(Path(path))
+    return out
+
+
+def weights_fingerprint(path: Path, chunk: int = 64 << 20) -> str:
+    """sha256 of each safetensors file's size and its first and last `chunk` bytes: cheap for a
+    multi-GB model, and any retraining changes the first tensors' bytes."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}|{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > 2 * chunk:
+                fh.seek(size - chunk)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def _check_model_dirs(conf: Config) -> None:
@@ -128,10 +162,11 @@ def _check_model_dirs(conf: Config) -> None:
                 raise JobInputError(str(e).splitlines()[0]) from None
 
 
-def _check_out(out: Path, batches: list[list[Problem]]) -> None:
-    """Refuse an output directory whose finished shards do not match this job's batches (resuming
-    with another task, problem count or batch size would mix two layouts and duplicate problems)."""
-    from rewards.export import load_manifest
+def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_hash: str, append: bool) -> None:
+    """Refuse an output directory written under another config (`rewards.export.check_resume`), or
+    whose finished shards do not match this job's batches (resuming with another task, problem count
+    or batch size would mix two layouts and duplicate problems)."""
+    from rewards.export import OutDirError, check_resume, load_manifest
 
     if out.exists() and not out.is_dir():
         raise JobInputError(f"out={out} is a file: choose a directory")
@@ -141,6 +176,8 @@ def _check_out(out: Path, batches: list[list[Problem]]) -> None:
         raise JobInputError(f"{out}/manifest.json is unreadable ({e}): choose a new out=DIR") from None
     if not manifest:
         return
+    if not isinstance(manifest, dict):
+        raise JobInputError(f"{out}/manifest.json is not an arborist manifest: choose a new out=DIR")
     shards = manifest.get("shards", {})
     for i, batch in enumerate(batches):
         entry = shards.get(shard_name(i))
@@ -158,6 +195,10 @@ def _check_out(out: Path, batches: list[list[Problem]]) -> None:
             f"out={out} already finished problems {clash[:3]} in another batch layout: resume with the "
             "same task and search.batch_problems, or choose a new out=DIR"
         )
+    try:
+        check_resume(manifest, config, config_hash, append, out)
+    except OutDirError as e:
+        raise JobInputError(str(e)) from None
 
 
 # -- the job ---------------------------------------------------------------------------------------------
@@ -222,9 +263,10 @@ def report_done(metrics: dict) -> None:
 def main(cfg: DictConfig) -> None:
     """`arborist search`: Hydra composes the config, `run` does the work; bad input is one line."""
     from mcts.policy import PolicyLoadError
+    from rewards.export import OutDirError
 
     try:
         run(cfg)
-    except (JobInputError, TaskInputError, PolicyLoadError) as e:
+    except (JobInputError, TaskInputError, PolicyLoadError, OutDirError) as e:
         print(f"arborist: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

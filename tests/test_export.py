@@ -13,7 +13,7 @@ from datasets import Dataset, load_dataset
 from mcts.finished import NODE_FIELDS
 from rewards import export, records
 from rewards.derive import DeriveConfig, derive_all
-from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit, write_card
+from rewards.export import DatasetWriter, OutDirError, load_manifest, read_trees, write_audit, write_card
 from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
 
 CFG = DeriveConfig(confidence=0.0)  # the golden tree's pairs rest on one sample a side
@@ -65,67 +65,125 @@ def test_every_kind_loads_with_datasets(tmp_path):
 def test_resume_sees_finished_ids(tmp_path):
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
     assert w.finished_ids() == set()
-    w.write_shard(*_batch("p1", "p2"), "s0")
+    w.write_shard(*_batch("p1", "p2"), "shard-00000")
+    w.close()
     again = DatasetWriter(tmp_path, CONFIG, VERSIONS)
     assert again.finished_ids() == {"p1", "p2"} and again.swept == []
-    changed = DatasetWriter(tmp_path, {"seed": 1}, VERSIONS)
+    again.close()
+    # another config refuses, naming what differs; append_run records it as a new run
+    with pytest.raises(OutDirError, match=r"seed \(0 -> 1\).*append_run=true"):
+        DatasetWriter(tmp_path, {"seed": 1}, VERSIONS)
+    with pytest.raises(OutDirError, match="config hash"):
+        DatasetWriter(tmp_path, CONFIG, VERSIONS, config_hash="other")
+    changed = DatasetWriter(tmp_path, {"seed": 1}, VERSIONS, append_run=True)
     assert load_manifest(tmp_path)["config"] == CONFIG  # unchanged until the next shard
-    changed.write_shard(*_batch("p3"), "s1")
+    changed.write_shard(*_batch("p3"), "shard-00001")
     assert load_manifest(tmp_path)["config_history"][0]["config"] == {"seed": 1}
+
+
+def test_one_writer_per_directory(tmp_path):
+    """A second writer refuses in one line naming the holder's pid; the lock goes with the writer,
+    and with its process however it dies (SIGKILL included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    first = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    with pytest.raises(OutDirError, match=f"in use by another arborist job \\(pid {os.getpid()}\\)"):
+        DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    first.write_shard(*_batch("p1"), "shard-00000")
+    before = (tmp_path / "manifest.json").read_bytes()
+    first.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from rewards.export import DatasetWriter; "
+         f"w = DatasetWriter(sys.argv[1], {CONFIG!r}, {{}}); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(OutDirError, match=f"pid {holder.pid}"):
+        DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with DatasetWriter(tmp_path, CONFIG, VERSIONS) as w:  # the dead holder's lock is gone
+        assert w.finished_ids() == {"p1"}
+    assert (tmp_path / "manifest.json").read_bytes() == before  # the refused writers changed nothing
 
 
 def test_crash_between_shard_and_manifest_leaves_ids_unfinished(tmp_path, monkeypatch):
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
-    w.write_shard(*_batch("p1"), "s0")
+    w.write_shard(*_batch("p1"), "shard-00000")
 
     def crash(self, manifest):
         raise KeyboardInterrupt("killed before the manifest was replaced")
 
     monkeypatch.setattr(DatasetWriter, "_write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
-        w.write_shard(*_batch("p2"), "s1")
+        w.write_shard(*_batch("p2"), "shard-00001")
     monkeypatch.undo()
-    assert (tmp_path / "pairs/s1.parquet").exists()  # the shard files landed...
+    assert (tmp_path / "pairs/shard-00001.parquet").exists()  # the shard files landed...
     assert w.finished_ids() == {"p1"}  # ...but p2 is not finished, in memory
+    w.close()
     resumed = DatasetWriter(tmp_path, CONFIG, VERSIONS)
     assert resumed.finished_ids() == {"p1"}  # nor on disk
-    assert sorted(resumed.swept) == sorted(f"{k}/s1.parquet" for k in records.KINDS)
-    resumed.write_shard(*_batch("p2"), "s2")  # redone under a new name: no duplicate rows
+    assert sorted(resumed.swept) == sorted(f"{k}/shard-00001.parquet" for k in records.KINDS)
+    resumed.write_shard(*_batch("p2"), "shard-00002")  # redone under a new name: no duplicate rows
     files = sorted(p.name for p in (tmp_path / "pairs").iterdir())
-    assert files == ["s0.parquet", "s2.parquet"]
+    assert files == ["shard-00000.parquet", "shard-00002.parquet"]
     assert sorted(_load(tmp_path, "pairs", tmp_path)["problem_id"]) == ["p1"] * 4 + ["p2"] * 4
 
 
-def test_stray_tmp_files_are_swept(tmp_path):
-    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "s0")
-    (tmp_path / "pairs/s1.parquet.tmp").write_bytes(b"torn")
-    (tmp_path / "manifest.json.tmp").write_text("{")
+def test_the_sweep_touches_only_this_job_familys_files(tmp_path):
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "shard-00000")
+    own = [
+        tmp_path / "pairs/.shard-00001.parquet.123.0a1b2c3d.tmp",
+        tmp_path / ".manifest.json.9.00ff00ff.tmp",
+    ]
+    foreign = [tmp_path / "notes.tmp", tmp_path / "pairs/mine.parquet", tmp_path / "pairs/x.parquet.tmp"]
+    for p in own + foreign:
+        p.write_bytes(b"torn")
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
-    assert sorted(w.swept) == ["manifest.json.tmp", "pairs/s1.parquet.tmp"]
-    assert not list(tmp_path.rglob("*.tmp")) and w.finished_ids() == {"p1"}
+    assert sorted(w.swept) == [".manifest.json.9.00ff00ff.tmp", "pairs/.shard-00001.parquet.123.0a1b2c3d.tmp"]
+    assert all(p.exists() for p in foreign) and not any(p.exists() for p in own)
+    assert w.finished_ids() == {"p1"}
+
+
+def test_a_directory_without_a_manifest_loses_nothing(tmp_path):
+    """`out=.` on a directory of the user's: nothing there is swept, whatever its name."""
+    (tmp_path / "pairs").mkdir()
+    keep = [
+        tmp_path / "pairs/shard-00003.parquet",
+        tmp_path / "draft.tmp",
+        tmp_path / ".a.json.1.0a1b2c3d.tmp",
+    ]
+    for p in keep:
+        p.write_bytes(b"mine")
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    assert w.swept == [] and all(p.read_bytes() == b"mine" for p in keep)
 
 
 def test_rewrite_is_idempotent_or_refused(tmp_path):
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
-    first = w.write_shard(*_batch("p1", "p2"), "s0")
+    first = w.write_shard(*_batch("p1", "p2"), "shard-00000")
     before = (tmp_path / "manifest.json").read_text()
-    assert w.write_shard(*_batch("p2", "p1"), "s0") == first  # a retried task: no-op
+    assert w.write_shard(*_batch("p2", "p1"), "shard-00000") == first  # a retried task: no-op
     assert (tmp_path / "manifest.json").read_text() == before
     with pytest.raises(ValueError, match="pick a new shard name"):
-        w.write_shard(*_batch("p3"), "s0")
+        w.write_shard(*_batch("p3"), "shard-00000")
     with pytest.raises(ValueError, match="already finished"):
-        w.write_shard(*_batch("p2", "p3"), "s1")
+        w.write_shard(*_batch("p2", "p3"), "shard-00001")
     with pytest.raises(ValueError, match="shard name"):
         w.write_shard(*_batch("p3"), "../evil")
     with pytest.raises(ValueError, match="unknown record kinds"):
-        w.write_shard({"pears": []}, ["p3"], "s1")
+        w.write_shard({"pears": []}, ["p3"], "shard-00001")
     assert load_manifest(tmp_path)["rows"]["pairs"] == 8
 
 
 def test_trees_round_trip_and_rederive(tmp_path):
     trees = [golden_tree("p1"), golden_tree("p1", seed=5)]
     derived = derive_all(trees, CFG)
-    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(derived, ["p1"], "s0")
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(derived, ["p1"], "shard-00000")
     back = read_trees(tmp_path)
     assert len(back) == 2
     for a, b in zip(trees, back, strict=True):
@@ -145,9 +203,9 @@ def test_trees_round_trip_and_rederive(tmp_path):
 
 
 def test_card_and_audit(tmp_path):
-    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "s0")
+    DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "shard-00000")
     card = write_card(tmp_path).read_text()
-    assert "| pairs | 1 | 4 |" in card and "| pairs/s0.parquet | 4 |" in card
+    assert "| pairs | 1 | 4 |" in card and "| pairs/shard-00000.parquet | 4 |" in card
     assert 'load_dataset("parquet"' in card and "DPOTrainer" in card and "KTOTrainer" in card
     for kind, schema in records.SCHEMAS.items():
         assert f"- config_name: {kind}" in card

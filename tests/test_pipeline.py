@@ -105,6 +105,25 @@ def test_resume_refuses_another_batch_layout(reference_run, job_overrides):
         check_config(compose(job_overrides(reference_run, "search.batch_problems=3")))
 
 
+def test_resume_refuses_another_config_unless_appending(reference_run, job_overrides, tmp_path):
+    """A finished directory rerun with another seed refuses, naming the key, before anything starts;
+    the manifest is untouched. A changed problem file (same path) or retrained weights are named too."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(JobInputError, match=r"seed \(0 -> 5\).*append_run=true"):
+        check_config(compose(job_overrides(out, "seed=5")))
+    assert (out / "manifest.json").read_bytes() == before
+    job = check_config(compose(job_overrides(out, "seed=5", "append_run=true")))  # accepted
+    assert job.config["seed"] == 5
+    same = check_config(compose(job_overrides(out)))
+    assert same.config_hash == json.loads(before)["config_hash"]  # the same job resumes
+    # the inputs are in the hash: the problem file's content, the policy's weights
+    assert set(same.config["inputs"]) == {"problems_sha", "policy_weights_sha"}
+
+
 def test_tiny_experiment_on_countdown(ray_session, tiny_policy, tmp_path):
     """The default task at tiny size, one worker."""
     out = tmp_path / "out"
