@@ -125,3 +125,59 @@ def canonical_rows(rows: list[dict]) -> list[str]:
 def records():
     """`records(out)`: see `dataset_records`."""
     return dataset_records
+
+
+EASY = dict(min_numbers=4, max_numbers=4, max_number=6, max_target=24)  # deep enough trees, partly learned
+
+
+@pytest.fixture(scope="session")
+def solving_policy(tmp_path_factory) -> Path:
+    """A tiny model trained by the embedded recipe on easy Countdown (~25 s; greedy ~0.1 on the job's
+    problems): it solves some and fails others, so a job on it writes pairs and SFT rows to compare."""
+    from mcts.embedded import TrainConfig, train_policy
+    from mcts.tasks.countdown import CountdownDifficulty
+
+    out = tmp_path_factory.mktemp("models") / "solver"
+    cfg = TrainConfig(steps=900, batch_size=32, d_model=64, n_layers=2, n_heads=2, warmup=10, eval_problems=0)
+    train_policy(out, 0, cfg, CountdownDifficulty(**EASY), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def countdown_job(solving_policy, tmp_path_factory):
+    """`countdown_job(out, *extra)`: overrides of a small Countdown job on the solving policy."""
+    from mcts.tasks.countdown import CountdownDifficulty, generate_problems
+
+    path = tmp_path_factory.mktemp("problems") / "countdown.jsonl"
+    problems = generate_problems(12, seed=5, difficulty=CountdownDifficulty(**EASY))
+    path.write_text(
+        "".join(
+            json.dumps({"id": p.id, "numbers": p.meta["numbers"], "target": p.meta["target"]}) + "\n"
+            for p in problems
+        )
+    )
+
+    def make(out: Path, *extra: str) -> list[str]:
+        return [
+            f"task.path={path}",
+            "task.num_problems=null",
+            f"policy.path={solving_policy}",
+            "policy.max_rollout_tokens=32",
+            "critics=rollouts",
+            "critics.rollouts=4",
+            "search.simulations=16",
+            "search.leaves_per_tree=2",
+            "search.max_nodes=256",
+            "search.max_depth=4",
+            "search.root_width=6",
+            "search.batch_problems=4",
+            "rewards.confidence=0.5",
+            "rewards.audit_pairs=8",
+            "rewards.audit_rollouts=2",
+            "rewards.audit_critic_problems=0",
+            "progress=false",
+            f"out={out}",
+            *extra,
+        ]
+
+    return make

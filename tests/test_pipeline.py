@@ -133,3 +133,30 @@ def test_tiny_experiment_on_countdown(ray_session, tiny_policy, tmp_path):
     assert metrics["status"] == "finished" and metrics["problems_done"] == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["finished_problem_ids"]) == 6 and manifest["rows"]["trees"] == 6
+
+
+def test_a_solving_policy_writes_the_same_records_with_one_worker_or_two(
+    ray_session, countdown_job, records, tmp_path
+):
+    """The equality checks above compare a workload that never solves a problem; this one does:
+    the records compared hold pairs and SFT rows (counted), and they are the same for 1 and 2
+    workers and after a crash between shards and a resume."""
+    from rewards.launcher import Hooks
+
+    run(compose(countdown_job(tmp_path / "two", "ray.num_workers=2")))
+    two = records(tmp_path / "two")
+    assert len(two["pairs"]) >= 3 and len(two["sft"]) >= 3, {k: len(v) for k, v in two.items()}
+    run(compose(countdown_job(tmp_path / "one", "ray.num_workers=1")))
+    assert records(tmp_path / "one") == two
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(name: str) -> None:
+        if name == "shard-00001":
+            raise Crash(name)
+
+    with pytest.raises(Crash):
+        run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2")), hooks=Hooks(on_shard=crash))
+    run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2")))
+    assert records(tmp_path / "resumed") == two
