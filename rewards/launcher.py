@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from mcts.finished import FinishedTree
 from mcts.tasks.base import Problem
@@ -144,9 +144,16 @@ def stream_batches(
     max_retries: int,
     tick: Callable[[], None] = lambda: None,
     hooks: Hooks | None = None,
+    restart_wait_s: float = 300.0,
 ) -> dict:
     """Run every (batch index, problems) of `work` on the pool, one batch per free actor; call
     `on_done(index, trees, stats)` (which writes the shard and returns its name) as each completes.
+
+    A batch whose worker died is resubmitted, up to `max_retries` deaths per batch. A worker that
+    Ray is still restarting refuses calls at once (`ActorUnavailableError`): its first refusal is
+    the death (counted); later ones until it answers again are not, the batch goes back to the
+    queue and the worker rests a second (on a loaded machine a restart outlasts several quick
+    resubmissions); a worker unavailable for `restart_wait_s` ends the job.
 
     Returns {"retries": resubmitted batches, "by_worker": batches per worker pid}.
     """
@@ -155,22 +162,48 @@ def stream_batches(
     inflight: dict = {}  # ObjectRef -> (worker index, (batch index, problems))
     failures: Counter = Counter()
     by_worker: Counter = Counter()
+    resting: dict[int, float] = {}  # worker -> monotonic time it may take work again
+    unavailable_since: dict[int, float] = {}
     submitted = 0
     while queue or inflight:
+        now = time.monotonic()
+        for w in [w for w, t in resting.items() if t <= now]:
+            del resting[w]
+            free.append(w)
         while queue and free:
             w, item = free.popleft(), queue.popleft()
             inflight[pool.actors[w].run_batch.remote(item[1], seed)] = (w, item)
             submitted += 1
             if hooks is not None and hooks.on_submit is not None:
                 hooks.on_submit(submitted, w, pool)
+        if not inflight:
+            time.sleep(0.2)  # every worker is resting: nothing to wait on yet
+            continue
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         tick()
         for ref in ready:
             w, item = inflight.pop(ref)
-            free.append(w)  # a dead actor is being restarted by Ray; calls queue until it is back
             try:
                 trees, stats = ray.get(ref)
+            except ActorUnavailableError as e:
+                if w not in unavailable_since:  # the first sign of this death: it counts once
+                    unavailable_since[w] = time.monotonic()
+                    failures[item[0]] += 1
+                    if failures[item[0]] > max_retries:
+                        raise JobError(
+                            f"batch {item[0]} lost its worker {failures[item[0]]} times (ray.max_retries="
+                            f"{max_retries}): {_first_error_line(e)}"
+                        ) from None
+                    log.warning("worker %d died on batch %d; resubmitting it (restarting)", w, item[0])
+                elif time.monotonic() - unavailable_since[w] > restart_wait_s:
+                    raise JobError(
+                        f"worker {w} stayed unavailable for {restart_wait_s:.0f} s: {_first_error_line(e)}"
+                    ) from None
+                resting[w] = time.monotonic() + 1.0  # still restarting: ask again in a second
+                queue.appendleft(item)
+                continue
             except RayActorError as e:
+                free.append(w)  # a dead actor is being restarted by Ray; calls queue until it is back
                 failures[item[0]] += 1
                 if failures[item[0]] > max_retries:
                     raise JobError(
@@ -182,6 +215,8 @@ def stream_batches(
                 continue
             except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
                 raise JobError(f"batch {item[0]} failed on a worker: {_first_error_line(e)}") from None
+            free.append(w)
+            unavailable_since.pop(w, None)
             by_worker[stats["pid"]] += 1
             name = on_done(item[0], trees, stats)
             if hooks is not None and hooks.on_shard is not None:
