@@ -142,7 +142,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
     reserve = np.zeros(m, np.int64)
     children: list[list[Child]] = []
     for i, (b, node, kind, req) in enumerate(selections):
-        kids = expansions[req].children if req >= 0 else []
+        offered = kids = expansions[req].children if req >= 0 else []
         if kind == kernels.WIDEN:
             target = min(int(forest.width_target[b, node]), int(forest.child_slots[b, node]))
             kids = sorted(kids, key=lambda c: -c.prior)[: target - int(forest.num_children[b, node])]
@@ -155,6 +155,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             reserve[i] = width
             if not kids:  # no option at all: an unverified dead end
                 forest.terminal[b, node] = 1
+        _keep_evidence_of_dropped(batch, b, node, offered, kids)
         if req >= 0:
             batch.tokens[b] += expansions[req].tokens
         counts[i] = len(kids)
@@ -226,6 +227,23 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             if child.graft and (cfg.keep_rollouts == "all" or child.graft_outcome == 1)
         ]
         _graft(batch, grafts)
+
+
+def _keep_evidence_of_dropped(
+    batch: SearchBatch, b: int, node: int, offered: list[Child], kept: list[Child]
+) -> None:
+    """Options the width leaves out are not written, but their verified samples were drawn from
+    `node`'s state and paid for: a dropped terminal's verdict and a dropped option's rollouts count
+    as rollouts of `node` (evidence below it, not in the tree as terminals)."""
+    kept_ids = {id(c) for c in kept}
+    for c in offered:
+        if id(c) in kept_ids:
+            continue
+        batch.rollout_trials[b, node] += c.rollout_trials
+        batch.rollout_successes[b, node] += c.rollout_successes
+        if c.terminal and c.outcome >= 0:
+            batch.rollout_trials[b, node] += 1
+            batch.rollout_successes[b, node] += c.outcome == 1
 
 
 def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int]]) -> None:

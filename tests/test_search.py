@@ -323,8 +323,8 @@ def test_evidence_counts_each_verified_sample_once(keep, seed, rollouts, leaves,
 
 def _check_evidence(keep: str, seed: int, rollouts: int, leaves: int, max_nodes: int) -> int:
     """V at a node never exceeds the distinct verified samples below it (S: the correct ones), and the
-    root holds them all, however often terminals are revisited and whether rollouts are grafted,
-    kept apart or cut by the node budget."""
+    root holds them all, however often terminals are revisited, whether rollouts are grafted, kept
+    apart or cut by the node budget, and whether the width keeps every option offered."""
     task = PathTask()
     expander = SamplingExpander(task, rollouts, seed)
     cfg = SearchConfig(
@@ -338,7 +338,10 @@ def _check_evidence(keep: str, seed: int, rollouts: int, leaves: int, max_nodes:
         kept = {tuple(tree.path_steps(i)) for i in range(tree.num_nodes)}
         made = [(origin, path, v) for pid, origin, path, v in expander.samples if pid == tree.problem_id]
         assert trials[0] <= len(made)  # never more evidence than samples were drawn
-        mine = [(path, v) for origin, path, v in made if origin in kept]
+        # every sample was drawn below a node of the tree (an option the width left out, or a rollout
+        # from it, counts at the node it was offered to)
+        assert all(origin[:-1] in kept for origin, _, _ in made)
+        mine = [(path, v) for _, path, v in made]
         for node in range(tree.num_nodes):
             prefix = tuple(tree.path_steps(node))
             below = [v for path, v in mine if path[: len(prefix)] == prefix]
@@ -346,8 +349,8 @@ def _check_evidence(keep: str, seed: int, rollouts: int, leaves: int, max_nodes:
             assert successes[node] <= sum(below)
             if tree.nodes["terminal"][node] and tree.nodes["outcome"][node] >= 0:
                 revisits += max(int(tree.nodes["visits"][node]) - 1, 0)
-        # nothing lost: every sample of a kept option is evidence somewhere (an ungrafted rollout at its
-        # option, a grafted one at its terminal)
+        # nothing lost: every sample is evidence somewhere (an ungrafted rollout at its option, a
+        # grafted one at its terminal, a dropped option's at the node it was offered to)
         assert trials[0] == len(mine) and successes[0] == sum(v for _, v in mine)
     return revisits
 
