@@ -55,8 +55,8 @@ import numpy as np
 from critics.metrics import auroc, auroc_se, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
-from rewards.derive import normalize_text
 from rewards.stats import CORRECT, node_stats, wilson_interval
+from rewards.texts import normalize_text
 
 CRITICS = ("value", "prm", "orm")
 # (problem id, prefix text) -> success rate of n fresh verified rollouts from that prefix

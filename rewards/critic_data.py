@@ -22,8 +22,9 @@ import numpy as np
 
 from critics.labels import Labels
 from mcts.finished import FinishedTree
-from rewards.derive import DeriveConfig, normalize_text, prm_rows, value_rows
+from rewards.derive import DeriveConfig, prm_rows, value_rows
 from rewards.stats import CORRECT, node_stats
+from rewards.texts import normalize_text
 
 
 def value_labels(trees: Iterable[FinishedTree], min_verified: int = 2) -> Labels:

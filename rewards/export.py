@@ -26,9 +26,7 @@ append a run under its own config (`append_run`).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import math
 import os
 import re
 import secrets
@@ -40,18 +38,14 @@ import pyarrow.parquet as pq
 
 from mcts.finished import FinishedTree
 from rewards import records
+from rewards.outdir import check_resume, json_safe, lock_out_dir
 from rewards.records import KINDS
 
 MANIFEST = "manifest.json"
-LOCK = ".arborist.lock"
 FORMAT_VERSION = 1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _OWN_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # temp_path's names
 _OWN_SHARD = re.compile(r"^shard-\d+\.parquet$")  # rewards.job.shard_name's files
-
-
-class OutDirError(ValueError):
-    """An output directory this writer may not use (locked, or holding another job); one line."""
 
 
 def temp_path(path: Path) -> Path:
@@ -102,70 +96,8 @@ def atomic_write_table(path: Path | str, table: pa.Table) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _json_safe(obj):
-    """NaN/inf -> None so the JSON is strict (json.dumps would write the non-standard `NaN`)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars, without importing numpy
-        return _json_safe(obj.item())
-    return obj
-
-
 def _dumps(obj) -> str:
-    return json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def _lock(out_dir: Path) -> int:
-    """An exclusive, non-blocking lock on `out_dir` (its fd); OutDirError naming the holder if taken."""
-    path = out_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise OutDirError(
-            f"out={out_dir} is in use by another arborist job (pid {holder}): wait for it to finish, "
-            "or choose another out=DIR"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
-RUN_ONLY = ("out", "progress", "ray", "append_run")  # settings that do not shape the records
-
-
-def check_resume(manifest: dict, config: dict, config_hash: str, append_run: bool, out: Path) -> None:
-    """Refuse to add records to `out` under another config than its manifest's, unless `append_run`:
-    one line naming the keys that differ (where and how the job runs may change: `RUN_ONLY`)."""
-    if append_run:
-        return
-    old, new = _flat(manifest.get("config", {})), _flat(_json_safe(config))
-    keys = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k.split(".")[0] not in RUN_ONLY
-    )
-    if not keys and config_hash == manifest.get("config_hash", ""):
-        return
-    shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:4]) or "config hash"
-    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
-    raise OutDirError(
-        f"out={out} holds a job with another config: {shown}{more} differ: resume with the same "
-        "settings, choose another out=DIR, or add append_run=true to add a run under this config"
-    )
+    return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def load_manifest(out_dir: Path | str) -> dict | None:
@@ -196,7 +128,7 @@ class DatasetWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = None
-        self._lock = _lock(self.out_dir)
+        self._lock = lock_out_dir(self.out_dir)
         try:
             manifest = load_manifest(self.out_dir)
             ours = manifest is not None  # only a directory this job family wrote is swept
@@ -213,13 +145,13 @@ class DatasetWriter:
                     "rows": {k: 0 for k in KINDS},
                     "files": {k: [] for k in KINDS},
                 }
-                self._write_manifest(_json_safe(manifest))  # the sweep's mark: this directory is ours
-            elif _json_safe(config) != manifest["config"] or config_hash != manifest.get("config_hash", ""):
+                self._write_manifest(json_safe(manifest))  # the sweep's mark: this directory is ours
+            elif json_safe(config) != manifest["config"] or config_hash != manifest.get("config_hash", ""):
                 check_resume(manifest, config, config_hash, append_run, self.out_dir)
                 manifest["config_history"].append(
                     {"config": config, "config_hash": config_hash, "versions": versions, "at": time.time()}
                 )
-            self.manifest = _json_safe(manifest)
+            self.manifest = json_safe(manifest)
             self.swept = self._sweep_unfinished() if ours else []
         except BaseException:
             self.close()

@@ -17,18 +17,15 @@ from rewards import records
 from rewards.audit import audit_dataset
 from rewards.derive import (
     DeriveConfig,
-    dedupe,
     derive_all,
     kto_rows,
-    normalize_text,
-    pair_key,
-    prefix_text,
     prm_rows,
     sft_rows,
     step_pairs,
     value_rows,
 )
 from rewards.stats import node_stats, wilson_interval, wilson_separation, z_of_confidence
+from rewards.texts import dedupe, normalize_text, pair_key, prefix_text
 from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree, rich_tree
 
 P = GOLDEN_PROMPT

@@ -11,9 +11,10 @@ import pytest
 from datasets import Dataset, load_dataset
 
 from mcts.finished import NODE_FIELDS
-from rewards import export, records
+from rewards import records
 from rewards.derive import DeriveConfig, derive_all
-from rewards.export import DatasetWriter, OutDirError, load_manifest, read_trees, write_audit, write_card
+from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit, write_card
+from rewards.outdir import OutDirError, json_safe
 from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
 
 CFG = DeriveConfig(confidence=0.0)  # the golden tree's pairs rest on one sample a side
@@ -198,7 +199,7 @@ def test_trees_round_trip_and_rederive(tmp_path):
             assert b.nodes[name].dtype == dtype
             np.testing.assert_array_equal(a.nodes[name], b.nodes[name], err_msg=name)
     # everything re-derives from the stored trees alone (NaN critic scores compared as null)
-    same = lambda d: json.dumps(export._json_safe(d), sort_keys=True)  # noqa: E731
+    same = lambda d: json.dumps(json_safe(d), sort_keys=True)  # noqa: E731
     assert same(derive_all(back, CFG)) == same(derived)
 
 

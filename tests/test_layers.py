@@ -21,7 +21,9 @@ FLOORS = [
     (
         5,
         (
+            "rewards.outdir",
             "rewards.stats",
+            "rewards.texts",
             "rewards.derive",
             "rewards.records",
             "rewards.export",
