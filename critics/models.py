@@ -179,7 +179,12 @@ def check_critic_dir(path: str | Path, kind: str) -> Path:
                 f"{name} has only pickle weights ({', '.join(pickles[:3])}), never loaded: {how}"
             )
         raise CriticLoadError(f"{name} has no *.safetensors weights: {how}")
-    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CriticLoadError(
+            f"{name}: its config.json cannot be read ({str(e).splitlines()[0][:120]})"
+        ) from None
     archs = config.architectures or []
     wanted = "ForSequenceClassification" if kind in SEQ_KINDS else "ForTokenClassification"
     if archs and not any(a.endswith(wanted) for a in archs):

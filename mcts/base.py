@@ -15,6 +15,8 @@ from typing import Protocol
 from mcts import kernels
 from mcts.tasks.base import Problem
 
+MAX_NODES = 1 << 20  # per tree: a forest of 16 such trees already needs ~0.9 GB
+
 
 @dataclass
 class SearchConfig:
@@ -65,6 +67,12 @@ class SearchConfig:
             )
         if self.adaptive_branching and not 1 <= self.c_min <= self.c_max:
             raise ValueError(f"search needs 1 <= c_min <= c_max, got c_min={self.c_min} c_max={self.c_max}")
+        if self.keep_rollouts not in ("all", "solved", "none"):
+            raise ValueError(f"search.keep_rollouts={self.keep_rollouts!r}: use all, solved or none")
+        if not 2 <= self.max_nodes <= MAX_NODES:
+            raise ValueError(
+                f"search.max_nodes must be in [2, {MAX_NODES}] (a root and a child), got {self.max_nodes}"
+            )
         if self.root_width < 0:
             raise ValueError(f"search.root_width must be >= 0 (0: as other depths), got {self.root_width}")
 

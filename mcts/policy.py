@@ -17,6 +17,7 @@ temperature/top-p only change *which* options are drawn.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,14 @@ def check_policy_dir(path: str | Path) -> Path:
             f"policy.path={path} has no *.safetensors weights: save the model with "
             "model.save_pretrained(dir, safe_serialization=True)"
         )
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PolicyLoadError(
+            f"policy.path={path}: its config.json is not valid JSON ({e}): re-save the model"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise PolicyLoadError(f"policy.path={path}: its config.json names no model_type: re-save the model")
     tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((p / f).is_file() for f in tok_files):
         raise PolicyLoadError(

@@ -8,6 +8,7 @@ Config groups (`conf/`): task, policy, critics, search, rewards, ray, and an opt
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class PolicyConf(PolicyConfig):
                 raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k < 0:
             raise ValueError(f"policy.top_k must be >= 0, got {self.top_k}")
+        check_device_dtype("policy", self.device, self.dtype)
 
 
 @dataclass
@@ -149,6 +151,18 @@ class RewardsConf:
         return DeriveConfig(**{n: getattr(self, n) for n in names}, config_hash=config_hash)
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device_dtype(group: str, device: str, dtype: str) -> None:
+    """Refuse a device or dtype torch would only refuse inside a worker, after Ray started."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"{group}.device={device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{group}.dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
+
+
 @dataclass
 class RayConf:
     """Group `ray`: where the workers run."""
@@ -184,6 +198,10 @@ class RayConf:
             raise ValueError(f"ray.max_retries must be >= 0, got {self.max_retries}")
         if not self.address:
             raise ValueError("ray.address is empty: use ray.address=local, ray.address=auto or HOST:PORT")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1 (or null: every CPU here), got {self.num_cpus}")
+        if not 0 < self.start_timeout_s <= 86400:
+            raise ValueError(f"ray.start_timeout_s must be in (0, 86400], got {self.start_timeout_s}")
 
 
 @dataclass

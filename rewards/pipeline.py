@@ -103,6 +103,8 @@ def check_config(cfg: DictConfig | Config) -> Job:
     _check_model_dirs(conf)
     size = conf.search.batch_problems
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
+    if not conf.out.strip():
+        raise JobInputError("out is empty: name the output directory, e.g. out=arborist-out")
     out = Path(conf.out).expanduser().resolve()
     plain = OmegaConf.to_container(OmegaConf.structured(conf), resolve=True)
     plain["inputs"] = input_hashes(conf, problems)
@@ -175,9 +177,9 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
         manifest = load_manifest(out) if out.is_dir() else None
     except (OSError, ValueError) as e:
         raise JobInputError(f"{out}/manifest.json is unreadable ({e}): choose a new out=DIR") from None
-    if not manifest:
+    if manifest is None:
         return
-    if not isinstance(manifest, dict):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
         raise JobInputError(f"{out}/manifest.json is not an arborist manifest: choose a new out=DIR")
     shards = manifest.get("shards", {})
     for i, batch in enumerate(batches):

@@ -129,3 +129,135 @@ def test_a_finished_problem_is_never_reported_twice_on_bad_input(tmp_path, capsy
 def test_unknown_command(capsys):
     assert main(["serch"]) == 2
     _check_one_line(capsys.readouterr().err, "serch", "search")
+
+
+NL = "\n"
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _corpus_files(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Bad inputs that need files: (overrides, words the one line must hold)."""
+    listed = tmp / "listed"
+    _write(listed / "manifest.json", "[]")
+    broken_critic = tmp / "critic"
+    _write(broken_critic / "config.json", "{broken")
+    (broken_critic / "model.safetensors").write_bytes(b"x")
+    broken_policy = tmp / "policy"
+    _write(broken_policy / "config.json", "{broken")
+    (broken_policy / "model.safetensors").write_bytes(b"x")
+    _write(broken_policy / "tokenizer.json", "{}")
+    row = '{"id": "a", "question": "q", "answer": '
+    return {
+        "jsonl: a 5,000-digit number": (
+            ["task=jsonl", "task.path=" + _write(tmp / "big.jsonl", row + "9" * 5000 + "}" + NL)],
+            ["big.jsonl line 1", "not a usable JSON object"],
+        ),
+        "jsonl: nesting 5,000 deep": (
+            [
+                "task=jsonl",
+                "task.path=" + _write(tmp / "deep.jsonl", row + "[" * 5000 + "]" * 5000 + "}" + NL),
+            ],
+            ["deep.jsonl line 1", "nested too deeply"],
+        ),
+        "jsonl: a row that is a list": (
+            ["task=jsonl", "task.path=" + _write(tmp / "arr.jsonl", "[1, 2]" + NL)],
+            ["arr.jsonl line 1", "JSON object"],
+        ),
+        "jsonl: a duplicate id": (
+            ["task=jsonl", "task.path=" + _write(tmp / "dup.jsonl", (row + "1}" + NL) * 2)],
+            ["duplicate id"],
+        ),
+        "jsonl: binary bytes": (
+            ["task=jsonl", "task.path=" + _write(tmp / "bin.jsonl", "\0" * 10)],
+            ["bin.jsonl line 1"],
+        ),
+        "countdown: numbers not a list": (
+            ["task.path=" + _write(tmp / "cd.jsonl", '{"id": "a", "numbers": "x", "target": 3}' + NL)],
+            ["'numbers' must be a list"],
+        ),
+        "countdown: an empty file": (["task.path=" + _write(tmp / "empty.jsonl", "")], ["has no rows"]),
+        "out: a manifest that is a list": ([f"out={listed}"], ["not an arborist manifest"]),
+        "out: a file": ([f"out={_write(tmp / 'afile', 'x')}"], ["is a file"]),
+        "model: an empty directory": ([f"policy.path={tmp / 'bins'}"], ["does not exist"]),
+        "model: a broken config.json": ([f"policy.path={broken_policy}"], ["config.json is not valid JSON"]),
+        "critic: a broken config.json": (
+            [f"critics.value_path={broken_critic}"],
+            ["config.json cannot be read"],
+        ),
+    }
+
+
+SETTINGS = {
+    "search.max_nodes=1": ["search.max_nodes must be in [2,"],
+    "search.max_nodes=100000000000": ["search.max_nodes must be in [2,"],
+    "search.keep_rollouts=alll": ["search.keep_rollouts='alll'"],
+    "search.c_min=0": ["c_min <= c_max"],
+    "search.num_options=0": ["search.num_options"],
+    "search.max_depth=0": ["search.max_depth"],
+    "search.root_width=-1": ["search.root_width"],
+    "search.merge_similarity=0": ["search.merge_similarity"],
+    "policy.dtype=float8": ["policy.dtype='float8'"],
+    "policy.device=tpu": ["policy.device='tpu'"],
+    "policy.top_p=2": ["policy.top_p"],
+    "policy.top_k=-1": ["policy.top_k"],
+    "policy.max_step_tokens=0": ["policy.max_step_tokens"],
+    "policy.max_batch=0": ["policy.max_batch"],
+    "critics.dtype=x": ["critics.dtype='x'"],
+    "critics.device=gpu0": ["critics.device='gpu0'"],
+    "critics.rollouts=-1": ["critics.rollouts"],
+    "critics.w_value=-1": ["critics.w_value"],
+    "critics.batch_size=0": ["critics.batch_size"],
+    "rewards.confidence=1.0": ["rewards.confidence"],
+    "rewards.audit_pairs=-1": ["rewards.audit_pairs"],
+    "rewards.sft_solutions=0": ["rewards.sft_solutions"],
+    "rewards.value_target=x": ["rewards.value_target"],
+    "rewards.min_visits=0": ["min_visits"],
+    "ray.num_cpus=-1": ["ray.num_cpus must be >= 1"],
+    "ray.start_timeout_s=0": ["ray.start_timeout_s"],
+    "ray.max_retries=-1": ["ray.max_retries"],
+    "ray.gpus_per_worker=-1": ["ray.gpus_per_worker"],
+    "ray.torch_threads=0": ["ray.torch_threads"],
+    "ray.address=": ["ray.address is empty"],
+    "seed=abc": ["seed=abc"],
+    "task.max_numbers=9": ["countdown difficulty"],
+    "out=": ["out is empty"],
+}
+
+
+@pytest.mark.parametrize("override", sorted(SETTINGS))
+def test_bad_setting_corpus(override, out, capsys):
+    args = [override] if override.startswith("out=") else [override, f"out={out}"]
+    assert main(["search", *args]) == 2
+    _check_one_line(capsys.readouterr().err, *SETTINGS[override])
+    _nothing_written(out)
+
+
+FILE_CASES = sorted([
+    "jsonl: a 5,000-digit number", "jsonl: nesting 5,000 deep", "jsonl: a row that is a list",
+    "jsonl: a duplicate id", "jsonl: binary bytes", "countdown: numbers not a list",
+    "countdown: an empty file", "out: a manifest that is a list", "out: a file",
+    "model: an empty directory", "model: a broken config.json", "critic: a broken config.json",
+])  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_bad_file_corpus(case, tmp_path, out, capsys):
+    overrides, needles = _corpus_files(tmp_path)[case]
+    assert sorted(_corpus_files(tmp_path)) == FILE_CASES
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    own_out = not any(o.startswith("out=") for o in overrides)
+    assert main(["search", *overrides, *([f"out={out}"] if own_out else [])]) == 2
+    _check_one_line(capsys.readouterr().err, *needles)
+    if own_out:
+        _nothing_written(out)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing changed
+
+
+def test_the_corpus_holds_forty_bad_inputs():
+    """The README's reliability figure counts these two lists (test_bad_input_is_one_line adds more)."""
+    assert len(SETTINGS) + len(FILE_CASES) >= 40

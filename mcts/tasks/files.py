@@ -71,6 +71,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise row_error(
                         path, line_no, f"not valid JSON ({exc.msg}): each line must be one JSON object"
                     ) from None
+                except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
+                    what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+                    raise row_error(path, line_no, f"not a usable JSON object ({what})") from None
                 if not isinstance(row, dict):
                     raise row_error(
                         path, line_no, f"expected a JSON object with named fields, got {quote(row)}"
