@@ -76,10 +76,11 @@ class BootstrapCriticsConfig:
     """Fine-tuning: the top block and the head, 1,000 steps (the value function 2,000)."""
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
-    labels: str = "trials-v2"
+    labels: str = "trials-v3"
     """What the code derives labels from; a new value rebuilds cached critics. "trials-v2": success
     rates over distinct verified samples (not visits), distinct bootstrap problems by content, and
-    a validation split by content (not by id)."""
+    a validation split by content (not by id); "trials-v3": options the width leaves out keep their
+    verified samples (mcts.search)."""
     max_rollout_tokens: int = 48
     threads: int = 2
 
