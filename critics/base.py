@@ -20,7 +20,6 @@ normalised by the weights of the parts that ran; at terminals the verifier decid
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from mcts.expander import ExpandConfig
+from mcts.policy import check_device_dtype
 from mcts.tasks.base import Problem, Task
 
 KINDS = ("value", "prm", "orm")
@@ -89,10 +89,7 @@ class CriticsConfig:
         for name in ("w_rollout", "w_value", "w_prm", "w_orm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"critics.{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"critics.dtype={self.dtype!r}: use one of auto, float32, bfloat16, float16")
-        if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", self.device):
-            raise ValueError(f"critics.device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        check_device_dtype("critics", self.device, self.dtype)
 
     def paths(self) -> dict[str, str]:
         return {"value": self.value_path, "prm": self.prm_path, "orm": self.orm_path}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_dtype(group: str, device: str, dtype: str) -> None:
+    """Refuse a device or dtype setting of `group` that `resolve_device` / `resolve_dtype` would only
+    refuse inside a worker, after Ray started."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"{group}.device={device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"{group}.dtype={dtype!r}: use one of auto, {', '.join(_DTYPES)}")
 
 
 def resolve_dtype(

@@ -8,7 +8,6 @@ Config groups (`conf/`): task, policy, critics, search, rewards, ray, and an opt
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from omegaconf import MISSING, DictConfig
 
 from critics.base import CriticsConfig
 from mcts.base import SearchConfig
-from mcts.policy import PolicyConfig
+from mcts.policy import PolicyConfig, check_device_dtype
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -149,18 +148,6 @@ class RewardsConf:
 
         names = {f.name for f in dataclasses.fields(DeriveConfig)} - {"config_hash"}
         return DeriveConfig(**{n: getattr(self, n) for n in names}, config_hash=config_hash)
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_device_dtype(group: str, device: str, dtype: str) -> None:
-    """Refuse a device or dtype torch would only refuse inside a worker, after Ray started."""
-    if not _DEVICE.match(device):
-        raise ValueError(f"{group}.device={device!r}: use auto, cpu, cuda, cuda:N or mps")
-    if dtype not in _DTYPES:
-        raise ValueError(f"{group}.dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
 
 
 @dataclass
