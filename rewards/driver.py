@@ -73,6 +73,7 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
     workers: re-rollouts from the exported pair prefixes, greedy decoding, and a search on problems
     the critics never trained on whose nodes the critics score but do not steer."""
     from rewards.audit import audit_dataset
+    from rewards.export import read_rows
 
     by_id = {p.id: p for p in problems}
     sep = task.step_separator
@@ -102,12 +103,12 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
     if greedy_call is not None:
         flags = pool.finish(greedy_call, retries=conf.ray.max_retries)
         greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
-    trees = [FinishedTree.from_row(r) for r in read_kind(out, manifest, "trees")]
+    trees = [FinishedTree.from_row(r) for r in read_rows(out, manifest, "trees")]
     report = audit_dataset(
         trees,
-        read_kind(out, manifest, "pairs"),
-        kto=read_kind(out, manifest, "kto"),
-        sft=read_kind(out, manifest, "sft"),
+        read_rows(out, manifest, "pairs"),
+        kto=read_rows(out, manifest, "kto"),
+        sft=read_rows(out, manifest, "sft"),
         rerollout=rerollout,
         verify=verify,
         sample_pairs=conf.rewards.audit_pairs,
@@ -146,17 +147,6 @@ def audit_sets(problems: list[Problem], conf, models: dict) -> tuple[list[Proble
         return (evaluation_problems("audit", n) if n else []), seen
     seen["critics"] = None
     return problems[:n], seen
-
-
-def read_kind(out: Path, manifest: dict, kind: str) -> list[dict]:
-    """Rows of one kind, in shard-name order (not completion order), so that what is computed from
-    them (the audit's pair sample) does not depend on which batch finished first."""
-    import pyarrow.parquet as pq
-
-    rows: list[dict] = []
-    for rel in sorted(manifest["files"][kind]):
-        rows += pq.read_table(out / rel).to_pylist()
-    return rows
 
 
 # -- the job, after its inputs were checked ----------------------------------------------------------------

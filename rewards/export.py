@@ -257,6 +257,16 @@ class DatasetWriter:
         atomic_write_text(self.out_dir / MANIFEST, _dumps(manifest))
 
 
+def read_rows(out_dir: Path | str, manifest: dict, kind: str) -> list[dict]:
+    """Rows of one kind from the files `manifest` names, in shard-name order (not completion order),
+    so that what is computed from them (the audit's pair sample) does not depend on which batch
+    finished first."""
+    rows: list[dict] = []
+    for rel in sorted(manifest["files"][kind]):
+        rows += pq.read_table(Path(out_dir) / rel).to_pylist()
+    return rows
+
+
 def read_trees(out_dir: Path | str) -> list[FinishedTree]:
     """Every finished tree of an output directory (from the files the manifest names)."""
     manifest = load_manifest(out_dir) or {"files": {"trees": []}}

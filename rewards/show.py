@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mcts.finished import FinishedTree
+from rewards.export import read_rows
 from rewards.stats import node_stats
 
 DX, DY, PAD = 34, 74, 40  # leaf spacing, level spacing, margin (px)
@@ -29,15 +30,6 @@ class ShowInputError(ValueError):
 
 
 # -- reading --------------------------------------------------------------------------------------------
-def _rows(out: Path, manifest: dict, kind: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    rows: list[dict] = []
-    for rel in sorted(manifest.get("files", {}).get(kind, [])):
-        rows += pq.read_table(out / rel).to_pylist()
-    return rows
-
-
 def load(out: str | Path) -> tuple[list[FinishedTree], list[dict], dict]:
     """(trees, pairs, audit) of an `arborist search` output directory."""
     out = Path(out)
@@ -46,8 +38,8 @@ def load(out: str | Path) -> tuple[list[FinishedTree], list[dict], dict]:
         raise ShowInputError(f"{out} has no manifest.json: pass the out= directory of `arborist search`")
     try:
         manifest = json.loads(path.read_text())
-        trees = [FinishedTree.from_row(r) for r in _rows(out, manifest, "trees")]
-        pairs = _rows(out, manifest, "pairs")
+        trees = [FinishedTree.from_row(r) for r in read_rows(out, manifest, "trees")]
+        pairs = read_rows(out, manifest, "pairs")
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise ShowInputError(
             f"{out} is not a readable arborist dataset ({e}): rerun `arborist search`"

@@ -127,17 +127,14 @@ def read_kind(dataset: Path, kind: str) -> list[dict]:
         raise TrainInputError(f"{dataset} has no manifest.json: pass the out= directory of `arborist search`")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"][kind]
+        manifest["files"][kind]  # a manifest without this kind is not one of ours
     except (ValueError, KeyError, TypeError) as e:
         raise TrainInputError(
             f"{manifest_path} is not an arborist manifest ({e}): rerun `arborist search`"
         ) from None
-    import pyarrow.parquet as pq
+    from rewards.export import read_rows
 
-    rows: list[dict] = []
-    for rel in sorted(files):
-        rows += pq.read_table(dataset / rel).to_pylist()
-    return rows
+    return read_rows(dataset, manifest, kind)
 
 
 def _device(name: str) -> str:
