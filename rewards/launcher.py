@@ -165,6 +165,16 @@ def stream_batches(
     resting: dict[int, float] = {}  # worker -> monotonic time it may take work again
     unavailable_since: dict[int, float] = {}
     submitted = 0
+
+    def count_death(w: int, batch: int, e: BaseException, why: str) -> None:
+        failures[batch] += 1
+        if failures[batch] > max_retries:
+            raise JobError(
+                f"batch {batch} lost its worker {failures[batch]} times (ray.max_retries={max_retries}): "
+                f"{_first_error_line(e)}"
+            ) from None
+        log.warning("worker %d died on batch %d; resubmitting it (%s)", w, batch, why)
+
     while queue or inflight:
         now = time.monotonic()
         for w in [w for w, t in resting.items() if t <= now]:
@@ -188,13 +198,7 @@ def stream_batches(
             except ActorUnavailableError as e:
                 if w not in unavailable_since:  # the first sign of this death: it counts once
                     unavailable_since[w] = time.monotonic()
-                    failures[item[0]] += 1
-                    if failures[item[0]] > max_retries:
-                        raise JobError(
-                            f"batch {item[0]} lost its worker {failures[item[0]]} times (ray.max_retries="
-                            f"{max_retries}): {_first_error_line(e)}"
-                        ) from None
-                    log.warning("worker %d died on batch %d; resubmitting it (restarting)", w, item[0])
+                    count_death(w, item[0], e, "restarting")
                 elif time.monotonic() - unavailable_since[w] > restart_wait_s:
                     raise JobError(
                         f"worker {w} stayed unavailable for {restart_wait_s:.0f} s: {_first_error_line(e)}"
@@ -204,13 +208,7 @@ def stream_batches(
                 continue
             except RayActorError as e:
                 free.append(w)  # a dead actor is being restarted by Ray; calls queue until it is back
-                failures[item[0]] += 1
-                if failures[item[0]] > max_retries:
-                    raise JobError(
-                        f"batch {item[0]} lost its worker {failures[item[0]]} times (ray.max_retries="
-                        f"{max_retries}): {_first_error_line(e)}"
-                    ) from None
-                log.warning("worker %d died on batch %d; resubmitting it (%s)", w, item[0], type(e).__name__)
+                count_death(w, item[0], e, type(e).__name__)
                 queue.appendleft(item)
                 continue
             except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
