@@ -44,7 +44,7 @@ from critics.metrics import auroc, auroc_se, ece
 from critics.models import ModelCritic
 from mcts.base import SearchConfig
 from mcts.embedded import bootstrap_policy, evaluation_problems
-from mcts.expander import PolicyExpander
+from mcts.expander import ExpandConfig, PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import run_search
@@ -102,17 +102,15 @@ def run(args) -> dict:
     assert len(problems) == args.problems, (
         f"--problems {args.problems}: the {args.split} slice has {len(problems)}"
     )
-    policy = Policy.load(
-        PolicyConfig(path=str(policy_dir), device="cpu", max_step_tokens=16, max_rollout_tokens=48)
-    )
-    search = SearchConfig(simulations=args.simulations, max_depth=4)
+    policy = Policy.load(PolicyConfig(path=str(policy_dir)))
+    # the bootstrap's search shape (critics.bootstrap), so the held-out trees look like the training ones
+    search = SearchConfig(simulations=args.simulations, max_depth=4, max_nodes=2048, root_width=0)
     seeds = [args.seed + i for i in range(args.seeds)]
-    rollout_cfg = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=1, w_value=0.0, w_prm=0.0)
-    cfg = CriticsConfig(device="cpu", dtype="float32", rollouts=0, w_rollout=0.0, w_value=1.0, w_prm=1.0)
+    cfg = CriticsConfig(rollouts=0, w_rollout=0.0)
     critics = CriticSet.load(cfg, TASK, default_dir=critics_dir)
     expanders = {
-        "rollouts": PolicyExpander(policy, TASK, rollout_cfg.expand_config()),
-        "critics": PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics),
+        "rollouts": PolicyExpander(policy, TASK, ExpandConfig(rollouts=1, w_value=0.0, w_prm=0.0)),
+        "critics": PolicyExpander(policy, TASK, cfg, critics=critics),
     }
     per_seed: dict[str, list[dict]] = {name: [] for name in expanders}
     seconds = dict.fromkeys(expanders, 0.0)
@@ -125,9 +123,7 @@ def run(args) -> dict:
             if name == "rollouts" and seed == seeds[0]:
                 plain = trees  # the held-out trees the critics' agreement is measured on
 
-    orm = CriticSet.load(
-        CriticsConfig(device="cpu", dtype="float32", value_path="", prm_path=""), TASK, critics_dir
-    ).orm
+    orm = CriticSet.load(CriticsConfig(value_path="", prm_path=""), TASK, critics_dir).orm
     quality = {
         "value": agreement(critics.value, value_labels(plain, args.min_verified), "soft"),
         "prm": agreement(critics.prm, prm_labels(plain), "hard"),

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     from mcts.embedded import bootstrap_policy, evaluation_problems
 
     path = args.policy or str(bootstrap_policy(seed=0))
-    policy = Policy.load(PolicyConfig(path=path))
+    # caps and device of a full-size model (conf/policy/hf.yaml's shape), kept from this benchmark's first runs
+    policy = Policy.load(
+        PolicyConfig(path=path, device="auto", dtype="auto", max_step_tokens=32, max_rollout_tokens=256)
+    )
     task = CountdownTask()
     problems = evaluation_problems(args.split, args.problems)
     prompts = [task.prompt(p) for p in problems]
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         leaves_per_tree=args.leaves_per_tree,
         num_options=args.num_options,
         max_nodes=4096,
+        max_depth=12,
         c_min=args.c_min,
         c_max=args.c_max,
         root_width=args.root_width,

@@ -27,8 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from mcts.expander import ExpandConfig
-from mcts.policy import check_device_dtype
+from mcts.base import ExpandConfig, check_device_dtype
 from mcts.tasks.base import Problem, Task
 
 KINDS = ("value", "prm", "orm")
@@ -46,8 +45,9 @@ class Critic(Protocol):
 
 
 @dataclass
-class CriticsConfig:
-    """Which critics to load and how node values combine them (Hydra group `critics`)."""
+class CriticsConfig(ExpandConfig):
+    """Which critics to load, plus how node values combine them (`mcts.expander.ExpandConfig`'s
+    fields). Hydra group `critics`."""
 
     value_path: str = DEFAULT
     """Value function directory (AutoModelForSequenceClassification, num_labels=1). "default": the
@@ -58,54 +58,22 @@ class CriticsConfig:
     orm_path: str = DEFAULT
     """Outcome reward model directory (AutoModelForSequenceClassification, num_labels=1).
     "default" / "" as for value_path."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu) or a torch device string."""
-    dtype: str = "auto"
-    """"auto" (bfloat16/float16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16"."""
+    device: str = "cpu"
+    """"cpu", "auto" (cuda if available, else cpu) or a torch device string. cpu: the embedded
+    critics are a few MB, and a GPU launch per small batch costs more than their compute."""
+    dtype: str = "float32"
+    """"float32", "auto" (bfloat16/float16 on GPU, float32 on CPU), "bfloat16" or "float16"."""
     batch_size: int = 256
     """Most sequences per critic forward; a larger batch of nodes is split into chunks."""
-    rollouts: int = 1
-    """Verified fast rollouts per new non-terminal node; 0 = critics only (fewest policy tokens,
-    but then nodes add no verified visits, so success rates come from terminals alone)."""
-    w_rollout: float = 1.0
-    """Weight of the verified rollout success in the node value."""
-    w_value: float = 1.0
-    """Weight of the value function."""
-    w_prm: float = 1.0
-    """Weight of the PRM's score of the node's last step."""
-    w_orm: float = 0.0
-    """Weight of the mean ORM score over the node's rollouts (0 by default: where the task has a
-    verifier, every rollout is already checked exactly)."""
-    verifier_at_terminals: bool = True
-    """A terminal's value is the verifier's verdict; off: the ORM's score (verdict still recorded)."""
-    rollout_tokens: int = 0
-    """Token cap per rollout; 0 = the rollout policy's `max_rollout_tokens`."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"critics.batch_size must be >= 1, got {self.batch_size}")
-        if self.rollouts < 0:
-            raise ValueError(f"critics.rollouts must be >= 0, got {self.rollouts}")
-        for name in ("w_rollout", "w_value", "w_prm", "w_orm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"critics.{name} must be >= 0, got {getattr(self, name)}")
         check_device_dtype("critics", self.device, self.dtype)
 
     def paths(self) -> dict[str, str]:
         return {"value": self.value_path, "prm": self.prm_path, "orm": self.orm_path}
-
-    def expand_config(self, merge_similarity: float = 1.0) -> ExpandConfig:
-        """The expander's view of this group (`merge_similarity` belongs to the `search` group)."""
-        return ExpandConfig(
-            rollouts=self.rollouts,
-            w_rollout=self.w_rollout,
-            w_value=self.w_value,
-            w_prm=self.w_prm,
-            w_orm=self.w_orm,
-            verifier_at_terminals=self.verifier_at_terminals,
-            merge_similarity=merge_similarity,
-            rollout_tokens=self.rollout_tokens,
-        )
 
 
 class CriticSet:

@@ -8,6 +8,7 @@ model-backed expander; tests drive the loop with table-driven ones.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,18 +32,19 @@ class SearchConfig:
     """Options sampled when a leaf is expanded (before state merge)."""
     c_puct: float = 1.5
     """Exploration weight of PUCT."""
-    max_nodes: int = 2048
+    max_nodes: int = 1024
     """Node capacity per tree; a tree that would exceed it stops growing."""
     max_tokens: int = 0
     """Policy tokens per problem (options and rollouts); 0 = no limit."""
-    max_depth: int = 12
-    """A leaf at this depth is not expanded: it becomes an unverified dead end."""
+    max_depth: int = 6
+    """A leaf at this depth is not expanded: it becomes an unverified dead end. Countdown's
+    solutions take at most 5 steps; a task with longer solutions needs more."""
     adaptive_branching: bool = True
     """AlphaLLM's importance-based widening: n(s) = clip(floor(alpha * I(s)) + 1, c_min, c_max)."""
     alpha: float = 4.0
     c_min: int = 2
     c_max: int = 6
-    root_width: int = 0
+    root_width: int = 12
     """Children the root is widened to (its c_min = c_max; 0: as every depth). AlphaLLM's bounds
     depend on depth; the first step is where a weak policy most needs alternatives, and the
     importance rule alone never widens a root whose children all look equally bad."""
@@ -75,6 +77,97 @@ class SearchConfig:
             )
         if self.root_width < 0:
             raise ValueError(f"search.root_width must be >= 0 (0: as other depths), got {self.root_width}")
+
+
+@dataclass
+class PolicyConfig:
+    """How to load and sample the policy (Hydra group `policy`). The defaults are the embedded
+    default policy's; `conf/policy/hf.yaml` holds what a full-size model needs instead."""
+
+    path: str = ""
+    """Local directory written by `save_pretrained` (config.json, *.safetensors, tokenizer)."""
+    device: str = "cpu"
+    """"cpu", "auto" (cuda if available, else cpu), or any torch device string ("cuda:1"). cpu: the
+    embedded policy is under 1M parameters, where a GPU launch per token costs more than the compute."""
+    dtype: str = "float32"
+    """"float32", "auto" (bfloat16 on a GPU that supports it, else float32), "bfloat16", "float16"."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped in the directory; off unless the user turns it on."""
+    temperature: float = 1.0
+    """Sampling temperature for `propose` and `rollout` (priors are always at temperature 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for `propose` and `rollout`; 1.0 disables it."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it (and overrides a top_k from the model's generation_config)."""
+    max_step_tokens: int = 16
+    """Token cap per option; an option that hits it without a separator is `truncated`. A Countdown
+    step ("4+5=9") is under 10 characters of the embedded policy's character vocabulary."""
+    max_rollout_tokens: int = 48
+    """Token cap per rollout / greedy completion (a whole Countdown solution fits in 48)."""
+    max_batch: int = 256
+    """Most sequences per `generate` call; bigger batches are split into several calls."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"policy.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"policy.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_step_tokens", "max_rollout_tokens", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k < 0:
+            raise ValueError(f"policy.top_k must be >= 0, got {self.top_k}")
+        check_device_dtype("policy", self.device, self.dtype)
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # mcts.policy.resolve_dtype maps them to torch
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_dtype(group: str, device: str, dtype: str) -> None:
+    """Refuse a device or dtype setting of `group` that `resolve_device` / `resolve_dtype` would only
+    refuse inside a worker, after Ray started."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"{group}.device={device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise ValueError(f"{group}.dtype={dtype!r}: use one of auto, {', '.join(DTYPE_NAMES)}")
+
+
+@dataclass
+class ExpandConfig:
+    """How new nodes are valued (Hydra group `critics`, whose `critics.base.CriticsConfig` adds the
+    critics' directories and devices). The defaults are the default job's: AlphaLLM's combination of
+    a value function, a PRM and verified fast rollouts."""
+
+    rollouts: int = 8
+    """Verified fast rollouts per new non-terminal node; 0 = critics only (fewest policy tokens, but
+    then nodes add no verified samples, so success rates come from terminals alone). Pairs are gated
+    on distinct verified samples: with 1 rollout a node rarely holds enough of them to pass the
+    Wilson test, 8 gives most first steps a verdict."""
+    w_rollout: float = 1.0
+    """Weight of the verified rollout success in the node value."""
+    w_value: float = 1.0
+    """Weight of the value function."""
+    w_prm: float = 1.0
+    """Weight of the process reward model's score of the new step."""
+    w_orm: float = 0.0
+    """Weight of the mean ORM score over the node's rollouts (0: where the task has a verifier,
+    every rollout is already checked exactly)."""
+    verifier_at_terminals: bool = True
+    """A terminal's value is the verifier's verdict; off: the ORM's score (verdict still recorded)."""
+    rollout_tokens: int = 0
+    """Token cap per rollout; 0 = the rollout policy's `max_rollout_tokens`."""
+
+    def __post_init__(self) -> None:
+        if self.rollouts < 0:
+            raise ValueError(f"critics.rollouts must be >= 0, got {self.rollouts}")
+        if self.rollout_tokens < 0:
+            raise ValueError(
+                f"critics.rollout_tokens must be >= 0 (0: the policy's cap), got {self.rollout_tokens}"
+            )
+        for name in ("w_rollout", "w_value", "w_prm", "w_orm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"critics.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ At terminals the verifier decides (when `verifier_at_terminals`), else the ORM d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from mcts.base import Child, Expansion, Leaf
+from mcts.base import Child, ExpandConfig, Expansion, Leaf
 from mcts.merge import merge_options
 from mcts.policy import Policy
 from mcts.tasks.base import Problem, Task
@@ -37,28 +36,6 @@ class NodeCritics(Protocol):
         """ORM probability that each finished solution is correct, [n]."""
 
 
-@dataclass
-class ExpandConfig:
-    """How new nodes are valued (Hydra group `critics`, plus `search.merge_similarity`)."""
-
-    rollouts: int = 1
-    """Fast rollouts per new non-terminal node, verified by the task; 0 = critics only."""
-    w_rollout: float = 1.0
-    """Weight of the verified rollout success in the node value."""
-    w_value: float = 0.0
-    """Weight of the value function."""
-    w_prm: float = 0.0
-    """Weight of the process reward model's score of the new step."""
-    w_orm: float = 0.0
-    """Weight of the mean ORM score over the node's rollouts."""
-    verifier_at_terminals: bool = True
-    """A terminal's value is the verifier's verdict; off: the ORM's score (verdict still recorded)."""
-    merge_similarity: float = 1.0
-    """State merge threshold: 1.0 merges options equal after the task's normal form only."""
-    rollout_tokens: int = 0
-    """Token cap per rollout; 0 = the rollout policy's `max_rollout_tokens`."""
-
-
 class PolicyExpander:
     """Expander over a `Policy` (and optionally a smaller rollout policy and critics)."""
 
@@ -69,8 +46,10 @@ class PolicyExpander:
         cfg: ExpandConfig | None = None,
         rollout_policy: Policy | None = None,
         critics: NodeCritics | None = None,
+        merge_similarity: float = 1.0,
     ):
         self.policy, self.task, self.cfg = policy, task, cfg or ExpandConfig()
+        self.merge_similarity = merge_similarity  # search.merge_similarity
         self.rollout_policy = rollout_policy or policy
         self.critics = critics
         if self.cfg.rollouts == 0 and critics is None:
@@ -90,7 +69,7 @@ class PolicyExpander:
             tokens = sum(o.num_tokens for o in options)
             seen = {task.normalize_step(t) for t in leaf.existing}
             children = []
-            for opt in merge_options(options, task.normalize_step, cfg.merge_similarity):
+            for opt in merge_options(options, task.normalize_step, self.merge_similarity):
                 if task.normalize_step(opt.text) in seen:
                     continue
                 steps = [*leaf.steps, opt.text]

@@ -19,44 +19,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mcts.base import DTYPE_NAMES, PolicyConfig
 from mcts.merge import Option
 
 
 class PolicyLoadError(ValueError):
     """The policy directory cannot be loaded; the message is one line saying how to fix it."""
-
-
-@dataclass
-class PolicyConfig:
-    """How to load and sample the policy."""
-
-    path: str = ""
-    """Local directory written by `save_pretrained` (config.json, *.safetensors, tokenizer)."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), or any torch device string ("cpu", "cuda:1")."""
-    dtype: str = "auto"
-    """"auto" (bfloat16 on a GPU that supports it, else float32), "float32", "bfloat16", "float16"."""
-    trust_remote_code: bool = False
-    """Run modelling code shipped in the directory; off unless the user turns it on."""
-    temperature: float = 1.0
-    """Sampling temperature for `propose` and `rollout` (priors are always at temperature 1)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass for `propose` and `rollout`; 1.0 disables it."""
-    top_k: int = 0
-    """Top-k sampling; 0 disables it (and overrides a top_k from the model's generation_config)."""
-    max_step_tokens: int = 32
-    """Token cap per option; an option that hits it without a separator is `truncated`."""
-    max_rollout_tokens: int = 256
-    """Token cap per rollout / greedy completion."""
-    max_batch: int = 256
-    """Most sequences per `generate` call; bigger batches are split into several calls."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +104,7 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -138,18 +112,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device_dtype(group: str, device: str, dtype: str) -> None:
-    """Refuse a device or dtype setting of `group` that `resolve_device` / `resolve_dtype` would only
-    refuse inside a worker, after Ray started."""
-    if not _DEVICE.match(device):
-        raise ValueError(f"{group}.device={device!r}: use auto, cpu, cuda, cuda:N or mps")
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise ValueError(f"{group}.dtype={dtype!r}: use one of auto, {', '.join(_DTYPES)}")
 
 
 def resolve_dtype(

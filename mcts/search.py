@@ -106,6 +106,7 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
     cfg, forest = batch.cfg, batch.forest
     selections, requests = [], []
     for b in np.flatnonzero(out_count):
+        claimed = 0  # ids the tree's earlier expansions of this round will take
         for j in range(out_count[b]):
             node, kind = int(out_nodes[b, j]), int(out_kinds[b, j])
             if kind == kernels.TERMINAL:
@@ -117,10 +118,12 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                     selections.append((b, node, kernels.TERMINAL, -1))
                     continue
                 reserve = batch.width_cap(b, node) if cfg.adaptive_branching else cfg.num_options
-                if forest.num_nodes[b] + max(reserve, cfg.num_options) > forest.capacity:
+                need = max(reserve, cfg.num_options)
+                if forest.num_nodes[b] + claimed + need > forest.capacity:
                     batch.live[b] = False  # node budget spent
                     selections.append((b, node, kind, -2))
                     continue
+                claimed += need
                 count, existing = cfg.num_options, ()
             else:  # WIDEN
                 # sample a full set: duplicates of existing children are dropped, and the best
@@ -257,7 +260,13 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
     prior = 1.0 / cfg.num_options
     level = 0
     while tips:
-        tips = [t for t in tips if forest.num_nodes[t[0]] + cfg.c_max <= forest.capacity]
+        claimed: dict[int, int] = {}  # ids this level's earlier chains of the same tree will take
+        fits = []
+        for t in tips:
+            if forest.num_nodes[t[0]] + claimed.get(t[0], 0) + cfg.c_max <= forest.capacity:
+                claimed[t[0]] = claimed.get(t[0], 0) + cfg.c_max
+                fits.append(t)
+        tips = fits
         if not tips:
             return
         m = len(tips)

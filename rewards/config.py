@@ -7,7 +7,6 @@ Config groups (`conf/`): task, policy, critics, search, rewards, ray, and an opt
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +14,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from critics.base import CriticsConfig
-from mcts.base import SearchConfig
-from mcts.policy import PolicyConfig, check_device_dtype
+from mcts.base import PolicyConfig, SearchConfig
+from mcts.tasks.countdown import CountdownDifficulty
+from mcts.tasks.jsonl import JsonlTask
+from rewards.derive import DeriveConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -42,22 +43,28 @@ class TaskConf:
 class CountdownTaskConf(TaskConf):
     """Countdown: generated with `seed` at this difficulty (see mcts.tasks.countdown)."""
 
+    name: str = "countdown"
+    num_problems: int | None = 256
+    """Generate N problems; 256 fills 16 batches for the default job's workers in a few minutes."""
     seed: int = 0
     """Problem generator seed; independent of the search seed, so `seed=N` re-searches the same problems."""
-    min_numbers: int = 3
-    max_numbers: int = 4
-    min_number: int = 1
-    max_number: int = 9
-    min_target: int = 1
-    max_target: int = 60
+    # The generator's own defaults and checks (mcts.tasks.countdown.CountdownDifficulty).
+    min_numbers: int = CountdownDifficulty.min_numbers
+    max_numbers: int = CountdownDifficulty.max_numbers
+    min_number: int = CountdownDifficulty.min_number
+    max_number: int = CountdownDifficulty.max_number
+    min_target: int = CountdownDifficulty.min_target
+    max_target: int = CountdownDifficulty.max_target
 
 
 @dataclass
 class JsonlTaskConf(TaskConf):
     """GSM8K-style word problems from `path` (see mcts.tasks.jsonl)."""
 
-    max_steps: int = 16
-    """Lines before a solution without a `####` answer counts as failed."""
+    name: str = "jsonl"
+
+    max_steps: int = JsonlTask.max_steps
+    """Lines before a solution without a `####` answer counts as failed (checked by JsonlTask)."""
 
 
 @dataclass
@@ -76,26 +83,21 @@ class PolicyConf(PolicyConfig):
             raise ValueError(
                 "policy.path is empty: set policy.path=DIR (a local Hugging Face model directory)"
             )
-        if self.temperature <= 0:
-            raise ValueError(f"policy.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"policy.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("max_step_tokens", "max_rollout_tokens", "max_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
-        if self.top_k < 0:
-            raise ValueError(f"policy.top_k must be >= 0, got {self.top_k}")
-        check_device_dtype("policy", self.device, self.dtype)
+        super().__post_init__()
 
 
 @dataclass
 class SearchConf(SearchConfig):
-    """Group `search`: mcts.base.SearchConfig, plus the unit of work and state merge."""
+    """Group `search`: mcts.base.SearchConfig, plus the job's unit of work and the expander's state
+    merge."""
 
-    batch_problems: int = 8
-    """Problems per batch: one worker task, one forest, one shard."""
+    batch_problems: int = 16
+    """Problems per batch: one worker task, one forest, one shard. 16 keeps the policy's batches
+    full while the default job's 256 problems still make 16 shards for 2 workers to share."""
+
     merge_similarity: float = 1.0
-    """State merge threshold: 1.0 merges options equal after the task's normal form only."""
+    """State merge of a node's new options (mcts.merge): 1.0 merges options equal after the task's
+    normal form only; lower also merges options whose normal forms are this similar."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,27 +108,19 @@ class SearchConf(SearchConfig):
 
 
 @dataclass
-class RewardsConf:
-    """Group `rewards`: rewards.derive.DeriveConfig (field docs there) plus the audit."""
+class RewardsConf(DeriveConfig):
+    """Group `rewards`: rewards.derive.DeriveConfig (how trees become records; field docs there),
+    plus the audit."""
 
-    min_visits: int = 2
-    min_margin: float = 0.2
-    confidence: float = 0.9
-    max_pairs_per_node: int = 3
-    trajectory_min_visits: int = 1
-    max_trajectories_per_tree: int = 32
-    value_target: str = "success"
-    kto_from_pairs: bool = True
-    kto_trajectories: bool = True
-    sft_solutions: int = 1
     audit_pairs: int = 256
-    """Pairs whose exported first steps are re-rolled for audit.json's pair precision (>= 200 gives
-    a Wilson interval about +-0.04 wide at 0.9); 0 skips the re-rollouts."""
+    """Pairs whose exported texts are re-rolled for audit.json's pair precision (>= 200 gives a
+    Wilson interval about +-0.04 wide at 0.9); 0 skips the re-rollouts."""
     audit_critic_problems: int = 64
     """Problems the critics never trained on, searched by verified rollouts alone for audit.json's
     critic agreement (the critics score every node but steer nothing); 0 skips it."""
     audit_rollouts: int = 16
-    """Fresh rollouts per prefix in that check."""
+    """Fresh rollouts per prefix in those checks: with 8, two weak prefixes often tie at 0/8, which
+    says nothing either way."""
     greedy_baseline: bool = True
     """Decode every problem greedily once, for audit.json's search-minus-greedy gap."""
 
@@ -139,15 +133,9 @@ class RewardsConf:
                 f"got {self.audit_pairs} and {self.audit_rollouts}"
             )
         try:
-            self.derive_config()
+            super().__post_init__()
         except ValueError as e:
             raise ValueError(f"rewards.{e}") from None
-
-    def derive_config(self, config_hash: str = ""):
-        from rewards.derive import DeriveConfig
-
-        names = {f.name for f in dataclasses.fields(DeriveConfig)} - {"config_hash"}
-        return DeriveConfig(**{n: getattr(self, n) for n in names}, config_hash=config_hash)
 
 
 @dataclass

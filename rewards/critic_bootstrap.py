@@ -27,7 +27,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from critics.base import CriticsConfig
 from critics.train import TrainCriticsConfig
 from mcts.base import SearchConfig
 from mcts.embedded import (
@@ -39,7 +38,7 @@ from mcts.embedded import (
     trained_on,
     weights_hash,
 )
-from mcts.expander import PolicyExpander
+from mcts.expander import ExpandConfig, PolicyExpander
 from mcts.finished import FinishedTree
 from mcts.policy import Policy, PolicyConfig
 from mcts.search import run_search
@@ -59,8 +58,11 @@ class BootstrapCriticsConfig:
     trees keep lifting the value function: from the policy's trunk (top block, 500 steps)
     validation value / PRM 0.588 / 0.547 with 800 problems, 0.703 / 0.707 with 3,200; from the
     critics' trunk (top block, 1,000 steps) held-out value 0.732 with 3,200, 0.756 with 6,400."""
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(simulations=16, max_depth=4))
-    """Search of the bootstrap trees; nodes are valued by verified rollouts alone."""
+    search: SearchConfig = field(
+        default_factory=lambda: SearchConfig(simulations=16, max_depth=4, max_nodes=2048, root_width=0)
+    )
+    """Search of the bootstrap trees; nodes are valued by verified rollouts alone. No root widening:
+    the critics learn from states at every depth, not a wide first step."""
     rollouts: int = 4
     """Verified rollouts per new node of the bootstrap search: a value target is a success rate
     over distinct samples, and with one rollout a node's rate rests on one or two of them."""
@@ -122,9 +124,8 @@ def rollout_trees(
 ) -> list[FinishedTree]:
     """Trees of a search valued by verified rollouts alone (`rollouts` per new node)."""
     task = CountdownTask()
-    policy = Policy.load(PolicyConfig(path=str(policy_dir), device="cpu", **policy_caps))
-    plain = CriticsConfig(value_path="", prm_path="", orm_path="", rollouts=rollouts, w_value=0.0, w_prm=0.0)
-    expander = PolicyExpander(policy, task, plain.expand_config())
+    policy = Policy.load(PolicyConfig(path=str(policy_dir), **policy_caps))
+    expander = PolicyExpander(policy, task, ExpandConfig(rollouts=rollouts, w_value=0.0, w_prm=0.0))
     return run_search(problems, task, expander, search, seed=seed)
 
 

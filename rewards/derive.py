@@ -28,10 +28,12 @@ rollouts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +42,7 @@ from rewards.stats import CORRECT, NodeStats, node_stats, wilson_separation
 from rewards.texts import completion_text, dedupe, kto_key, normalize_text, pair_key, prefix_text
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeriveConfig:
     """How finished trees become records. Every field is recorded (hashed) with the records."""
 
@@ -68,8 +70,6 @@ class DeriveConfig:
     """`sft` rows per problem: its distinct verified-correct trajectories, most visited first (1: the
     best trajectory; more: rejection-sampling fine-tuning on every distinct solution the search found,
     as `arborist improve` trains)."""
-    config_hash: str = ""
-    """Hash written into every record; empty: a hash of the fields above."""
 
     def __post_init__(self) -> None:
         if self.min_visits < 1:
@@ -88,11 +88,18 @@ class DeriveConfig:
             raise ValueError(f"value_target={self.value_target!r}: use 'success' or 'q'")
 
     def hash(self) -> str:
-        """`config_hash` if given, else a short sha256 of the other fields (stable across runs)."""
-        if self.config_hash:
-            return self.config_hash
-        fields = {k: v for k, v in asdict(self).items() if k != "config_hash"}
+        """The hash written into every record: the job's (`for_job`), else a short sha256 of this
+        class's fields (stable across runs; a subclass's extra settings do not enter it)."""
+        if getattr(self, "_job_hash", ""):
+            return self._job_hash
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(DeriveConfig)}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def for_job(self, config_hash: str) -> DeriveConfig:
+        """A copy whose records carry `config_hash` (the whole job's config, not only these fields)."""
+        stamped = copy.copy(self)
+        stamped._job_hash = config_hash
+        return stamped
 
 
 def continuation(

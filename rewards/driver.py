@@ -167,7 +167,7 @@ def build_spec(job, models: dict) -> WorkerSpec:
         critics=as_base(CriticsConfig, conf.critics),
         critics_dir=models["critics_dir"],
         search=as_base(SearchConfig, conf.search),
-        expand=conf.critics.expand_config(conf.search.merge_similarity),
+        merge_similarity=conf.search.merge_similarity,
         torch_threads=conf.ray.torch_threads,
         warmup_problem=job.problems[0],
     )
@@ -197,7 +197,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             "%d problems in %d batches -> %s (%d problems already there, %d batches to run)",
             len(job.problems), len(job.batches), out, resumed, len(todo),
         )  # fmt: skip
-        derive = conf.rewards.derive_config(job.config_hash)
+        derive = conf.rewards.for_job(job.config_hash)
         metrics: dict = {
             "status": "running",
             "out": str(out),

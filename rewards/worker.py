@@ -16,7 +16,6 @@ import numpy as np
 
 from critics.base import CriticsConfig
 from mcts.base import SearchConfig
-from mcts.expander import ExpandConfig
 from mcts.finished import FinishedTree
 from mcts.policy import PolicyConfig
 from mcts.tasks.base import Problem
@@ -45,7 +44,7 @@ class WorkerSpec:
     critics: CriticsConfig
     critics_dir: str | None  # the embedded critics' directory, when a *_path is "default"
     search: SearchConfig
-    expand: ExpandConfig
+    merge_similarity: float
     torch_threads: int
     warmup_problem: Problem
 
@@ -70,13 +69,14 @@ class SearchWorker:
         rollout = Policy.load(spec.rollout_policy) if spec.rollout_policy else None
         critics = CriticSet.load(spec.critics, self.task, spec.critics_dir)
         self.critics = critics
-        self.expander = PolicyExpander(self.policy, self.task, spec.expand, rollout, critics)
+        merge = spec.merge_similarity
+        self.expander = PolicyExpander(self.policy, self.task, spec.critics, rollout, critics, merge)
         # The audit's expander: nodes valued by one verified rollout alone, the critics scoring every
         # node without steering anything (their weights are 0), so their agreement with the verifier
         # is measured on trees they did not shape.
-        unsteered = replace(spec.expand, rollouts=max(1, spec.expand.rollouts), w_rollout=1.0)
+        unsteered = replace(spec.critics, rollouts=max(1, spec.critics.rollouts), w_rollout=1.0)
         unsteered = replace(unsteered, w_value=0.0, w_prm=0.0, w_orm=0.0, verifier_at_terminals=True)
-        self.audit_expander = PolicyExpander(self.policy, self.task, unsteered, rollout, critics)
+        self.audit_expander = PolicyExpander(self.policy, self.task, unsteered, rollout, critics, merge)
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # Compile / load the numba kernels and torch's kernels now, not inside the first batch.

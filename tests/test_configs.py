@@ -3,13 +3,12 @@ contract's overrides land where DESIGN.md says; the schemas stay in step with th
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from rewards.config import CONF_DIR, RewardsConf, compose
+from rewards.config import CONF_DIR, compose
 from rewards.job import JobInputError
 from rewards.pipeline import to_schema
 
@@ -108,22 +107,46 @@ def test_bad_numbers_name_their_key(override, message):
         to_schema(compose([override]))
 
 
-def test_rewards_schema_mirrors_derive_config():
+def test_python_defaults_are_the_search_arborist_search_runs():
+    """One default per setting: a component built in Python with no arguments is the one the
+    no-argument job builds (the yaml of the default options adds nothing)."""
+    from critics.base import CriticsConfig
+    from mcts.base import ExpandConfig, PolicyConfig, SearchConfig
     from rewards.derive import DeriveConfig
+    from rewards.worker import as_base
 
-    ours = {f.name: f.default for f in dataclasses.fields(RewardsConf)}
-    for f in dataclasses.fields(DeriveConfig):
-        if f.name != "config_hash":
-            assert ours.get(f.name, "absent") == f.default, f"rewards.{f.name} out of step with DeriveConfig"
+    conf = to_schema(compose([]))
+    assert as_base(SearchConfig, conf.search) == SearchConfig()
+    assert as_base(PolicyConfig, conf.policy) == PolicyConfig()
+    assert conf.critics == CriticsConfig() and as_base(ExpandConfig, conf.critics) == ExpandConfig()
+    assert as_base(DeriveConfig, conf.rewards) == DeriveConfig()
+    assert DeriveConfig().hash() == conf.rewards.hash(), "the audit's settings do not enter the records' hash"
 
 
-def test_group_files_set_only_schema_keys_and_every_schema_key():
-    """Each option file spells out its whole group (users read them as the reference)."""
-    for group in ("search", "rewards", "ray", "critics"):
-        schema = set(OmegaConf.to_container(compose([]))[group])
-        for option in _options(group):
-            keys = set(OmegaConf.load(Path(CONF_DIR, group, f"{option}.yaml"))) - {"defaults"}
-            missing = schema - keys - ({"num_cpus"} if option == "cluster" else set())
-            if group == "critics" and option == "rollouts":
-                missing -= {"device", "dtype", "batch_size", "rollout_tokens"}  # no model: irrelevant
-            assert not missing, f"conf/{group}/{option}.yaml does not set {sorted(missing)}"
+def _schema_defaults(group: str, option: str) -> dict:
+    """The schema's defaults of one group option (what its yaml would get with no keys at all)."""
+    schema = OmegaConf.load(Path(CONF_DIR, group, f"{option}.yaml"))["defaults"][0]
+    from hydra.core.config_store import ConfigStore
+
+    node = ConfigStore.instance().load(f"{group}/{schema}.yaml").node
+    return OmegaConf.to_container(node)
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
+def test_group_files_hold_only_deviations_each_with_its_reason(group, option):
+    path = Path(CONF_DIR, group, f"{option}.yaml")
+    defaults = _schema_defaults(group, option)
+    keys = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
+    for key, value in keys.items():
+        assert key in defaults, f"{path.name}: {key} is not a key of the {group} schema"
+        assert value != defaults[key], f"conf/{group}/{option}.yaml repeats the default {key}: {value!r}"
+    explained = False  # a comment since the last blank line explains the keys below it
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            explained = False
+        elif line.lstrip().startswith("#"):
+            explained = True
+        elif line.split(":")[0] in keys:
+            assert explained or "#" in line, (
+                f"conf/{group}/{option}.yaml sets {line.split(':')[0]} without a reason"
+            )

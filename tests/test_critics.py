@@ -235,16 +235,7 @@ def test_verifier_critic():
     assert v.score([p], [["9-3=6", "6*4=24"]])[0] == 1.0
 
 
-def test_config_maps_onto_the_expander_and_default_needs_a_dir(critic_dirs, capsys):
-    cfg = CriticsConfig(rollouts=0, w_value=2.0, w_prm=0.5, verifier_at_terminals=False)
-    ec = cfg.expand_config(merge_similarity=0.9)
-    assert (ec.rollouts, ec.w_value, ec.w_prm, ec.verifier_at_terminals, ec.merge_similarity) == (
-        0,
-        2.0,
-        0.5,
-        False,
-        0.9,
-    )
+def test_default_critics_need_a_dir(critic_dirs, capsys):
     assert CriticSet.load(CriticsConfig(value_path="", prm_path="", orm_path=""), TASK) is None
     assert CriticSet.load(CriticsConfig(), TASK, default_dir=None) is None
     assert "only read the built-in Countdown task" in capsys.readouterr().err
@@ -301,7 +292,7 @@ def test_critics_only_search_end_to_end(critic_dirs):
     cfg = CriticsConfig(device="cpu", rollouts=0, w_orm=1.0, verifier_at_terminals=False)
     critics = CriticSet.load(cfg, TASK, default_dir=critic_dirs)
     calls = {"expander": 0}
-    expander = PolicyExpander(policy, TASK, cfg.expand_config(), critics=critics)
+    expander = PolicyExpander(policy, TASK, cfg, critics=critics)
 
     def counting(leaves, seed):
         calls["expander"] += 1
@@ -323,7 +314,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    expander = PolicyExpander(ScriptedPolicy(), TASK, CriticsConfig(rollouts=1).expand_config())
+    expander = PolicyExpander(ScriptedPolicy(), TASK, CriticsConfig(rollouts=1))
     trees = run_search(PROBLEMS, TASK, expander, SearchConfig(simulations=4, max_depth=3), seed=0)
     (tmp_path / "ds" / "trees").mkdir(parents=True)
     pq.write_table(

@@ -272,7 +272,7 @@ def test_config_errors_say_how_to_fix(kw):
 
 def test_config_hash_is_stable_and_overridable():
     assert DeriveConfig().hash() == DeriveConfig().hash() != DeriveConfig(min_margin=0.3).hash()
-    assert DeriveConfig(config_hash="job-abc").hash() == "job-abc"
+    assert DeriveConfig().for_job("job-abc").hash() == "job-abc"
 
 
 # -- properties on random trees ----------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_records_rederive_from_the_trees(reference_run, job_overrides, records):
     from rewards.records import to_table
 
     conf = to_schema(compose(job_overrides(reference_run)))
-    rows = derive_all(read_trees(reference_run), conf.rewards.derive_config(_config_hash(reference_run)))
+    rows = derive_all(read_trees(reference_run), conf.rewards.for_job(_config_hash(reference_run)))
     on_disk = records(reference_run)
     for kind in LAYOUT:
         assert canonical_rows(to_table(kind, rows[kind]).to_pylist()) == on_disk[kind], kind

@@ -168,7 +168,10 @@ def test_root_width_widens_the_root_only():
     common = dict(simulations=12, leaves_per_tree=1, num_options=1, max_nodes=256, adaptive_branching=True)
     # alpha 0: the importance rule alone keeps every node at c_min = 1 child
     narrow = run_search(
-        _problems(1), task, FakeExpander(task), SearchConfig(**common, alpha=0.0, c_min=1, c_max=1)
+        _problems(1),
+        task,
+        FakeExpander(task),
+        SearchConfig(**common, alpha=0.0, c_min=1, c_max=1, root_width=0),
     )
     wide = run_search(
         _problems(1),
@@ -316,12 +319,17 @@ class SamplingExpander(FakeExpander):
     rollouts=st.integers(0, 3),
     leaves=st.integers(1, 3),
     max_nodes=st.sampled_from([24, 64, 256]),
+    root_width=st.sampled_from([0, 12]),
 )
-def test_evidence_counts_each_verified_sample_once(keep, seed, rollouts, leaves, max_nodes):
-    _check_evidence(keep, seed, rollouts, leaves, max_nodes)
+def test_evidence_counts_each_verified_sample_once(keep, seed, rollouts, leaves, max_nodes, root_width):
+    # a wide root next to a small node budget once overran it: several expansions of one round each
+    # checked their room against the nodes already written, not against each other's
+    _check_evidence(keep, seed, rollouts, leaves, max_nodes, root_width)
 
 
-def _check_evidence(keep: str, seed: int, rollouts: int, leaves: int, max_nodes: int) -> int:
+def _check_evidence(
+    keep: str, seed: int, rollouts: int, leaves: int, max_nodes: int, root_width: int = 0
+) -> int:
     """V at a node never exceeds the distinct verified samples below it (S: the correct ones), and the
     root holds them all, however often terminals are revisited, whether rollouts are grafted, kept
     apart or cut by the node budget, and whether the width keeps every option offered."""
@@ -329,7 +337,7 @@ def _check_evidence(keep: str, seed: int, rollouts: int, leaves: int, max_nodes:
     expander = SamplingExpander(task, rollouts, seed)
     cfg = SearchConfig(
         simulations=100, leaves_per_tree=leaves, num_options=2, max_nodes=max_nodes, c_min=1, c_max=3,
-        keep_rollouts=keep,
+        keep_rollouts=keep, root_width=root_width,
     )  # fmt: skip
     trees = run_search(_problems(2), task, expander, cfg, seed=seed)
     revisits = 0
