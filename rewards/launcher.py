@@ -15,7 +15,9 @@ On a cluster every node needs this package installed and the model directories a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import time
 from collections import Counter, deque
@@ -51,11 +53,13 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
         logging_level=logging.WARNING,
         runtime_env={"env_vars": dict(WORKER_ENV)},
     )
+    loopback = _loopback_only() if address == "local" else contextlib.nullcontext()
     try:
-        if address == "local":
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        with loopback:
+            if address == "local":
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
     except ConnectionError as e:
         from rewards.job import JobInputError
 
@@ -67,6 +71,30 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
         yield
     finally:
         ray.shutdown()
+
+
+# Ray names a node by an address other machines can reach and binds its GCS, raylet, workers and
+# agents there; a node named by the loopback address binds every one of them to loopback. Ray does
+# so only when its "cluster" mode is off (the switch it keeps for laptops): read from this variable
+# by the processes it starts, and from a constant fixed when `ray` was imported, by this one.
+_CLUSTER_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """A local Ray started inside this block listens on loopback only (held by a test)."""
+    from ray._private import ray_constants
+
+    before_env, before_const = os.environ.get(_CLUSTER_MODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_MODE], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:  # a later `ray.address=auto` in this process names its node as usual again
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(_CLUSTER_MODE, None)
+        else:
+            os.environ[_CLUSTER_MODE] = before_env
 
 
 def _first_error_line(err: BaseException) -> str:

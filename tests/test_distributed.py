@@ -101,3 +101,44 @@ def test_job_on_a_ray_start_cluster(reference_run, job_overrides, records, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"dataset written to {out}" in done.stdout
     assert records(out) == records(reference_run)
+
+
+_LISTENERS = r"""
+import json, socket, struct, sys
+import ray
+from rewards.launcher import connect
+
+def listening():
+    found = set()
+    for path, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in open(path).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
+            addr, port = local.split(":")
+            raw = b"".join(struct.pack("<I", int(addr[i : i + 8], 16)) for i in range(0, len(addr), 8))
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+before = listening()
+with connect("local", 2, False):
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def ok(self):
+            return True
+    assert all(ray.get([Probe.remote().ok.remote() for _ in range(2)]))
+    new = sorted(listening() - before)
+json.dump([list(x) for x in new], sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_a_local_ray_listens_on_loopback_only():
+    """GCS, raylet, workers and agents of `ray.address=local`: no port reachable from elsewhere."""
+    out = subprocess.run([sys.executable, "-c", _LISTENERS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ports = json.loads(out.stdout)
+    assert len(ports) >= 4, f"expected Ray's GCS, raylet and workers to listen: {ports}"
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    wide = [p for p in ports if p[0] not in loopback]
+    assert not wide, f"Ray ports bound beyond loopback: {wide}"
