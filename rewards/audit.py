@@ -48,7 +48,8 @@ ECE is None for a critic whose scores leave [0, 1] (it is not a probability then
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,11 +93,18 @@ def first_step(completion: str) -> str:
 
 
 # -- the exported texts against the verifier -------------------------------------------------------
+_LABEL_KEYS = (
+    "rejected_accepted",
+    "undesirable_accepted",
+    "chosen_refused",
+    "desirable_refused",
+    "sft_refused",
+)
+
+
 def label_check(pairs: list[dict], kto: list[dict], sft: list[dict], verify: Verify | None) -> dict:
     """Every exported text against the verifier, and duplicate / contradictory pairs."""
-    out = dict.fromkeys(
-        ("rejected_accepted", "undesirable_accepted", "chosen_refused", "desirable_refused", "sft_refused"), 0
-    )
+    out = dict.fromkeys(_LABEL_KEYS, 0)
     out["unchecked"] = 0
 
     def check(row: dict, text: str, want: bool, bad: str) -> None:
@@ -137,20 +145,21 @@ def _precision(correct: np.ndarray) -> dict:
     return {"precision": p, "ci95": list(wilson_interval(p, k, 1.96)), "n": k}
 
 
-def pair_precision(
-    pairs: list[dict], rerollout: Rerollout, verify: Verify | None, sample: int, n: int, seed: int
-) -> dict:
-    """Re-roll `n` times from the exported first step of both sides of up to `sample` random pairs
-    (one batched call); a terminal step is scored by its verdict instead."""
+def sample_indices(total: int, sample: int, seed: int) -> list[int]:
+    """Which of `total` pairs (in shard-name order) the pair-precision check re-rolls."""
+    if not total:
+        return []
     rng = np.random.default_rng(seed)
-    pick = (
-        [int(i) for i in rng.choice(len(pairs), size=min(sample, len(pairs)), replace=False)] if pairs else []
-    )
-    rates = np.full((len(pick), 2), np.nan)
+    return [int(i) for i in rng.choice(total, size=min(sample, total), replace=False)]
+
+
+def pair_precision(picked: list[dict], rerollout: Rerollout, verify: Verify | None, n: int) -> dict:
+    """Re-roll `n` times from the exported first step of both sides of each `picked` pair (one
+    batched call); a terminal step is scored by its verdict instead."""
+    rates = np.full((len(picked), 2), np.nan)
     asks: list[tuple[str, str]] = []
     where: list[tuple[int, int]] = []
-    for row, i in enumerate(pick):
-        p = pairs[i]
+    for row, p in enumerate(picked):
         for col, side in enumerate(("chosen", "rejected")):
             step = first_step(p[side]) + "\n"
             if p.get(f"{side}_terminal") and verify is not None:
@@ -167,12 +176,9 @@ def pair_precision(
     chosen, rejected = rates[:, 0], rates[:, 1]
     correct = chosen > rejected
     terminals = np.array(
-        [
-            int(bool(pairs[i].get("chosen_terminal"))) + int(bool(pairs[i].get("rejected_terminal")))
-            for i in pick
-        ]
+        [int(bool(p.get("chosen_terminal"))) + int(bool(p.get("rejected_terminal"))) for p in picked]
     )
-    depth = np.array([min(int(pairs[i]["depth"]), 3) for i in pick])
+    depth = np.array([min(int(p["depth"]), 3) for p in picked])
     overall = _precision(correct)
     strata = {
         "both_nonterminal": terminals == 0,
@@ -182,7 +188,7 @@ def pair_precision(
         "depth_2": depth == 2,
         "depth_3+": depth >= 3,
     }
-    k = len(pick)
+    k = len(picked)
     return {
         "pair_precision": overall["precision"],
         "pair_precision_ci95": overall["ci95"],
@@ -227,34 +233,78 @@ def critic_agreement(trees: list[FinishedTree]) -> dict:
     return {"critics": out, "orm_favourite_rejected": float(np.mean(favourite)) if favourite else None}
 
 
-def audit_dataset(
-    trees: list[FinishedTree],
-    pairs: list[dict],
+@dataclass
+class Shard:
+    """One shard's rows, as the audit reads them (one at a time: the driver's memory stays flat)."""
+
+    trees: list[FinishedTree]
+    pairs: list[dict]
+    kto: Sequence[dict] = ()
+    sft: Sequence[dict] = ()
+
+
+def audit_dataset(trees: list[FinishedTree], pairs: list[dict], *, kto=(), sft=(), **kw) -> dict:
+    """`audit_shards` over rows held in memory as one shard."""
+    return audit_shards([Shard(trees, pairs, kto, sft)], len(pairs), **kw)
+
+
+def audit_shards(
+    shards: Iterable[Shard],
+    num_pairs: int,
     *,
     rerollout: Rerollout | None,
     sample_pairs: int,
     greedy: dict[str, bool] | None,
     seed: int,
     rollouts_per_prefix: int = 16,
-    kto: Sequence[dict] = (),
-    sft: Sequence[dict] = (),
     verify: Verify | None = None,
     critic_trees: list[FinishedTree] | None = None,
     seen: dict[str, set[str] | None] | None = None,
 ) -> dict:
-    """The audit report (keys in the module docstring). `greedy`: problem id -> greedy decoding
-    verified correct; `seen`: model name -> content keys of its training problems (None: unknown)."""
-    problems = sorted({t.problem_id for t in trees} | {p["problem_id"] for p in pairs})
-    report: dict = {"num_trees": len(trees), "num_problems": len(problems), "num_pairs": len(pairs)}
-    report["labels"] = label_check(pairs, list(kto), list(sft), verify)
+    """The audit report (keys in the module docstring), reading `shards` once, in order, and keeping
+    only per-problem tallies and the sampled pairs: `num_pairs` (the pairs of all shards) fixes the
+    sample before the first shard is read. `greedy`: problem id -> greedy decoding verified correct;
+    `seen`: model name -> content keys of its training problems (None: unknown)."""
+    picks = (
+        sample_indices(num_pairs, sample_pairs, seed) if rerollout is not None and sample_pairs > 0 else []
+    )
+    wanted = {i: k for k, i in enumerate(picks)}
+    picked: list[dict | None] = [None] * len(picks)
+    labels: Counter = Counter()
+    per_problem: Counter = Counter()
+    solved: dict[str, bool] = {}
+    keys: dict[str, str] = {}
+    solutions: dict[str, set[str]] = defaultdict(set)
+    num_trees = seen_pairs = 0
+    for shard in shards:
+        # a problem's pairs all lie in its batch's shard, so duplicates and contradictions (same
+        # prompt) are counted exactly shard by shard
+        labels.update(label_check(shard.pairs, list(shard.kto), list(shard.sft), verify))
+        for row in shard.pairs:
+            if seen_pairs in wanted:
+                picked[wanted[seen_pairs]] = row
+            seen_pairs += 1
+            per_problem[row["problem_id"]] += 1
+        for t in shard.trees:
+            num_trees += 1
+            st = node_stats(t)
+            solved[t.problem_id] = solved.get(t.problem_id, False) or bool(st.verified_below[0])
+            keys[t.problem_id] = content_key(t.question, t.meta)
+            for i in np.flatnonzero(st.terminal & (st.outcome == CORRECT)):
+                solutions[t.problem_id].add(normalize_text("\n".join(t.path_steps(int(i)))))
+    assert seen_pairs == num_pairs, f"the shards hold {seen_pairs} pairs, not the {num_pairs} announced"
+    problems = sorted(set(solved) | set(per_problem))
+    report: dict = {"num_trees": num_trees, "num_problems": len(problems), "num_pairs": num_pairs}
+    report["labels"] = {
+        k: labels[k] for k in (*_LABEL_KEYS, "unchecked", "duplicate_pairs", "contradictory_pairs")
+    }
 
-    if rerollout is not None and sample_pairs > 0:
-        report |= pair_precision(pairs, rerollout, verify, sample_pairs, rollouts_per_prefix, seed)
+    if picks:
+        report |= pair_precision(picked, rerollout, verify, rollouts_per_prefix)
     else:
         report |= {"pair_precision": None, "pair_precision_ci95": None, "pair_precision_by_stratum": None}
         report |= {"pair_rerollout_ties": None, "pair_rerollout_gap": None}
         report |= {"pairs_sampled": 0, "rollouts_per_prefix": 0}
-    per_problem = Counter(p["problem_id"] for p in pairs)
     report["pairs_per_problem"] = _distribution([per_problem[p] for p in problems])
 
     if critic_trees:
@@ -262,17 +312,6 @@ def audit_dataset(
         report["critic_trees"] = len(critic_trees)
     else:
         report |= {"critics": None, "orm_favourite_rejected": None, "critic_trees": 0}
-
-    solved: dict[str, bool] = {}
-    keys: dict[str, str] = {}
-    solutions: dict[str, set[str]] = defaultdict(set)
-    for t in trees:
-        st = node_stats(t)
-        solved[t.problem_id] = solved.get(t.problem_id, False) or bool(st.verified_below[0])
-        keys[t.problem_id] = content_key(t.question, t.meta)
-        verified = np.flatnonzero(st.terminal & (st.outcome == CORRECT))
-        for i in verified:
-            solutions[t.problem_id].add(normalize_text("\n".join(t.path_steps(int(i)))))
 
     def rate(flags: list[bool]) -> float | None:
         return float(np.mean(flags)) if flags else None

@@ -69,11 +69,11 @@ class Progress:
 
 
 def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, models: dict) -> dict:
-    """`rewards.audit.audit_dataset` over the written dataset, with its model work done by the
-    workers: re-rollouts from the exported pair prefixes, greedy decoding, and a search on problems
-    the critics never trained on whose nodes the critics score but do not steer."""
-    from rewards.audit import audit_dataset
-    from rewards.export import read_rows
+    """`rewards.audit.audit_shards` over the written dataset, read one shard at a time, with its
+    model work done by the workers: re-rollouts from the exported pair prefixes, greedy decoding, and
+    a search on problems the critics never trained on whose nodes the critics score but do not steer."""
+    from rewards.audit import Shard, audit_shards
+    from rewards.export import iter_shards
 
     by_id = {p.id: p for p in problems}
     sep = task.step_separator
@@ -103,12 +103,13 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
     if greedy_call is not None:
         flags = pool.finish(greedy_call, retries=conf.ray.max_retries)
         greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
-    trees = [FinishedTree.from_row(r) for r in read_rows(out, manifest, "trees")]
-    report = audit_dataset(
-        trees,
-        read_rows(out, manifest, "pairs"),
-        kto=read_rows(out, manifest, "kto"),
-        sft=read_rows(out, manifest, "sft"),
+    shards = (
+        Shard([FinishedTree.from_row(r) for r in rows["trees"]], rows["pairs"], rows["kto"], rows["sft"])
+        for rows in iter_shards(out, manifest, ("trees", "pairs", "kto", "sft"))
+    )
+    report = audit_shards(
+        shards,
+        manifest["rows"]["pairs"],
         rerollout=rerollout,
         verify=verify,
         sample_pairs=conf.rewards.audit_pairs,
@@ -179,7 +180,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
     `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too)."""
     from mcts.tasks.registry import make_task
     from rewards.derive import derive_all
-    from rewards.export import DatasetWriter, atomic_write_text, load_manifest, write_audit, write_card
+    from rewards.export import DatasetWriter, atomic_write_text, write_audit, write_card
     from rewards.job import shard_name, versions
 
     conf, out = job.conf, job.out
@@ -257,7 +258,8 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
                 pool, todo, conf.seed, on_done, conf.ray.max_retries, tick=progress.tick, hooks=hooks
             )
             progress.close()
-            manifest = load_manifest(out)
+            writer.compact()  # manifest.json names every shard again; the shard log is gone
+            manifest = writer.manifest
             log.info("auditing the dataset (%d problems)", len(job.problems))
             task = make_task(conf.task.name, **task_kwargs(conf))
             audit = audit_on(pool, out, manifest, job.problems, task, conf, models)

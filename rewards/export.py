@@ -3,6 +3,7 @@
 Layout of an output directory (see rewards/records.py for the columns):
 
     out/manifest.json        config, versions, seeds, finished problem ids, shards with row counts
+    out/shards.jsonl         the shards finished since manifest.json was last written, one line each
     out/<kind>/<shard>.parquet   one file per kind per shard: pairs, steps, kto, sft, values, trees
     out/audit.json           `write_audit`
     out/README.md            `write_card`
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +44,7 @@ from rewards.outdir import check_resume, json_safe, lock_out_dir
 from rewards.records import KINDS
 
 MANIFEST = "manifest.json"
+SHARD_LOG = "shards.jsonl"
 FORMAT_VERSION = 1
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _OWN_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # temp_path's names
@@ -101,9 +104,43 @@ def _dumps(obj) -> str:
 
 
 def load_manifest(out_dir: Path | str) -> dict | None:
-    """The manifest of an output directory, or None if nothing was finished there yet."""
+    """The manifest of an output directory with the shard log folded in (see the module docstring),
+    or None if nothing was started there yet. A file that is not an arborist manifest is returned as
+    it is, for the caller to refuse."""
     path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+        return manifest
+    logged = _logged_shards(Path(out_dir))
+    for entry in logged:
+        name = entry.pop("shard")
+        if name not in manifest["shards"]:  # a log compacted but not yet removed repeats shards
+            _add_shard(manifest, name, entry)
+    if logged:
+        manifest["finished_problem_ids"] = sorted(set(manifest["finished_problem_ids"]))
+        manifest["seeds"] = sorted(set(manifest["seeds"]))
+    return manifest
+
+
+def _logged_shards(out_dir: Path) -> list[dict]:
+    """The complete lines of the shard log (a torn last line, from a crash mid-append, is skipped)."""
+    path = out_dir / SHARD_LOG
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]  # lines[-1]: "" or torn
+
+
+def _add_shard(manifest: dict, name: str, entry: dict) -> None:
+    """Name a finished shard in `manifest` (ids and seeds appended: sort them before writing)."""
+    manifest["shards"][name] = entry
+    manifest["finished_problem_ids"].extend(entry["problem_ids"])
+    manifest["seeds"].extend(entry["seeds"])
+    for kind in KINDS:
+        manifest["rows"][kind] += entry["rows"][kind]
+        manifest["files"][kind].append(entry["files"][kind])
 
 
 # -- the writer -------------------------------------------------------------------------------------
@@ -146,12 +183,15 @@ class DatasetWriter:
                     "files": {k: [] for k in KINDS},
                 }
                 self._write_manifest(json_safe(manifest))  # the sweep's mark: this directory is ours
+                (self.out_dir / SHARD_LOG).unlink(missing_ok=True)  # a stray log names nothing of ours
             elif json_safe(config) != manifest["config"] or config_hash != manifest.get("config_hash", ""):
                 check_resume(manifest, config, config_hash, append_run, self.out_dir)
                 manifest["config_history"].append(
                     {"config": config, "config_hash": config_hash, "versions": versions, "at": time.time()}
                 )
             self.manifest = json_safe(manifest)
+            self._finished = set(self.manifest["finished_problem_ids"])
+            self.compact()  # the log folded in; a torn line of a crash dropped with it
             self.swept = self._sweep_unfinished() if ours else []
         except BaseException:
             self.close()
@@ -194,7 +234,7 @@ class DatasetWriter:
 
     def finished_ids(self) -> set[str]:
         """Problem ids whose records are on disk and named by the manifest: skip these on resume."""
-        return set(self.manifest["finished_problem_ids"])
+        return set(self._finished)
 
     def write_shard(self, kind_rows: dict[str, list[dict]], problem_ids: list[str], shard_name: str) -> dict:
         """Write one shard: `<kind>/<shard_name>.parquet` for every kind (0-row files for missing or
@@ -220,7 +260,7 @@ class DatasetWriter:
                 f"shard {shard_name!r} already holds problems {shards[shard_name]['problem_ids'][:5]}..., "
                 f"not {ids[:5]}...: pick a new shard name"
             )
-        done = self.finished_ids().intersection(ids)
+        done = self._finished.intersection(ids)
         if done:
             raise ValueError(
                 f"problems {sorted(done)[:5]} are already finished in {self.out_dir}: "
@@ -242,16 +282,28 @@ class DatasetWriter:
             "seeds": seeds,
             "written_at": time.time(),
         }
-        new = json.loads(json.dumps(self.manifest))  # update a copy: memory follows disk, not ahead of it
-        new["shards"][shard_name] = entry
-        new["finished_problem_ids"] = sorted(set(new["finished_problem_ids"]) | set(ids))
-        new["seeds"] = sorted(set(new["seeds"]) | set(seeds))
-        for kind in KINDS:
-            new["rows"][kind] += entry["rows"][kind]
-            new["files"][kind].append(files[kind])
-        self._write_manifest(new)
-        self.manifest = new
+        self._log_shard({"shard": shard_name, **entry})  # memory follows disk, not ahead of it
+        _add_shard(self.manifest, shard_name, entry)
+        self._finished.update(ids)
         return entry
+
+    def _log_shard(self, entry: dict) -> None:
+        """Append one finished shard to the log: one line, written and fsynced before it counts."""
+        line = (json.dumps(json_safe(entry), sort_keys=True, allow_nan=False) + "\n").encode()
+        fd = os.open(self.out_dir / SHARD_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def compact(self) -> None:
+        """Rewrite `manifest.json` with every shard (sorted ids and seeds) and remove the log: at a
+        writer's start and at the job's end, never per shard."""
+        self.manifest["finished_problem_ids"] = sorted(self._finished)
+        self.manifest["seeds"] = sorted(set(self.manifest["seeds"]))
+        self._write_manifest(self.manifest)
+        (self.out_dir / SHARD_LOG).unlink(missing_ok=True)
 
     def _write_manifest(self, manifest: dict) -> None:
         atomic_write_text(self.out_dir / MANIFEST, _dumps(manifest))
@@ -265,6 +317,16 @@ def read_rows(out_dir: Path | str, manifest: dict, kind: str) -> list[dict]:
     for rel in sorted(manifest["files"][kind]):
         rows += pq.read_table(Path(out_dir) / rel).to_pylist()
     return rows
+
+
+def iter_shards(
+    out_dir: Path | str, manifest: dict, kinds: tuple[str, ...]
+) -> Iterator[dict[str, list[dict]]]:
+    """Each shard's rows of `kinds` ({kind: rows}), one shard at a time, in shard-name order (the
+    order `read_rows` concatenates them in): a reader of a large dataset holds one shard."""
+    for name in sorted(manifest["shards"]):
+        files = manifest["shards"][name]["files"]
+        yield {kind: pq.read_table(Path(out_dir) / files[kind]).to_pylist() for kind in kinds}
 
 
 def read_trees(out_dir: Path | str) -> list[FinishedTree]:

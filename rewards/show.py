@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mcts.finished import FinishedTree
-from rewards.export import read_rows
+from rewards.export import load_manifest, read_rows
 from rewards.stats import node_stats
 
 DX, DY, PAD = 34, 74, 40  # leaf spacing, level spacing, margin (px)
@@ -37,7 +37,7 @@ def load(out: str | Path) -> tuple[list[FinishedTree], list[dict], dict]:
     if not path.is_file():
         raise ShowInputError(f"{out} has no manifest.json: pass the out= directory of `arborist search`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = load_manifest(out)  # the shard log of a running or killed job included
         trees = [FinishedTree.from_row(r) for r in read_rows(out, manifest, "trees")]
         pairs = read_rows(out, manifest, "pairs")
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:

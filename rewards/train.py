@@ -125,14 +125,15 @@ def read_kind(dataset: Path, kind: str) -> list[dict]:
     manifest_path = dataset / "manifest.json"
     if not manifest_path.is_file():
         raise TrainInputError(f"{dataset} has no manifest.json: pass the out= directory of `arborist search`")
+    from rewards.export import load_manifest, read_rows
+
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = load_manifest(dataset)  # the shard log of a running or killed job included
         manifest["files"][kind]  # a manifest without this kind is not one of ours
     except (ValueError, KeyError, TypeError) as e:
         raise TrainInputError(
             f"{manifest_path} is not an arborist manifest ({e}): rerun `arborist search`"
         ) from None
-    from rewards.export import read_rows
 
     return read_rows(dataset, manifest, kind)
 

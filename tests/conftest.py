@@ -109,7 +109,9 @@ def dataset_records(out: Path) -> dict[str, list[str]]:
     the manifest only); equal for two runs iff they wrote the same set of records."""
     import pyarrow.parquet as pq
 
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    from rewards.export import load_manifest
+
+    manifest = load_manifest(out)
     return {
         kind: canonical_rows([r for f in files for r in pq.read_table(Path(out) / f).to_pylist()])
         for kind, files in manifest["files"].items()

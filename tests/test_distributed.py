@@ -18,13 +18,14 @@ import pytest
 from conftest import NUM_PROBLEMS
 
 from rewards.config import compose
+from rewards.export import load_manifest
 from rewards.pipeline import run
 
 
 def _tree_ids(out: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_manifest(out)
     return sorted(
         r["problem_id"] for f in manifest["files"]["trees"] for r in pq.read_table(out / f).to_pylist()
     )
@@ -61,12 +62,11 @@ def test_sigkill_the_driver_then_resume(ray_session, reference_run, job_override
     address = ray_session.get_runtime_context().gcs_address
     cmd = _arborist("search", *job_overrides(out, f"ray.address={address}", "ray.num_workers=1"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    manifest = out / "manifest.json"
     deadline = time.monotonic() + 180
 
-    def shards() -> int:  # the writer writes an empty manifest first: wait until it names a shard
+    def shards() -> int:  # the writer writes an empty manifest first: wait until a shard is logged
         try:
-            return len(json.loads(manifest.read_text())["shards"])
+            return len((load_manifest(out) or {"shards": {}})["shards"])
         except (OSError, ValueError, KeyError):
             return 0
 

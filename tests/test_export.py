@@ -94,7 +94,6 @@ def test_one_writer_per_directory(tmp_path):
     with pytest.raises(OutDirError, match=f"in use by another arborist job \\(pid {os.getpid()}\\)"):
         DatasetWriter(tmp_path, CONFIG, VERSIONS)
     first.write_shard(*_batch("p1"), "shard-00000")
-    before = (tmp_path / "manifest.json").read_bytes()
     first.close()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from rewards.export import DatasetWriter; "
@@ -103,6 +102,7 @@ def test_one_writer_per_directory(tmp_path):
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
+    before = (tmp_path / "manifest.json").read_bytes()  # the holder folded the shard log in
     with pytest.raises(OutDirError, match=f"pid {holder.pid}"):
         DatasetWriter(tmp_path, CONFIG, VERSIONS)
     holder.send_signal(signal.SIGKILL)
@@ -116,10 +116,10 @@ def test_crash_between_shard_and_manifest_leaves_ids_unfinished(tmp_path, monkey
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
     w.write_shard(*_batch("p1"), "shard-00000")
 
-    def crash(self, manifest):
-        raise KeyboardInterrupt("killed before the manifest was replaced")
+    def crash(self, entry):
+        raise KeyboardInterrupt("killed before the shard log named the shard")
 
-    monkeypatch.setattr(DatasetWriter, "_write_manifest", crash)
+    monkeypatch.setattr(DatasetWriter, "_log_shard", crash)
     with pytest.raises(KeyboardInterrupt):
         w.write_shard(*_batch("p2"), "shard-00001")
     monkeypatch.undo()
@@ -133,6 +133,47 @@ def test_crash_between_shard_and_manifest_leaves_ids_unfinished(tmp_path, monkey
     files = sorted(p.name for p in (tmp_path / "pairs").iterdir())
     assert files == ["shard-00000.parquet", "shard-00002.parquet"]
     assert sorted(_load(tmp_path, "pairs", tmp_path)["problem_id"]) == ["p1"] * 4 + ["p2"] * 4
+
+
+def test_a_shard_costs_one_log_line_not_a_manifest_rewrite(tmp_path):
+    """Manifest bytes per shard stay O(1): the 60th shard appends as many bytes as the 1st, and
+    manifest.json is rewritten only at the writer's start and by `compact` at the job's end."""
+    from rewards.export import MANIFEST, SHARD_LOG
+
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    start = (tmp_path / MANIFEST).read_bytes()
+    sizes = []
+    for i in range(60):
+        before = (tmp_path / SHARD_LOG).stat().st_size if (tmp_path / SHARD_LOG).exists() else 0
+        w.write_shard(*_batch(f"p{i:03d}"), f"shard-{i:05d}")
+        sizes.append((tmp_path / SHARD_LOG).stat().st_size - before)
+    assert (tmp_path / MANIFEST).read_bytes() == start, "a shard must not rewrite manifest.json"
+    assert max(sizes) - min(sizes) <= 8 and max(sizes) < 1024, sizes
+    mid_run = load_manifest(tmp_path)  # readers see the logged shards mid-run
+    assert len(mid_run["shards"]) == 60 and mid_run["finished_problem_ids"][-1] == "p059"
+    w.compact()
+    assert not (tmp_path / SHARD_LOG).exists() and load_manifest(tmp_path) == mid_run
+    assert json.loads((tmp_path / MANIFEST).read_text())["rows"] == mid_run["rows"]
+    w.close()
+
+
+def test_a_torn_log_line_names_nothing(tmp_path):
+    """A crash mid-append leaves part of a line: that shard is not finished, its files are swept and
+    the next writer starts the log afresh (no later line is glued to the torn one)."""
+    from rewards.export import SHARD_LOG
+
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    w.write_shard(*_batch("p1"), "shard-00000")
+    w.write_shard(*_batch("p2"), "shard-00001")
+    w.close()
+    log = (tmp_path / SHARD_LOG).read_bytes()
+    (tmp_path / SHARD_LOG).write_bytes(log[: len(log) - 40])  # the second line, torn
+    assert sorted(load_manifest(tmp_path)["shards"]) == ["shard-00000"]
+    with DatasetWriter(tmp_path, CONFIG, VERSIONS) as resumed:
+        assert resumed.finished_ids() == {"p1"}
+        assert sorted(resumed.swept) == sorted(f"{k}/shard-00001.parquet" for k in records.KINDS)
+        resumed.write_shard(*_batch("p2"), "shard-00001")
+    assert sorted(load_manifest(tmp_path)["finished_problem_ids"]) == ["p1", "p2"]
 
 
 def test_the_sweep_touches_only_this_job_familys_files(tmp_path):
@@ -220,3 +261,14 @@ def test_card_and_audit(tmp_path):
     assert not math.isnan(audit["auroc"])
     with pytest.raises(ValueError, match="write at least one shard"):
         write_card(tmp_path / "nothing")
+
+
+def test_the_memory_benchmark_runs_the_drivers_data_path(tmp_path):
+    """benchmarks.memory at a tiny size: the scripted search yields pairs, every shard is one log
+    line of about the same size, and the streaming audit reads them all."""
+    from benchmarks.memory import run_size
+
+    r = run_size(48, tmp_path / "out")
+    assert r["shards"] == 3 and r["pairs"] > 0 and 0 < r["search_success"] <= 1
+    per_shard = r["manifest_bytes_per_shard"]
+    assert per_shard["max"] - per_shard["first"] <= 16 and r["manifest_bytes_total"] <= 3 * per_shard["max"]
