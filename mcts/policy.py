@@ -139,6 +139,9 @@ class Policy:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.tokens_generated = 0
         self.generate_calls = 0
+        # Prefill a prompt that repeats within a call once (`_generate_shared`); off: every row
+        # prefills its own copy (the exactness test compares the two).
+        self.share_prefill = True
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -288,12 +291,19 @@ class Policy:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for lo in range(0, len(prompts), cfg.max_batch):
-                enc = tok(prompts[lo : lo + cfg.max_batch], return_tensors="pt", padding=True)
-                enc = enc.to(self.device)
+                chunk = prompts[lo : lo + cfg.max_batch]
+                distinct = list(dict.fromkeys(chunk))
+                shared = self.share_prefill and len(distinct) < len(chunk)
+                enc = tok(distinct if shared else chunk, return_tensors="pt", padding=True).to(self.device)
                 width = enc["input_ids"].shape[1]
                 if stop:
                     kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tok, stop, width)])
-                out = self.model.generate(**enc, **kwargs)
+                if shared and width > 1:
+                    where = {p: i for i, p in enumerate(distinct)}
+                    rows = torch.tensor([where[p] for p in chunk], device=self.device)
+                    out = self._generate_shared(enc, rows, kwargs)
+                else:
+                    out = self.model.generate(**enc, **kwargs)
                 self.generate_calls += 1
                 new = out.sequences[:, width:]
                 lp = None
@@ -315,6 +325,26 @@ class Policy:
                 r["logprob"] = sc
         self.tokens_generated += sum(len(r["ids"]) for r in results)
         return results
+
+    def _generate_shared(self, enc, rows: torch.Tensor, kwargs: dict):
+        """`generate` for prompts that repeat (k options of one node, n rollouts from one prefix):
+        each distinct prompt is prefilled once, all but its last token, and its KV cache copied to
+        the rows that share it; `generate` then runs the last token and samples. The rows are the
+        rows plain `generate` would run, in the same order, so the same seed draws the same tokens
+        (held by a test); only the prompt positions are computed once instead of k times."""
+        from transformers import DynamicCache
+
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        cache = DynamicCache()
+        self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+            cache=cache,
+            use_cache=True,
+        )
+        cache.batch_select_indices(rows)
+        return self.model.generate(input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **kwargs)
 
     def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
         """Find where one generated row really ends (first EOS, or the token that completed

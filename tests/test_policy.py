@@ -92,6 +92,29 @@ def test_deterministic_for_a_seed(policy: Policy):
     assert a != c
 
 
+@pytest.mark.parametrize("max_batch", [256, 4])
+def test_shared_prefill_samples_what_plain_generate_samples(policy: Policy, monkeypatch, max_batch):
+    """One prefill per distinct prompt, its cache copied to the rows that share it: the same seed
+    draws the same options and rollouts as every row prefilling its own copy (a max_batch of 4 cuts
+    runs of one prompt across calls), with the same log-probs."""
+    monkeypatch.setattr(policy.cfg, "max_batch", max_batch)
+    prompts = [PROMPTS[0]] * 5 + [PROMPTS[1]] + [PROMPTS[2]] * 3
+
+    def run(shared: bool):
+        monkeypatch.setattr(policy, "share_prefill", shared)
+        return policy.propose(PROMPTS, [4, 1, 3], seed=5), policy.rollout(prompts, seed=9)
+
+    (options, rollouts), (plain_options, plain_rollouts) = run(True), run(False)
+    assert [[(o.token_ids, o.text) for o in opts] for opts in options] == [
+        [(o.token_ids, o.text) for o in opts] for opts in plain_options
+    ]
+    got = [o.logprob for opts in options for o in opts]
+    want = [o.logprob for opts in plain_options for o in opts]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert rollouts == plain_rollouts
+    assert len({o.token_ids for o in options[0]}) > 1, "the rows of one prompt must still differ"
+
+
 def test_max_batch_splits_calls(policy: Policy, monkeypatch):
     monkeypatch.setattr(policy.cfg, "max_batch", 4)
     calls = policy.generate_calls
