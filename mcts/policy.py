@@ -17,6 +17,7 @@ temperature/top-p only change *which* options are drawn.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -335,16 +336,18 @@ class Policy:
         from transformers import DynamicCache
 
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        cache = DynamicCache()
+        # transformers renamed `past_key_values` to `cache` within 5.x: pass what this model takes
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache = {name: DynamicCache()}
         self.model(
             input_ids=ids[:, :-1],
             attention_mask=mask[:, :-1],
             position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
-            cache=cache,
             use_cache=True,
+            **cache,
         )
-        cache.batch_select_indices(rows)
-        return self.model.generate(input_ids=ids[rows], attention_mask=mask[rows], cache=cache, **kwargs)
+        cache[name].batch_select_indices(rows)
+        return self.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **cache, **kwargs)
 
     def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
         """Find where one generated row really ends (first EOS, or the token that completed

@@ -1,0 +1,235 @@
+"""Search at the speed of generation: how much of the model's work the search turns into tokens.
+
+    python -m benchmarks.throughput                      # embedded policy + a wide random Llama, CPU
+    python -m benchmarks.throughput --device cuda --json out/benchmarks/throughput.json
+
+For each model, in one process and one run, with one torch thread on CPU:
+
+- plain: batched sampling of whole solutions from the search's own prompts (`Policy.rollout`, the
+  search's batch of rows): the model's best case, the yardstick;
+- search: `run_search` on the same problems with the default settings (`SearchConfig()`,
+  `ExpandConfig()`; the embedded critics for the embedded policy);
+- one leaf: the same search, one tree and one leaf at a time (`leaves_per_tree=1`), on fewer problems.
+
+Reported (under the model's name; the embedded policy's also at the top level):
+
+- `tokens_per_s_ratio`: policy tokens per second of the search / of plain sampling (goal >= 0.8);
+- `positions_per_token`: positions run through the policy per generated token, prompt positions and
+  padding included, in the search (goal <= 3; plain sampling's is reported beside it);
+- `model_share`: share of the search's wall time spent inside model forwards, policy and critics
+  (goal >= 0.95);
+- `batched_vs_one_leaf`: nodes per second of the batched search / of the one-leaf search (goal >= 5);
+- `shared_prefill_speedup`: the search's wall time with every row prefilling its own prompt / with
+  one prefill per distinct prompt (`Policy.share_prefill`), same seed, same trees.
+
+The wide model is a randomly initialised Llama of ~25M parameters on the embedded tokenizer, where
+compute per position dominates as it does for a real model on a GPU; its steps are noise, so its
+trees are shallow, but every option and rollout still costs what it costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._report import environment, format_table, write_json
+
+
+class ModelMeter:
+    """Forward hooks on a model: positions it ran (batch x length, padding included) and seconds inside."""
+
+    def __init__(self, model):
+        self.positions, self.seconds, self._t0 = 0, 0.0, 0.0
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.register_forward_hook(self._post)
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.positions += int(ids.shape[0] * ids.shape[1])
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.seconds += time.perf_counter() - self._t0
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.positions, self.seconds
+
+
+def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
+    """A random Llama of ~25M parameters with the embedded policy's tokenizer, saved to `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def measure(
+    name: str,
+    policy_dir: Path,
+    critics_dir: Path | None,
+    problems: int,
+    sims: int,
+    one_leaf: int,
+    device: str,
+):
+    from critics.base import CriticsConfig, CriticSet
+    from mcts.base import ExpandConfig, PolicyConfig, SearchConfig
+    from mcts.embedded import evaluation_problems
+    from mcts.expander import PolicyExpander
+    from mcts.policy import Policy
+    from mcts.search import run_search
+    from mcts.tasks.countdown import CountdownTask
+
+    task = CountdownTask()
+    policy = Policy.load(PolicyConfig(path=str(policy_dir), device=device, dtype="float32"))
+    meters = [ModelMeter(policy.model)]
+    critics = None
+    if critics_dir is not None:
+        critics = CriticSet.load(CriticsConfig(device=device), task, default_dir=critics_dir)
+        meters += [ModelMeter(c.model) for c in (critics.value, critics.prm) if c is not None]
+    cfg = CriticsConfig() if critics is not None else ExpandConfig()
+    expander = PolicyExpander(policy, task, cfg, critics=critics)
+    probs = evaluation_problems("test", problems)
+    search = SearchConfig(simulations=sims)
+
+    # warm-up: kernels compiled and loaded, torch's first calls made, before anything is timed
+    run_search(probs[:2], task, expander, SearchConfig(simulations=2, max_nodes=64), seed=1)
+
+    def timed(fn):
+        p0, s0 = meters[0].snapshot()
+        model0 = sum(m.seconds for m in meters)
+        tok0, t0 = policy.tokens_generated, time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - t0
+        p1, _ = meters[0].snapshot()
+        return {
+            "wall_s": wall,
+            "tokens": policy.tokens_generated - tok0,
+            "positions": p1 - p0,
+            "model_s": sum(m.seconds for m in meters) - model0,
+            "result": result,
+        }
+
+    prompts = [task.prompt(p) for p in probs]
+    rows = prompts * max(1, policy.cfg.max_batch // len(prompts))
+    plain = timed(lambda: policy.rollout(rows, seed=0))
+    batched = timed(lambda: run_search(probs, task, expander, search, seed=0))
+    policy.share_prefill = False  # the same search with every row prefilling its own prompt
+    unshared = timed(lambda: run_search(probs, task, expander, search, seed=0))
+    policy.share_prefill = True
+    single = timed(
+        lambda: [
+            t
+            for p in probs[:one_leaf]
+            for t in run_search(
+                [p], task, expander, SearchConfig(simulations=sims, leaves_per_tree=1), seed=0
+            )
+        ]
+    )
+    nodes = sum(t.num_nodes for t in batched["result"])
+    nodes_one = sum(t.num_nodes for t in single["result"])
+    tps = {k: r["tokens"] / r["wall_s"] for k, r in (("plain", plain), ("search", batched))}
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "device": device,
+        "problems": problems,
+        "simulations": sims,
+        "tokens_per_s_plain": round(tps["plain"], 1),
+        "tokens_per_s_search": round(tps["search"], 1),
+        "tokens_per_s_ratio": round(tps["search"] / tps["plain"], 3),
+        "positions_per_token": round(batched["positions"] / max(1, batched["tokens"]), 2),
+        "positions_per_token_plain": round(plain["positions"] / max(1, plain["tokens"]), 2),
+        "model_share": round(batched["model_s"] / batched["wall_s"], 3),
+        "nodes_per_s": round(nodes / batched["wall_s"], 1),
+        "nodes_per_s_one_leaf": round(nodes_one / single["wall_s"], 1),
+        "batched_vs_one_leaf": round((nodes / batched["wall_s"]) / (nodes_one / single["wall_s"]), 2),
+        "search_wall_s": round(batched["wall_s"], 1),
+        "shared_prefill_speedup": round(unshared["wall_s"] / batched["wall_s"], 3),
+        "positions_per_token_unshared": round(unshared["positions"] / max(1, unshared["tokens"]), 2),
+        "generate_calls": policy.generate_calls,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--simulations", type=int, default=64)
+    ap.add_argument("--one-leaf-problems", type=int, default=4)
+    ap.add_argument("--wide-problems", type=int, default=16, help="problems for the wide model (0: skip it)")
+    ap.add_argument("--wide-simulations", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from mcts.embedded import bootstrap_policy
+    from rewards.critic_bootstrap import ensure_default_critics
+
+    torch.set_num_threads(args.threads)
+    policy_dir = bootstrap_policy(0)
+    critics_dir = ensure_default_critics(0, policy_dir)
+    results = [
+        measure(
+            "embedded",
+            policy_dir,
+            critics_dir,
+            args.problems,
+            args.simulations,
+            args.one_leaf_problems,
+            args.device,
+        )
+    ]
+    if args.wide_problems:
+        with tempfile.TemporaryDirectory() as tmp:
+            wide = wide_llama(policy_dir, Path(tmp) / "wide", args.device)
+            results.append(
+                measure("wide", wide, None, args.wide_problems, args.wide_simulations, 1, args.device)
+            )
+    columns = [
+        ("model", "model", "s"),
+        ("parameters", "params", ","),
+        ("tokens_per_s_ratio", "tokens/s ratio (>=0.8)", ".3f"),
+        ("positions_per_token", "positions/token (<=3)", ".2f"),
+        ("positions_per_token_plain", "plain", ".2f"),
+        ("model_share", "model share (>=0.95)", ".3f"),
+        ("batched_vs_one_leaf", "batched/one-leaf (>=5)", ".2f"),
+        ("search_wall_s", "search s", ".1f"),
+        ("shared_prefill_speedup", "shared prefill x", ".2f"),
+    ]
+    print(format_table(results, columns))
+    if args.json:
+        head = results[0]
+        keys = ("tokens_per_s_ratio", "positions_per_token", "model_share", "batched_vs_one_leaf")
+        payload = {"environment": environment(), **{k: head[k] for k in keys}, "embedded": head}
+        if len(results) > 1:
+            payload["wide"] = results[1]
+        write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
