@@ -17,16 +17,15 @@ temperature/top-p only change *which* options are drawn.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mcts.base import DTYPE_NAMES, PolicyConfig
+from mcts.decode import decode, stop_token_ids
 from mcts.merge import Option
 
 
@@ -86,25 +85,6 @@ def check_policy_dir(path: str | Path) -> Path:
     return p
 
 
-class _StopOnText(StoppingCriteria):
-    """Per-sequence stop when the newly generated text contains `stop`.
-
-    Used instead of `generate(stop_strings=...)`, whose vocabulary scan assumes the tokenizer can
-    encode letters (it fails on a digits-only character vocabulary). Decoding the last few
-    generated tokens of each row is cheap (one Rust batch call per step) and tokenizer-agnostic;
-    the prompt is excluded, since prompts themselves end with the separator.
-    """
-
-    def __init__(self, tokenizer, stop: str, prompt_width: int):
-        self.tokenizer, self.stop, self.prompt_width = tokenizer, stop, prompt_width
-        self.window = len(stop) + 4  # tokens: enough that a stop split over tokens is still seen
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        tail = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]
-        texts = self.tokenizer.batch_decode(tail.tolist(), skip_special_tokens=True)
-        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
 _DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
@@ -140,9 +120,11 @@ class Policy:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.tokens_generated = 0
         self.generate_calls = 0
-        # Prefill a prompt that repeats within a call once (`_generate_shared`); off: every row
-        # prefills its own copy (the exactness test compares the two).
+        self.positions_run = 0  # positions run through the model: prompts (padding included) and steps
+        # Prefill a prompt that repeats within a call once (`mcts.decode`); off: every row prefills
+        # its own copy (the exactness test compares the two).
         self.share_prefill = True
+        self._stop_ids: dict[str, torch.Tensor] = {}
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -256,10 +238,6 @@ class Policy:
 
     # -- internals ----------------------------------------------------------------------------
 
-    # Keep generate's raw logits only while they are small; otherwise (a 150k vocabulary, a big
-    # batch) re-score the kept tokens with one forward pass: same numbers, bounded memory.
-    _MAX_LOGIT_ELEMENTS = 1 << 27
-
     @torch.inference_mode()
     def _generate(
         self,
@@ -270,22 +248,12 @@ class Policy:
         stop: str | None,
         want_logprob: bool = False,
     ) -> list[dict]:
-        """Generate for every prompt; per sequence return its kept token `ids`, `text`, `logprob`
-        (temperature-1 log-probs of the kept tokens; NaN unless `want_logprob`), `ended`, `truncated`."""
+        """Generate for every prompt (`mcts.decode`, `max_batch` rows a call); per sequence return its
+        kept token `ids`, `text`, `logprob` (temperature-1 log-probs of the kept tokens; NaN unless
+        `want_logprob`), `ended`, `truncated`."""
         tok, cfg = self.tokenizer, self.cfg
-        kwargs = dict(
-            max_new_tokens=max_new,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=self.eos_token_ids,
-            return_dict_in_generate=True,
-            do_sample=sample,
-            repetition_penalty=1.0,
-        )
-        if sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        from_logits = want_logprob and cfg.max_batch * max_new * vocab <= self._MAX_LOGIT_ELEMENTS
-        kwargs["output_logits"] = from_logits
+        stop_ids, stop_text = self._stop_rule(stop)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
         results: list[dict] = []
         devices = [self.device] if self.device.type == "cuda" else []
         # fork_rng: seeding must not disturb the caller's global RNG streams.
@@ -293,61 +261,42 @@ class Policy:
             torch.manual_seed(seed)
             for lo in range(0, len(prompts), cfg.max_batch):
                 chunk = prompts[lo : lo + cfg.max_batch]
-                distinct = list(dict.fromkeys(chunk))
-                shared = self.share_prefill and len(distinct) < len(chunk)
-                enc = tok(distinct if shared else chunk, return_tensors="pt", padding=True).to(self.device)
-                width = enc["input_ids"].shape[1]
-                if stop:
-                    kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tok, stop, width)])
-                if shared and width > 1:
-                    where = {p: i for i, p in enumerate(distinct)}
+                distinct = list(dict.fromkeys(chunk)) if self.share_prefill else chunk
+                where = {p: i for i, p in enumerate(distinct)}
+                enc = tok(distinct, return_tensors="pt", padding=True).to(self.device)
+                if self.share_prefill:
                     rows = torch.tensor([where[p] for p in chunk], device=self.device)
-                    out = self._generate_shared(enc, rows, kwargs)
                 else:
-                    out = self.model.generate(**enc, **kwargs)
+                    rows = torch.arange(len(chunk), device=self.device)
+                new, lp, positions = decode(
+                    self.model, enc["input_ids"], enc["attention_mask"], rows, max_new,
+                    sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                    eos_ids=eos, pad_id=tok.pad_token_id, stop_ids=stop_ids, stop_text=stop_text,
+                )  # fmt: skip
                 self.generate_calls += 1
-                new = out.sequences[:, width:]
-                lp = None
-                if from_logits:  # one step at a time: never a float copy of all the logits
-                    lp = torch.stack(
-                        [
-                            step.float().log_softmax(-1).gather(-1, new[:, t, None]).squeeze(-1)
-                            for t, step in enumerate(out.logits)
-                        ],
-                        dim=1,
-                    ).cpu()
+                self.positions_run += positions
+                lp = lp.cpu()
                 for r, row in enumerate(new.cpu().tolist()):
                     cut = self._cut(row, stop, max_new)
-                    cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if lp is not None else math.nan
+                    cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if want_logprob else math.nan
                     results.append(cut)
-        if want_logprob and not from_logits:
-            scores = self.score(prompts, [r["ids"] for r in results])
-            for r, sc in zip(results, scores, strict=True):
-                r["logprob"] = sc
         self.tokens_generated += sum(len(r["ids"]) for r in results)
         return results
 
-    def _generate_shared(self, enc, rows: torch.Tensor, kwargs: dict):
-        """`generate` for prompts that repeat (k options of one node, n rollouts from one prefix):
-        each distinct prompt is prefilled once, all but its last token, and its KV cache copied to
-        the rows that share it; `generate` then runs the last token and samples. The rows are the
-        rows plain `generate` would run, in the same order, so the same seed draws the same tokens
-        (held by a test); only the prompt positions are computed once instead of k times."""
-        from transformers import DynamicCache
+    def _stop_rule(self, stop: str | None):
+        """(ids of the tokens that complete `stop`, a text check for a stop no one token completes)."""
+        if not stop:
+            return None, None
+        if stop not in self._stop_ids:
+            self._stop_ids[stop] = stop_token_ids(self.tokenizer, stop).to(self.device)
+        if len(stop) == 1:
+            return self._stop_ids[stop], None
+        window = len(stop) + 4  # tokens: enough that a stop split over tokens is still seen
 
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        # transformers renamed `past_key_values` to `cache` within 5.x: pass what this model takes
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        cache = {name: DynamicCache()}
-        self.model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            **cache,
-        )
-        cache[name].batch_select_indices(rows)
-        return self.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **cache, **kwargs)
+        def in_text(row: list[int]) -> bool:
+            return stop in self.tokenizer.decode(row[-window:], skip_special_tokens=True)
+
+        return self._stop_ids[stop], in_text
 
     def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
         """Find where one generated row really ends (first EOS, or the token that completed

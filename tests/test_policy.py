@@ -61,14 +61,30 @@ def test_logprobs_match_unpadded_forward_pass(policy: Policy):
     assert scored == pytest.approx([o.logprob for _, o in flat], abs=1e-4)
 
 
-def test_big_vocab_path_rescores_to_the_same_logprobs(policy: Policy, monkeypatch):
-    """When generate's logits would be too big to keep, a forward pass gives the same numbers."""
-    a = policy.propose(PROMPTS, [2, 1, 2], seed=5)
-    monkeypatch.setattr(Policy, "_MAX_LOGIT_ELEMENTS", 0)
-    b = policy.propose(PROMPTS, [2, 1, 2], seed=5)
-    for x, y in zip([o for opts in a for o in opts], [o for opts in b for o in opts], strict=True):
-        assert x.token_ids == y.token_ids
-        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_the_decode_loop_samples_what_generate_samples(
+    policy: Policy, monkeypatch, temperature, top_p, top_k
+):
+    """mcts.decode drops finished rows and prefills a repeated prompt once, yet for a seed it draws
+    the tokens transformers' `generate` draws (same warpers, one multinomial over every row)."""
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+        monkeypatch.setattr(policy.cfg, key, value)
+    prompts = [PROMPTS[0]] * 3 + PROMPTS[1:] * 2
+    cap = policy.cfg.max_rollout_tokens
+    ours = policy.rollout(prompts, seed=4)
+    tok = policy.tokenizer
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        out = policy.model.generate(
+            **enc, max_new_tokens=cap, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=1.0, pad_token_id=tok.pad_token_id, eos_token_id=policy.eos_token_ids,
+        )  # fmt: skip
+    theirs = [policy._cut(row, None, cap) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
+    assert [(r.text, r.num_tokens, r.ended) for r in ours] == [
+        (t["text"], len(t["ids"]), t["ended"]) for t in theirs
+    ]
+    assert len({r.text for r in ours[:3]}) > 1, "three rows of one prompt must still differ"
 
 
 def test_stop_and_eos_are_cut(policy: Policy):
