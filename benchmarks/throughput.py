@@ -6,7 +6,8 @@
 For each model, in one process and one run, with one torch thread on CPU:
 
 - plain: batched sampling of whole solutions from the search's own prompts (`Policy.rollout`, the
-  search's batch of rows): the model's best case, the yardstick;
+  search's batch of rows): the model's best case, the yardstick; also transformers' `generate` on
+  the same rows (`tokens_per_s_ratio_vs_generate`), the yardstick before `mcts.decode`;
 - search: `run_search` on the same problems with the default settings (`SearchConfig()`,
   `ExpandConfig()`; the embedded critics for the embedded policy);
 - one leaf: the same search, one tree and one leaf at a time (`leaves_per_tree=1`), on fewer problems.
@@ -84,6 +85,23 @@ def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
     return out
 
 
+def hf_generate(policy, prompts: list[str]) -> int:
+    """transformers' own batched sampling of the same rows (every row decodes until the last one
+    stops): the yardstick before `mcts.decode`. Returns the tokens kept (up to each row's EOS)."""
+    import torch
+
+    tok = policy.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True).to(policy.device)
+    with torch.inference_mode():
+        out = policy.model.generate(
+            **enc, max_new_tokens=policy.cfg.max_rollout_tokens, do_sample=True, top_k=0,
+            pad_token_id=tok.pad_token_id, eos_token_id=policy.eos_token_ids,
+        )  # fmt: skip
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    eos = set(policy.eos_token_ids)
+    return sum(next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in new)
+
+
 def measure(
     name: str,
     policy_dir: Path,
@@ -134,6 +152,7 @@ def measure(
     prompts = [task.prompt(p) for p in probs]
     rows = prompts * max(1, policy.cfg.max_batch // len(prompts))
     plain = timed(lambda: policy.rollout(rows, seed=0))
+    generate = timed(lambda: hf_generate(policy, rows))
     batched = timed(lambda: run_search(probs, task, expander, search, seed=0))
     policy.share_prefill = False  # the same search with every row prefilling its own prompt
     unshared = timed(lambda: run_search(probs, task, expander, search, seed=0))
@@ -150,6 +169,7 @@ def measure(
     nodes = sum(t.num_nodes for t in batched["result"])
     nodes_one = sum(t.num_nodes for t in single["result"])
     tps = {k: r["tokens"] / r["wall_s"] for k, r in (("plain", plain), ("search", batched))}
+    tps["generate"] = generate["result"] / generate["wall_s"]
     return {
         "model": name,
         "parameters": sum(p.numel() for p in policy.model.parameters()),
@@ -158,7 +178,9 @@ def measure(
         "simulations": sims,
         "tokens_per_s_plain": round(tps["plain"], 1),
         "tokens_per_s_search": round(tps["search"], 1),
+        "tokens_per_s_generate": round(tps["generate"], 1),
         "tokens_per_s_ratio": round(tps["search"] / tps["plain"], 3),
+        "tokens_per_s_ratio_vs_generate": round(tps["search"] / tps["generate"], 3),
         "positions_per_token": round(batched["positions"] / max(1, batched["tokens"]), 2),
         "positions_per_token_plain": round(plain["positions"] / max(1, plain["tokens"]), 2),
         "model_share": round(batched["model_s"] / batched["wall_s"], 3),
@@ -213,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model", "model", "s"),
         ("parameters", "params", ","),
         ("tokens_per_s_ratio", "tokens/s ratio (>=0.8)", ".3f"),
+        ("tokens_per_s_ratio_vs_generate", "vs generate", ".3f"),
         ("positions_per_token", "positions/token (<=3)", ".2f"),
         ("positions_per_token_plain", "plain", ".2f"),
         ("model_share", "model share (>=0.95)", ".3f"),

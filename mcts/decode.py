@@ -12,8 +12,8 @@ a `DynamicCache`):
   row's random numbers do not depend on when the others finished, and the same seed draws what
   `generate` draws, held by a test);
 - stops a row at EOS or at a stop token (a token whose text holds the stop string; a stop string
-  longer than one character is also looked for in each row's last tokens), then drops it from the
-  forward pass and the cache;
+  longer than one character is also looked for in each row's last tokens), and drops finished rows
+  from the forward pass and the cache once a quarter of the batch has finished;
 - gathers each kept token's log-probability at temperature 1 as it goes.
 """
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+DROP_SHARE = 0.25  # finished share of the forward batch at which its rows are dropped
 
 
 def stop_token_ids(tokenizer, stop: str) -> torch.Tensor:
@@ -89,11 +91,13 @@ def decode(
     b = rows.numel()
     tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=device)
-    live = torch.arange(b, device=device)
+    active = torch.arange(b, device=device)  # rows in the forward batch
+    alive = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
     warpers = _warpers(temperature, top_k, top_p) if sample else []
     draw = None  # every row's distribution for this step's multinomial, finished rows included
     for t in range(max_new):
-        scores = logits.float()
+        scores = logits[alive].float()
+        live = active[alive]
         if sample:
             for w in warpers:
                 scores = w(None, scores)
@@ -105,7 +109,7 @@ def decode(
         else:
             step = scores.argmax(-1)
         tokens[live, t] = step
-        logprobs[live, t] = logits.float().log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
+        logprobs[live, t] = logits[alive].float().log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
         done = torch.isin(step, eos_ids)
         if stop_ids is not None and stop_ids.numel():
             done |= torch.isin(step, stop_ids)
@@ -115,20 +119,26 @@ def decode(
         if sample and done.any():
             draw[live[done]] = 0.0
             draw[live[done], 0] = 1.0
-        if t == max_new - 1 or bool(done.all()):
+        feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
+        feed[alive] = step
+        alive[alive.clone()] = ~done
+        if t == max_new - 1 or not bool(alive.any()):
             break
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
+        # Copying the cache costs about a forward pass: drop finished rows once a quarter of the
+        # batch has finished, not one at a time.
+        if int((~alive).sum()) >= DROP_SHARE * active.numel():
+            keep = alive.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            live, mask, next_pos, step = live[keep], mask[keep], next_pos[keep], step[keep]
+            active, mask, next_pos, feed = active[keep], mask[keep], next_pos[keep], feed[keep]
+            alive = torch.ones(active.numel(), dtype=torch.bool, device=device)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(
-            input_ids=step[:, None],
+            input_ids=feed[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
             use_cache=True,
             **{name: cache},
         ).logits[:, -1]
-        positions += step.numel()
+        positions += feed.numel()
         next_pos = next_pos + 1
     return tokens, logprobs, positions
