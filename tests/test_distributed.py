@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,10 +74,17 @@ def test_sigkill_the_driver_then_resume(ray_session, reference_run, job_override
     while not shards() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
+    out_text, err = proc.communicate(timeout=30)
     assert shards(), f"no shard landed before the driver exited: {err[-2000:]}"
     landed = shards()
     assert landed < NUM_PROBLEMS // 2, "the driver must die mid-job, not after it"
+    # no orphan: the dead driver's workers (pids from its log) go with it
+    workers = [int(p) for m in re.findall(r"pids \[([\d, ]+)\]", out_text + err) for p in m.split(",")]
+    assert workers, f"the driver did not log its workers' pids: {err[-1000:]}"
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), f"workers {workers} outlived their driver"
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,6 +93,14 @@ def test_sigkill_the_driver_then_resume(ray_session, reference_run, job_override
     assert metrics["problems_resumed"] == 2 * landed
     assert _tree_ids(out) == sorted(f"w{i}" for i in range(NUM_PROBLEMS))
     assert records(out) == records(reference_run)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 @pytest.mark.cluster
