@@ -7,8 +7,9 @@ Each run is a fresh `arborist search` process (its own local Ray) on the default
 audit's model work off (`rewards.audit_pairs=0`, no critic audit, no greedy baseline) so that what is
 timed is the search phase: `search_seconds` from the job's metrics.json (from the first batch
 submitted to the last shard written). Reported: `speedup_2_workers` = search seconds with 1 worker /
-with 2, whether the two runs wrote identical records (they must), and the machine's load average
-before each run (how idle it was). On 2 cores the ceiling is 2x; a busy machine lowers it.
+with 2, the workers' busy seconds summed over batches (equal in both runs when two workers do not
+slow each other), whether the two runs wrote identical records (they must), and the machine's
+load average before each run (how idle it was). On 2 cores the ceiling is 2x.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def run_job(out: Path, problems: int, workers: int, seed: int) -> dict:
         "search_seconds": metrics["search_seconds"],
         "wall_seconds": metrics["wall_seconds"],
         "nodes_per_s": metrics["nodes_per_s"],
+        "worker_batch_seconds": metrics["worker_batch_seconds"],
         "load_average_before": round(load, 2),
         "batches_by_worker": metrics.get("batches_by_worker"),
     }
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         ("search_seconds", "search s", ".1f"),
         ("wall_seconds", "job s", ".1f"),
         ("nodes_per_s", "nodes/s", ".1f"),
+        ("worker_batch_seconds", "worker busy s", ".1f"),
         ("load_average_before", "load before", ".2f"),
     ]
     print(format_table(results, columns))

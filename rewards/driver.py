@@ -29,6 +29,7 @@ class Progress:
         from tqdm import tqdm
 
         self.t0 = time.perf_counter()
+        self.t1: float | None = None  # the search phase's end (`close`): the audit is not search time
         self.nodes = self.tokens = self.solved = self.trees = self.pairs = 0
         self.bar = tqdm(
             total=total,
@@ -55,7 +56,7 @@ class Progress:
         )
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.t0
+        return (self.t1 if self.t1 is not None else time.perf_counter()) - self.t0
 
     def nodes_per_s(self) -> float:
         return self.nodes / max(self.seconds(), 1e-9)
@@ -65,6 +66,8 @@ class Progress:
         return self.solved / self.trees if self.trees else 0.0
 
     def close(self) -> None:
+        if self.t1 is None:
+            self.t1 = time.perf_counter()
         self.bar.close()
 
 
@@ -249,6 +252,9 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             writer.write_shard(rows, [p.id for p in batch], name)
             progress.add(trees, len(rows["pairs"]))
             metrics["batches_run"] += 1
+            metrics["worker_batch_seconds"] = round(
+                metrics.get("worker_batch_seconds", 0.0) + stats["seconds"], 1
+            )
             write_metrics(progress)
             return name
 
