@@ -182,18 +182,19 @@ class Leaf:
 
 @dataclass
 class Child:
-    """A valued option. `value` in [0, 1] is what is backed up; `success` is backed up as a
-    verified success indicator only where `verified` (a terminal's verdict, verified rollouts)."""
+    """A valued option. `score` in [0, 1] is the node's evaluation, what is backed up (the same name
+    as the forest's and the finished tree's `score`); `success` is backed up as a verified success
+    indicator only where `verified` (a terminal's verdict, verified rollouts)."""
 
     text: str
     prior: float
-    value: float
+    score: float
     success: float = 0.0
     verified: bool = False
     terminal: bool = False
     outcome: int = -1  # -1 unverified, 0 wrong, 1 correct (terminals only)
     num_tokens: int = 0
-    critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `value`
+    critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `score`
     graft: tuple[str, ...] = ()  # steps of a rollout from this node (up to its verdict), to keep
     graft_outcome: int = -1  # the rollout's verdict: 1 correct, 0 wrong, -1 no terminal reached
     rollout_trials: int = 0  # verified rollouts from this node (each one distinct sample)

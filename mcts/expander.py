@@ -78,24 +78,24 @@ class PolicyExpander:
                 # finished, wrong solution.
                 terminal = check.terminal or opt.ended or opt.truncated
                 child = Child(
-                    text=opt.text, prior=opt.prior, value=0.0, terminal=terminal, num_tokens=opt.num_tokens
+                    text=opt.text, prior=opt.prior, score=0.0, terminal=terminal, num_tokens=opt.num_tokens
                 )
                 if terminal:
                     child.outcome = int(bool(check.success))
                     child.success, child.verified = float(child.outcome), True
-                    child.value = float(child.outcome)
+                    child.score = float(child.outcome)
                 else:
                     pending.append((child, leaf.problem, steps))
                 children.append(child)
             expansions.append(Expansion(children=children, tokens=tokens))
         leaf_of_child = {id(c): i for i, e in enumerate(expansions) for c in e.children}
-        self._value(pending, expansions, leaf_of_child, seed)
+        self._score(pending, expansions, leaf_of_child, seed)
         if self.critics is not None and not cfg.verifier_at_terminals:
             self._terminal_orm(leaves, expansions)
         return expansions
 
-    def _value(self, pending, expansions, leaf_of_child, seed: int) -> None:
-        """Value the new non-terminal nodes: verified rollouts and critics, all batched."""
+    def _score(self, pending, expansions, leaf_of_child, seed: int) -> None:
+        """Score the new non-terminal nodes: verified rollouts and critics, all batched."""
         if not pending:
             return
         cfg, task = self.cfg, self.task
@@ -132,9 +132,9 @@ class PolicyExpander:
                 orm = self.critics.score_outcomes([p for p, _ in flat], [s for _, s in flat])
                 parts["orm"] = np.asarray(orm, float).reshape(n, cfg.rollouts).mean(axis=1)
         weights = {"rollout": cfg.w_rollout, "value": cfg.w_value, "prm": cfg.w_prm, "orm": cfg.w_orm}
-        value = combine(parts, weights)
+        score = combine(parts, weights)
         for i, (child, _, _) in enumerate(pending):
-            child.value = float(value[i])
+            child.score = float(score[i])
             child.critics = {k: float(parts[k][i]) for k in ("value", "prm", "orm") if k in parts}
             if "rollout" in parts:
                 child.success, child.verified = float(parts["rollout"][i]), True
@@ -151,7 +151,7 @@ class PolicyExpander:
         steps = [[*leaf.steps, c.text] for c, leaf in owned]
         orm = np.asarray(self.critics.score_outcomes(problems, steps), float)
         for c, s in zip(terminals, orm, strict=True):
-            c.value = float(s)
+            c.score = float(s)
             c.critics = {"orm": float(s)}
 
 

@@ -172,7 +172,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
         counts,
         reserve,
         np.array([c.prior for c in flat], np.float32),
-        np.array([c.value for c in flat], np.float32),
+        np.array([c.score for c in flat], np.float32),
         np.array([c.terminal for c in flat], np.int8),
         np.array([c.outcome for c in flat], np.int8),
         first,
@@ -204,7 +204,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
                 if name in batch.critics and val is not None:
                     batch.critics[name][b, c] = val
             eval_node.append(c)
-            eval_value.append(child.value)
+            eval_value.append(child.score)
             eval_success.append(child.success if child.verified else 0.0)
             eval_verified.append(int(child.verified))
         eval_count[i] = len(eval_node) - eval_start[i]
