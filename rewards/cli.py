@@ -101,9 +101,15 @@ def search(overrides: list[str]) -> int:
     # Hydra's own flags (--help, --cfg job, -m ...) are Hydra's business: pass them through.
     if not any(a.startswith("-") for a in overrides):
         try:
-            pipeline.check_config(compose(overrides))
+            job = pipeline.check_config(compose(overrides))
         except _input_errors() as e:
             return _fail(e)
+        try:  # Hydra writes its logs under out/ first: a directory that cannot be made is one line
+            job.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return _fail(
+                OSError(f"out={job.out} cannot be created ({e.strerror or e}): choose a writable out=DIR")
+            )
     sys.argv = ["arborist search", *overrides]
     pipeline.main()  # exits 2 itself on input errors it finds later (an unreachable cluster)
     return 0

@@ -39,6 +39,24 @@ class JobError(RuntimeError):
     """The job cannot go on (workers do not start, a batch keeps failing); one-line message."""
 
 
+def runtime_errors() -> tuple[type[BaseException], ...]:
+    """What ends a running job that is not bad input: ours, the filesystem's and Ray's own (an
+    object or node lost beyond the retries). `arborist search` reports each in one line, exit 1."""
+    from ray.exceptions import RayError
+
+    return (JobError, OSError, RayError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for a runtime failure, with what to do about it."""
+    if isinstance(err, OSError) and not isinstance(err, ConnectionError):
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return f"cannot write the dataset{where}: {err.strerror or err}: free space, fix permissions or choose another out=DIR; rerunning resumes"
+    if isinstance(err, JobError):
+        return f"{err}; rerunning with the same out resumes from the last finished shard"
+    return f"Ray failed: {_first_error_line(err)}; rerunning with the same out resumes from the last finished shard"
+
+
 @contextmanager
 def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator[None]:
     """Start Ray here (`local`) or join a cluster; shut down only what this call started.

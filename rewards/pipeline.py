@@ -266,6 +266,7 @@ def report_done(metrics: dict) -> None:
 def main(cfg: DictConfig) -> None:
     """`arborist search`: Hydra composes the config, `run` does the work; bad input is one line."""
     from mcts.policy import PolicyLoadError
+    from rewards.launcher import error_line, runtime_errors
     from rewards.outdir import OutDirError
 
     try:
@@ -273,3 +274,6 @@ def main(cfg: DictConfig) -> None:
     except (JobInputError, TaskInputError, PolicyLoadError, OutDirError) as e:
         print(f"arborist: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except runtime_errors() as e:  # a failure of the running job, not of its input: exit 1
+        print(f"arborist: error: {error_line(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)

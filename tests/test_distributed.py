@@ -95,6 +95,21 @@ def test_sigkill_the_driver_then_resume(ray_session, reference_run, job_override
     assert records(out) == records(reference_run)
 
 
+def test_a_runtime_failure_is_one_line_and_exit_1(ray_session, job_overrides, tmp_path):
+    """Workers that cannot start in time end the job with one `arborist: error:` line, exit 1 (a
+    runtime failure, not bad input), and nothing recorded as finished."""
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = _arborist("search", *job_overrides(out, f"ray.address={address}", "ray.start_timeout_s=0.01"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("arborist: error:")]
+    assert len(errors) == 1 and "ray.start_timeout_s" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    manifest = load_manifest(out)
+    assert manifest is None or manifest["finished_problem_ids"] == []
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
