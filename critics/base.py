@@ -86,11 +86,20 @@ class CriticSet:
 
     def __init__(self, value: Critic | None = None, prm: Critic | None = None, orm: Critic | None = None):
         self.value, self.prm, self.orm = value, prm, orm
+        # value and PRM fine-tuned from one frozen trunk: one pass through it serves both
+        self.shared_trunk = False
+        if hasattr(value, "model") and hasattr(prm, "model"):
+            from critics.models import shares_trunk
+
+            self.shared_trunk = shares_trunk(prm, value)
 
     def __bool__(self) -> bool:
         return any(c is not None for c in (self.value, self.prm, self.orm))
 
     def score_nodes(self, problems: list[Problem], steps: list[list[str]]) -> dict[str, np.ndarray]:
+        if self.shared_trunk:
+            prm, value = self.prm.score_with(self.value, problems, steps)
+            return {"value": value, "prm": prm}
         nan = np.full(len(problems), np.nan)
         return {
             "value": nan if self.value is None else self.value.score(problems, steps),

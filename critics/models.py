@@ -90,7 +90,7 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def step_logits(model, kind: str, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Logits [n, k] at `ends` [n, k] (PRM: per step end; value/ORM: `ends` is the last token, k=1,
     and the model pools it itself)."""
-    out = model(input_ids=ids, attention_mask=mask).logits.float()
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     if kind in SEQ_KINDS:
         return out.view(-1, 1)
     return out[..., 0].gather(1, ends)
@@ -127,13 +127,22 @@ class ModelCritic:
         probs = self.score_texts([self.task.prompt(p) for p in problems], steps, every_step=False)
         return np.array([p[-1] for p in probs]) if probs else np.zeros(0)
 
+    def score_with(self, rider: ModelCritic, problems: list[Problem], steps: list[list[str]]):
+        """(this critic's `score`, `rider`'s) from one pass through the trunk they share
+        (`shares_trunk`): the rider runs only its own top block and head."""
+        riders: dict[int, np.ndarray] = {}
+        probs = self.score_texts([self.task.prompt(p) for p in problems], steps, False, (rider, riders))
+        last = np.array([p[-1] for p in probs]) if probs else np.zeros(0)
+        return last, np.array([riders[i] for i in range(len(problems))]) if probs else np.zeros(0)
+
     @torch.inference_mode()
     def score_texts(
-        self, prompts: list[str], steps: list[list[str]], every_step: bool = True
+        self, prompts: list[str], steps: list[list[str]], every_step: bool = True, rider=None
     ) -> list[np.ndarray]:
         """Per item, probabilities [k]: the PRM with `every_step` scores each step end (k = steps, the
         TRL stepwise positions), otherwise k = 1 (last step end, or the pooled value/ORM logit).
-        One forward per `batch_size` chunk."""
+        One forward per `batch_size` chunk. `rider`: (a critic sharing this one's trunk, a dict that
+        receives its probability per item)."""
         n = len(prompts)
         ids, ends = self.encoder.encode(prompts, steps)
         at = [
@@ -148,14 +157,73 @@ class ModelCritic:
             x, mask = pad_right([ids[i] for i in chunk], self.tok.pad_token_id)
             width = max(len(at[i]) for i in chunk)
             pos = torch.tensor([at[i] + [at[i][-1]] * (width - len(at[i])) for i in chunk])
-            logits = step_logits(
-                self.model, self.kind, x.to(self.device), mask.to(self.device), pos.to(self.device)
-            )
+            x, mask, pos = x.to(self.device), mask.to(self.device), pos.to(self.device)
+            if rider is None:
+                logits = step_logits(self.model, self.kind, x, mask, pos)
+            else:
+                logits, top_input = _with_top_input(self.model, self.kind, x, mask, pos)
+                ride = (
+                    (rider[0].top_logits(top_input, x, pos) + rider[0].logit_offset).sigmoid().cpu().numpy()
+                )
+                rider[0].forward_calls += 1
+                rider[1].update({i: float(ride[j, 0]) for j, i in enumerate(chunk)})
             self.forward_calls += 1
             probs = (logits + self.logit_offset).sigmoid().cpu().numpy()
             for j, i in enumerate(chunk):
                 out[i] = probs[j, : len(at[i])] if self.kind == "prm" else probs[j, :1]
         return out
+
+    def top_logits(self, top_input: dict, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """This critic's logits [n, k] from another critic's input to the top block they both have:
+        its own top block, final norm and head, then the read-out `step_logits` makes (the last
+        non-pad token for value/ORM, as the model's own pooling picks it; `ends` for the PRM)."""
+        kwargs = {k: v for k, v in top_input["kwargs"].items() if k not in ("past_key_values", "cache")}
+        out = self.model.model.layers[-1](*top_input["args"], **kwargs)
+        hidden = self.model.model.norm(out[0] if isinstance(out, tuple) else out)
+        logits = self.model.score(hidden).float()
+        if self.kind in SEQ_KINDS:
+            pad = self.model.config.pad_token_id
+            at = ((ids != pad).int() * torch.arange(ids.shape[1], device=ids.device)).argmax(-1)
+            return logits[torch.arange(ids.shape[0], device=ids.device), at].view(-1, 1)
+        return logits[..., 0].gather(1, ends)
+
+
+def _with_top_input(model, kind: str, ids, mask, ends) -> tuple[torch.Tensor, dict]:
+    """(`step_logits`, the positional and keyword inputs of the model's top block in that pass)."""
+    seen: dict = {}
+
+    def grab(module, args, kwargs):
+        seen.update(args=args, kwargs=kwargs)
+
+    hook = model.model.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        return step_logits(model, kind, ids, mask, ends), seen
+    finally:
+        hook.remove()
+
+
+def shares_trunk(a: ModelCritic, b: ModelCritic) -> bool:
+    """Whether `b` can be scored from `a`'s pass: the same Llama-style stack and tokenizer, and
+    bit-identical embeddings and blocks below the top one (the embedded critics fine-tune only the
+    top block and the head of one frozen trunk)."""
+    try:
+        ma, mb = a.model.model, b.model.model
+        blocks = len(ma.layers)
+        if blocks != len(mb.layers) or blocks < 2 or not hasattr(b.model, "score") or not hasattr(mb, "norm"):
+            return False
+    except AttributeError:
+        return False
+    if a.tok.get_vocab() != b.tok.get_vocab() or a.device != b.device or a.batch_size != b.batch_size:
+        return False
+    lower = [(ma.embed_tokens, mb.embed_tokens)] + [(ma.layers[i], mb.layers[i]) for i in range(blocks - 1)]
+    for x, y in lower:
+        px, py = dict(x.named_parameters()), dict(y.named_parameters())
+        if px.keys() != py.keys() or not all(torch.equal(px[k], py[k]) for k in px):
+            return False
+    rope_a, rope_b = getattr(ma, "rotary_emb", None), getattr(mb, "rotary_emb", None)
+    if (rope_a is None) != (rope_b is None):
+        return False
+    return rope_a is None or torch.equal(rope_a.inv_freq, rope_b.inv_freq)
 
 
 def check_critic_dir(path: str | Path, kind: str) -> Path:

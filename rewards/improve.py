@@ -167,6 +167,7 @@ def run_improve(
     `trainer(dataset_dir, out_dir, policy, train_cfg) -> report` (default `train_policy`) lets a
     benchmark train another way on the same on-policy searches."""
     from mcts.embedded import evaluation_problems
+    from rewards.export import load_manifest
     from rewards.train import train_policy
 
     trainer = trainer or train_policy
@@ -202,7 +203,7 @@ def run_improve(
         say(f"round {k}: evaluating")
         result = evaluate(policy, held_out, cfg.pass_k, cfg.seed)
         audit = json.loads((data / "audit.json").read_text())
-        rows = json.loads((data / "manifest.json").read_text())["rows"]
+        rows = load_manifest(data)["rows"]
         result |= {
             "policy": policy,
             "search_success": audit.get("search_success"),

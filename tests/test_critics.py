@@ -412,3 +412,25 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     meta, second = build(cfg(4))
     assert second != first and json.loads((trunk_dir / "bootstrap.json").read_text())["steps_done"] == 4
     assert meta["base_sha256"] == weights_hash(trunk_dir)
+
+
+def test_value_and_prm_share_one_trunk_pass(critic_dirs):
+    """Critics fine-tuned from one frozen trunk: the PRM's pass also serves the value function (its
+    top block and head run on the PRM's input to the top block), with bit-identical scores; a value
+    function whose lower blocks differ is scored on its own."""
+    from critics.models import shares_trunk
+
+    value, prm = _critic(critic_dirs, "value", batch_size=3), _critic(critic_dirs, "prm", batch_size=3)
+    problems = [make_problem(f"p{i}", [3, 7, 9, 4], 24) for i in range(7)]
+    steps = [["7*4=28"], ["7*4=28", "28-4=24"], [], ["9-3=6"], ["3+7=10", "10+9=19"], ["9*4=36"], ["1+1=2"]]
+    shared = CriticSet(value=value, prm=prm)
+    assert shared.shared_trunk
+    together = shared.score_nodes(problems, steps)
+    before = (value.forward_calls, prm.forward_calls)
+    shared.shared_trunk = False
+    apart = shared.score_nodes(problems, steps)
+    assert np.array_equal(together["value"], apart["value"]) and np.array_equal(together["prm"], apart["prm"])
+    assert (value.forward_calls - before[0], prm.forward_calls - before[1]) == (3, 3)  # 7 items, chunks of 3
+    with torch.no_grad():
+        value.model.model.layers[0].mlp.down_proj.weight.add_(1e-3)
+    assert not shares_trunk(prm, value) and not CriticSet(value=value, prm=prm).shared_trunk
