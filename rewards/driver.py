@@ -182,8 +182,9 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
     audit, the dataset card and `metrics.json`. Returns the metrics. `started`: the job's
     `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too)."""
     from mcts.tasks.registry import make_task
+    from rewards.card import write_card
     from rewards.derive import derive_all
-    from rewards.export import DatasetWriter, atomic_write_text, write_audit, write_card
+    from rewards.export import DatasetWriter, atomic_write_text, write_audit
     from rewards.job import shard_name, versions
 
     conf, out = job.conf, job.out

@@ -12,8 +12,9 @@ from datasets import Dataset, load_dataset
 
 from mcts.finished import NODE_FIELDS
 from rewards import records
+from rewards.card import write_card
 from rewards.derive import DeriveConfig, derive_all
-from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit, write_card
+from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit
 from rewards.outdir import OutDirError, json_safe
 from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
 

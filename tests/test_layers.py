@@ -27,6 +27,7 @@ FLOORS = [
             "rewards.derive",
             "rewards.records",
             "rewards.export",
+            "rewards.card",
             "rewards.audit",
             "rewards.critic_data",
         ),
