@@ -39,9 +39,9 @@ IMPROVE_SEED_BASE = 3_000_000
 class ImproveConfig:
     """The improvement loop (defaults: the shipped recipe on the embedded policy)."""
 
-    rounds: int = 4
+    rounds: int = 6
     problems_per_round: int = 2000
-    """Volume is what lifts the embedded policy (docs/improve-recipes.md): 4 rounds of 2,000 problems
+    """Volume is what lifts the embedded policy (docs/improve-recipes.md): 6 rounds of 2,000 problems
     (~2.7 min a round here) were chosen on the tune slice."""
     simulations: int = 32
     rollouts: int = 8
