@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="/tmp/arborist-improve-bench", help="work directory (resumed)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--problems", type=int, default=600, help="training problems per round (the arms were compared at 600)"
+        "--problems",
+        type=int,
+        default=600,
+        help="training problems per round (the arms were compared at 600)",
     )
     ap.add_argument("--simulations", type=int, default=32)
     ap.add_argument("--eval-problems", type=int, default=300)

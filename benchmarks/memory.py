@@ -116,10 +116,7 @@ def run_size(n: int, out: Path, whole: bool = False) -> dict:
     def rerollout(items, k):  # the audit's fresh rollouts: a stand-in rate per prefix
         return [0.5] * len(items)
 
-    shards = (
-        Shard([_tree(r) for r in rows["trees"]], rows["pairs"], rows["kto"], rows["sft"])
-        for rows in iter_shards(out, manifest, ("trees", "pairs", "kto", "sft"))
-    )
+    shards = (Shard.from_rows(rows) for rows in iter_shards(out, manifest, Shard.KINDS))
     if whole:  # the audit as it read the dataset before: every shard in memory at once
         every = list(shards)
         shards = [Shard([t for sh in every for t in sh.trees], [p for sh in every for p in sh.pairs])]
@@ -139,12 +136,6 @@ def run_size(n: int, out: Path, whole: bool = False) -> dict:
         "manifest_bytes_total": sum(line_bytes),
         "manifest_json_bytes": (out / "manifest.json").stat().st_size,
     }
-
-
-def _tree(row):
-    from mcts.finished import FinishedTree
-
-    return FinishedTree.from_row(row)
 
 
 def _peak_rss_mb() -> float:

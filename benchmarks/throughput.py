@@ -40,24 +40,18 @@ from benchmarks._report import environment, format_table, write_json
 
 
 class ModelMeter:
-    """Forward hooks on a model: positions it ran (batch x length, padding included) and seconds inside."""
+    """Seconds spent inside a module's forward (forward hooks)."""
 
-    def __init__(self, model):
-        self.positions, self.seconds, self._t0 = 0, 0.0, 0.0
-        model.register_forward_pre_hook(self._pre, with_kwargs=True)
-        model.register_forward_hook(self._post)
+    def __init__(self, module):
+        self.seconds, self._t0 = 0.0, 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
 
-    def _pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            self.positions += int(ids.shape[0] * ids.shape[1])
+    def _pre(self, module, args):
         self._t0 = time.perf_counter()
 
     def _post(self, module, args, output):
         self.seconds += time.perf_counter() - self._t0
-
-    def snapshot(self) -> tuple[int, float]:
-        return self.positions, self.seconds
 
 
 def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
@@ -125,7 +119,12 @@ def measure(
     critics = None
     if critics_dir is not None:
         critics = CriticSet.load(CriticsConfig(device=device), task, default_dir=critics_dir)
-        meters += [ModelMeter(c.model) for c in (critics.value, critics.prm) if c is not None]
+        meters += [ModelMeter(c.model) for c in (critics.prm, critics.orm) if c is not None]
+        if critics.value is not None and critics.shared_trunk:  # it runs its top block and head only
+            value = critics.value.model
+            meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
+        elif critics.value is not None:
+            meters.append(ModelMeter(critics.value.model))
     cfg = CriticsConfig() if critics is not None else ExpandConfig()
     expander = PolicyExpander(policy, task, cfg, critics=critics)
     probs = evaluation_problems("test", problems)
@@ -135,16 +134,14 @@ def measure(
     run_search(probs[:2], task, expander, SearchConfig(simulations=2, max_nodes=64), seed=1)
 
     def timed(fn):
-        p0, s0 = meters[0].snapshot()
-        model0 = sum(m.seconds for m in meters)
+        model0, pos0 = sum(m.seconds for m in meters), policy.positions_run
         tok0, t0 = policy.tokens_generated, time.perf_counter()
         result = fn()
         wall = time.perf_counter() - t0
-        p1, _ = meters[0].snapshot()
         return {
             "wall_s": wall,
             "tokens": policy.tokens_generated - tok0,
-            "positions": p1 - p0,
+            "positions": policy.positions_run - pos0,
             "model_s": sum(m.seconds for m in meters) - model0,
             "result": result,
         }

@@ -96,8 +96,8 @@ def decode(
     warpers = _warpers(temperature, top_k, top_p) if sample else []
     draw = None  # every row's distribution for this step's multinomial, finished rows included
     for t in range(max_new):
-        scores = logits[alive].float()
-        live = active[alive]
+        raw = logits[alive].float()
+        scores, live = raw, active[alive]
         if sample:
             for w in warpers:
                 scores = w(None, scores)
@@ -109,7 +109,7 @@ def decode(
         else:
             step = scores.argmax(-1)
         tokens[live, t] = step
-        logprobs[live, t] = logits[alive].float().log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
+        logprobs[live, t] = raw.log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
         done = torch.isin(step, eos_ids)
         if stop_ids is not None and stop_ids.numel():
             done |= torch.isin(step, stop_ids)

@@ -261,13 +261,13 @@ class Policy:
             torch.manual_seed(seed)
             for lo in range(0, len(prompts), cfg.max_batch):
                 chunk = prompts[lo : lo + cfg.max_batch]
-                distinct = list(dict.fromkeys(chunk)) if self.share_prefill else chunk
-                where = {p: i for i, p in enumerate(distinct)}
-                enc = tok(distinct, return_tensors="pt", padding=True).to(self.device)
                 if self.share_prefill:
+                    distinct = list(dict.fromkeys(chunk))
+                    where = {p: i for i, p in enumerate(distinct)}
                     rows = torch.tensor([where[p] for p in chunk], device=self.device)
                 else:
-                    rows = torch.arange(len(chunk), device=self.device)
+                    distinct, rows = chunk, torch.arange(len(chunk), device=self.device)
+                enc = tok(distinct, return_tensors="pt", padding=True).to(self.device)
                 new, lp, positions = decode(
                     self.model, enc["input_ids"], enc["attention_mask"], rows, max_new,
                     sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

@@ -242,6 +242,13 @@ class Shard:
     kto: Sequence[dict] = ()
     sft: Sequence[dict] = ()
 
+    KINDS = ("trees", "pairs", "kto", "sft")  # the record kinds the audit reads
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, list[dict]]) -> Shard:
+        """A shard from its rows of `KINDS` ({kind: rows}, as `rewards.export.iter_shards` yields)."""
+        return cls([FinishedTree.from_row(r) for r in rows["trees"]], rows["pairs"], rows["kto"], rows["sft"])
+
 
 def audit_dataset(trees: list[FinishedTree], pairs: list[dict], *, kto=(), sft=(), **kw) -> dict:
     """`audit_shards` over rows held in memory as one shard."""

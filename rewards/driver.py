@@ -106,10 +106,7 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
     if greedy_call is not None:
         flags = pool.finish(greedy_call, retries=conf.ray.max_retries)
         greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
-    shards = (
-        Shard([FinishedTree.from_row(r) for r in rows["trees"]], rows["pairs"], rows["kto"], rows["sft"])
-        for rows in iter_shards(out, manifest, ("trees", "pairs", "kto", "sft"))
-    )
+    shards = (Shard.from_rows(rows) for rows in iter_shards(out, manifest, Shard.KINDS))
     report = audit_shards(
         shards,
         manifest["rows"]["pairs"],

@@ -182,8 +182,6 @@ class DatasetWriter:
                     "rows": {k: 0 for k in KINDS},
                     "files": {k: [] for k in KINDS},
                 }
-                self._write_manifest(json_safe(manifest))  # the sweep's mark: this directory is ours
-                (self.out_dir / SHARD_LOG).unlink(missing_ok=True)  # a stray log names nothing of ours
             elif json_safe(config) != manifest["config"] or config_hash != manifest.get("config_hash", ""):
                 check_resume(manifest, config, config_hash, append_run, self.out_dir)
                 manifest["config_history"].append(
@@ -191,7 +189,9 @@ class DatasetWriter:
                 )
             self.manifest = json_safe(manifest)
             self._finished = set(self.manifest["finished_problem_ids"])
-            self.compact()  # the log folded in; a torn line of a crash dropped with it
+            # Written now: a new directory's manifest is the sweep's mark (this directory is ours, and
+            # a stray log names nothing of ours); a resumed one folds its log in, a torn line dropped.
+            self.compact()
             self.swept = self._sweep_unfinished() if ours else []
         except BaseException:
             self.close()
@@ -311,19 +311,15 @@ class DatasetWriter:
 
 def read_rows(out_dir: Path | str, manifest: dict, kind: str) -> list[dict]:
     """Rows of one kind from the files `manifest` names, in shard-name order (not completion order),
-    so that what is computed from them (the audit's pair sample) does not depend on which batch
-    finished first."""
-    rows: list[dict] = []
-    for rel in sorted(manifest["files"][kind]):
-        rows += pq.read_table(Path(out_dir) / rel).to_pylist()
-    return rows
+    so that what is computed from them does not depend on which batch finished first."""
+    return [row for shard in iter_shards(out_dir, manifest, (kind,)) for row in shard[kind]]
 
 
 def iter_shards(
     out_dir: Path | str, manifest: dict, kinds: tuple[str, ...]
 ) -> Iterator[dict[str, list[dict]]]:
-    """Each shard's rows of `kinds` ({kind: rows}), one shard at a time, in shard-name order (the
-    order `read_rows` concatenates them in): a reader of a large dataset holds one shard."""
+    """Each shard's rows of `kinds` ({kind: rows}), one shard at a time, in shard-name order: a
+    reader of a large dataset holds one shard."""
     for name in sorted(manifest["shards"]):
         files = manifest["shards"][name]["files"]
         yield {kind: pq.read_table(Path(out_dir) / files[kind]).to_pylist() for kind in kinds}
