@@ -121,7 +121,7 @@ def run_size(n: int, out: Path, whole: bool = False) -> dict:
         every = list(shards)
         shards = [Shard([t for sh in every for t in sh.trees], [p for sh in every for p in sh.pairs])]
     report = audit_shards(
-        shards, manifest["rows"]["pairs"], rerollout=rerollout, sample_pairs=256, greedy=None, seed=0
+        shards, manifest["rows"]["pairs"], rerollout=rerollout, sample_pairs=256, greedy=None, sample_seed=0
     )
     return {
         "problems": n,

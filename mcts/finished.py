@@ -29,6 +29,7 @@ Evidence (`evidence()`): a *trial* is one distinct verified sample, a terminal n
 A node's trials V and successes S are those in its subtree; S / V is its success rate.
 Texts:
     steps        list[str]  the option text leading to each node ("" for the root), without separator
+    separator    str        the task's step separator, which ends every step the policy wrote
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class FinishedTree:
     simulations: int = 0  # selection rounds actually run
     policy_tokens: int = 0  # all tokens the policy generated for this tree, rollouts included
     meta: dict = field(default_factory=dict)  # task meta (Countdown numbers/target), config hash, ...
+    separator: str = "\n"  # the task's step separator: the policy ended every step with it
 
     def __post_init__(self) -> None:
         n = len(self.steps)
@@ -87,6 +89,11 @@ class FinishedTree:
             arr = np.asarray(self.nodes[name], dtype=dtype)
             assert arr.shape == (n,), f"node field {name} has shape {arr.shape}, expected ({n},)"
             self.nodes[name] = arr
+
+    @property
+    def tree_id(self) -> str:
+        """What every record derived from this tree names it by: "<problem_id>/<seed>"."""
+        return f"{self.problem_id}/{self.seed}"
 
     # -- navigation -------------------------------------------------------------------------
     @property
@@ -144,6 +151,7 @@ class FinishedTree:
             "simulations": int(self.simulations),
             "policy_tokens": int(self.policy_tokens),
             "meta": json.dumps(self.meta, sort_keys=True),
+            "separator": self.separator,
         }
         for name in NODE_FIELDS:
             row[name] = self.nodes[name].tolist()
@@ -163,4 +171,5 @@ class FinishedTree:
             simulations=int(row["simulations"]),
             policy_tokens=int(row["policy_tokens"]),
             meta=json.loads(row["meta"]) if row.get("meta") else {},
+            separator=str(row.get("separator") or "\n"),  # trees written before it existed used "\n"
         )

@@ -361,4 +361,5 @@ def _finish(batch: SearchBatch, b: int) -> FinishedTree:
         simulations=int(batch.rounds[b]),
         policy_tokens=int(batch.tokens[b]),
         meta=dict(problem.meta),
+        separator=batch.task.step_separator,
     )

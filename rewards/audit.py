@@ -1,8 +1,10 @@
 """How far the derived labels can be trusted: checks against the task verifier and fresh rollouts.
 
-Pure numpy; the model work (re-rolling from a prefix, checking a text with the verifier, searching
-trees the critics do not steer) comes in as callables and trees, so this module is tested with
-fakes and the job injects the real policy, task and critics.
+Pure numpy; the model work (re-rolling from a node's path of steps, checking steps with the
+verifier, searching trees the critics do not steer) comes in as callables and trees, so this module
+is tested with fakes and the job injects the real policy, task and critics. A sampled pair is
+re-rolled from its tree's nodes (`chosen_node`, `rejected_node`), never from text parsed back; an
+exported text is read back into steps only to check that text itself.
 
 `audit_dataset` returns a JSON-able dict (written to `out/audit.json` by `rewards.export`):
 
@@ -14,11 +16,10 @@ fakes and the job injects the real policy, task and critics.
                                           sft_refused, unchecked (rows it could not be asked about),
                                           duplicate_pairs (same prompt and texts), contradictory_pairs
                                           (A>B and B>A under one prompt); all 0 in a sound dataset
-    pair_precision                        over sampled pairs: fraction where the exported chosen step
-                                          (the first step of `chosen`, as exported) succeeds more often
-                                          than the exported rejected step: a terminal step by its
-                                          verdict, a non-terminal one by fresh rollouts from
-                                          prompt + step (None without rerollout)
+    pair_precision                        over sampled pairs: fraction where the chosen step node
+                                          succeeds more often than the rejected one: a terminal step
+                                          by the verifier, a non-terminal one by fresh rollouts from
+                                          its path in the tree (None without rerollout)
     pair_precision_ci95                   [low, high] Wilson 95 % interval of pair_precision
     pair_precision_by_stratum             the same per stratum: "both_nonterminal", "one_terminal",
                                           "both_terminal", and "depth_1", "depth_2", "depth_3+":
@@ -57,13 +58,13 @@ from critics.metrics import auroc, auroc_se, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
 from rewards.stats import CORRECT, node_stats, wilson_interval
-from rewards.texts import normalize_text
+from rewards.texts import normalize_text, text_steps
 
 CRITICS = ("value", "prm", "orm")
-# (problem id, prefix text) -> success rate of n fresh verified rollouts from that prefix
-Rerollout = Callable[[list[tuple[str, str]], int], list[float]]
-# (problem id, prefix text, completion) -> does the verifier accept prefix + completion? None: cannot tell
-Verify = Callable[[str, str, str], bool | None]
+# [(problem id, the steps of a node's path)], n -> success rate of n fresh verified rollouts from each
+Rerollout = Callable[[list[tuple[str, list[str]]], int], list[float]]
+# (problem id, steps) -> does the verifier accept them as a solution? None: cannot tell
+Verify = Callable[[str, list[str]], bool | None]
 
 
 def _distribution(counts: Sequence[int]) -> dict:
@@ -87,11 +88,6 @@ def _safe_ece(pred: np.ndarray, target: np.ndarray) -> float | None:
     return ece(pred, target)
 
 
-def first_step(completion: str) -> str:
-    """The first step of an exported completion (steps are each ended by "\\n")."""
-    return completion.split("\n", 1)[0]
-
-
 # -- the exported texts against the verifier -------------------------------------------------------
 _LABEL_KEYS = (
     "rejected_accepted",
@@ -102,13 +98,18 @@ _LABEL_KEYS = (
 )
 
 
-def label_check(pairs: list[dict], kto: list[dict], sft: list[dict], verify: Verify | None) -> dict:
-    """Every exported text against the verifier, and duplicate / contradictory pairs."""
+def label_check(
+    pairs: list[dict], kto: list[dict], sft: list[dict], verify: Verify | None, trees: dict[str, FinishedTree]
+) -> dict:
+    """Every exported text against the verifier, and duplicate / contradictory pairs. `trees`: tree id
+    -> the tree a row was derived from, whose prompt and separator read the text back into steps."""
     out = dict.fromkeys(_LABEL_KEYS, 0)
     out["unchecked"] = 0
 
     def check(row: dict, text: str, want: bool, bad: str) -> None:
-        ok = verify(row["problem_id"], row["prompt"], text) if verify is not None else None
+        tree = trees.get(row["tree_id"])
+        steps = text_steps(tree, row["prompt"], text) if tree is not None else None
+        ok = verify(row["problem_id"], steps) if verify is not None and steps is not None else None
         if ok is None:
             out["unchecked"] += 1
         elif ok != want:
@@ -153,21 +154,27 @@ def sample_indices(total: int, sample: int, seed: int) -> list[int]:
     return [int(i) for i in rng.choice(total, size=min(sample, total), replace=False)]
 
 
-def pair_precision(picked: list[dict], rerollout: Rerollout, verify: Verify | None, n: int) -> dict:
-    """Re-roll `n` times from the exported first step of both sides of each `picked` pair (one
-    batched call); a terminal step is scored by its verdict instead."""
+def pair_precision(
+    picked: list[dict],
+    paths: list[tuple[list[str], list[str]]],
+    rerollout: Rerollout,
+    verify: Verify | None,
+    n: int,
+) -> dict:
+    """Re-roll `n` times from both step nodes of each `picked` pair (one batched call), given
+    `paths`, the steps down to its chosen and rejected node; a terminal step is scored by the
+    verifier instead."""
     rates = np.full((len(picked), 2), np.nan)
-    asks: list[tuple[str, str]] = []
+    asks: list[tuple[str, list[str]]] = []
     where: list[tuple[int, int]] = []
-    for row, p in enumerate(picked):
-        for col, side in enumerate(("chosen", "rejected")):
-            step = first_step(p[side]) + "\n"
+    for row, (p, sides) in enumerate(zip(picked, paths, strict=True)):
+        for col, (side, steps) in enumerate(zip(("chosen", "rejected"), sides, strict=True)):
             if p.get(f"{side}_terminal") and verify is not None:
-                verdict = verify(p["problem_id"], p["prompt"], step)
+                verdict = verify(p["problem_id"], steps)
                 if verdict is not None:
                     rates[row, col] = float(verdict)
                     continue
-            asks.append((p["problem_id"], p["prompt"] + step))
+            asks.append((p["problem_id"], steps))
             where.append((row, col))
     got = np.asarray(rerollout(asks, n) if asks else [], dtype=np.float64)
     assert got.shape == (len(asks),), f"rerollout returned {got.shape} rates for {len(asks)} prefixes"
@@ -262,7 +269,7 @@ def audit_shards(
     rerollout: Rerollout | None,
     sample_pairs: int,
     greedy: dict[str, bool] | None,
-    seed: int,
+    sample_seed: int,
     rollouts_per_prefix: int = 16,
     verify: Verify | None = None,
     critic_trees: list[FinishedTree] | None = None,
@@ -270,13 +277,17 @@ def audit_shards(
 ) -> dict:
     """The audit report (keys in the module docstring), reading `shards` once, in order, and keeping
     only per-problem tallies and the sampled pairs: `num_pairs` (the pairs of all shards) fixes the
-    sample before the first shard is read. `greedy`: problem id -> greedy decoding verified correct;
-    `seen`: model name -> content keys of its training problems (None: unknown)."""
+    sample (drawn with `sample_seed`) before the first shard is read. `greedy`: problem id -> greedy
+    decoding verified correct; `seen`: model name -> content keys of its training problems (None:
+    unknown)."""
     picks = (
-        sample_indices(num_pairs, sample_pairs, seed) if rerollout is not None and sample_pairs > 0 else []
+        sample_indices(num_pairs, sample_pairs, sample_seed)
+        if rerollout is not None and sample_pairs > 0
+        else []
     )
     wanted = {i: k for k, i in enumerate(picks)}
     picked: list[dict | None] = [None] * len(picks)
+    paths: list[tuple[list[str], list[str]] | None] = [None] * len(picks)
     labels: Counter = Counter()
     per_problem: Counter = Counter()
     solved: dict[str, bool] = {}
@@ -286,10 +297,16 @@ def audit_shards(
     for shard in shards:
         # a problem's pairs all lie in its batch's shard, so duplicates and contradictions (same
         # prompt) are counted exactly shard by shard
-        labels.update(label_check(shard.pairs, list(shard.kto), list(shard.sft), verify))
+        trees = {t.tree_id: t for t in shard.trees}
+        labels.update(label_check(shard.pairs, list(shard.kto), list(shard.sft), verify, trees))
         for row in shard.pairs:
             if seen_pairs in wanted:
+                tree = trees[row["tree_id"]]  # a shard holds the trees its records were derived from
                 picked[wanted[seen_pairs]] = row
+                paths[wanted[seen_pairs]] = (
+                    tree.path_steps(int(row["chosen_node"])),
+                    tree.path_steps(int(row["rejected_node"])),
+                )
             seen_pairs += 1
             per_problem[row["problem_id"]] += 1
         for t in shard.trees:
@@ -298,7 +315,7 @@ def audit_shards(
             solved[t.problem_id] = solved.get(t.problem_id, False) or bool(st.verified_below[0])
             keys[t.problem_id] = content_key(t.question, t.meta)
             for i in np.flatnonzero(st.terminal & (st.outcome == CORRECT)):
-                solutions[t.problem_id].add(normalize_text("\n".join(t.path_steps(int(i)))))
+                solutions[t.problem_id].add(normalize_text(t.separator.join(t.path_steps(int(i)))))
     assert seen_pairs == num_pairs, f"the shards hold {seen_pairs} pairs, not the {num_pairs} announced"
     problems = sorted(set(solved) | set(per_problem))
     report: dict = {"num_trees": num_trees, "num_problems": len(problems), "num_pairs": num_pairs}
@@ -307,7 +324,7 @@ def audit_shards(
     }
 
     if picks:
-        report |= pair_precision(picked, rerollout, verify, rollouts_per_prefix)
+        report |= pair_precision(picked, paths, rerollout, verify, rollouts_per_prefix)
     else:
         report |= {"pair_precision": None, "pair_precision_ci95": None, "pair_precision_by_stratum": None}
         report |= {"pair_rerollout_ties": None, "pair_rerollout_gap": None}

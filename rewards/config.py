@@ -186,7 +186,9 @@ class Config:
     out: str = "arborist-out"
     """Output directory (created; rerunning with the same `out` resumes)."""
     seed: int = 0
-    """Base search seed; each batch's seed is derived from it and the batch's problem ids."""
+    """The job's seed: each batch's search seed is derived from it and the batch's problem ids
+    (`mcts.search.problem_seed`); the audit draws its pair sample, its re-rollouts and its critic
+    search from it. Which problems are searched is `task.seed`'s."""
     progress: bool = True
     """Show the live progress bar on stderr."""
     append_run: bool = False

@@ -63,7 +63,7 @@ def orm_labels(trees: Iterable[FinishedTree]) -> Labels:
         st = node_stats(tree)
         for i in np.flatnonzero(st.terminal & (st.outcome >= 0) & (st.depth > 0)):
             steps = tree.path_steps(int(i))
-            key = (tree.problem_id, normalize_text("\n".join(steps)))
+            key = (tree.problem_id, normalize_text(tree.separator.join(steps)))
             if key in seen:
                 continue
             seen.add(key)

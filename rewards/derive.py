@@ -17,8 +17,8 @@ Every statistic a record is gated or labelled on is built on trials, never on vi
   success lies below the step) and soft (the step's success rate) labels per step.
 - `kto_rows`, `sft_rows`, `value_rows`: unpaired labels, the best verified trajectory, value targets.
 
-Completions end the way the policy ends its own solutions: every step followed by the separator
-("\\n"), then TRL's EOS.
+Completions end the way the policy ends its own solutions: every step followed by the tree's
+separator, then TRL's EOS.
 
 The Wilson test treats the trials under a node as independent draws. They are not quite (MCTS steers
 later samples by earlier ones), so read `confidence` as a ranking of how clearly two siblings
@@ -116,10 +116,6 @@ def continuation(
     return path[start:], end
 
 
-def _tree_id(tree: FinishedTree) -> str:
-    return f"{tree.problem_id}/{tree.seed}"
-
-
 def _f(x) -> float:
     return float(x)
 
@@ -129,7 +125,7 @@ def step_pairs(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
     """Sibling preference pairs (rows of records.PAIRS_SCHEMA), parents in id order, per parent the
     largest success gaps first. See the module docstring for the acceptance tests."""
     st = stats or node_stats(tree)
-    nd, chash, tid = tree.nodes, cfg.hash(), _tree_id(tree)
+    nd, chash, tid = tree.nodes, cfg.hash(), tree.tree_id
     q_key = np.nan_to_num(st.q, nan=-np.inf)
     rows: list[dict] = []
     for parent, kids in enumerate(st.children):
@@ -230,7 +226,7 @@ def prm_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
                 "labels": [bool(st.verified_below[i]) for i in path],
                 "soft_labels": [_f(st.success[i]) for i in path],
                 "problem_id": tree.problem_id,
-                "tree_id": _tree_id(tree),
+                "tree_id": tree.tree_id,
                 "nodes": [int(i) for i in path],
                 "visits": [int(st.visits[i]) for i in path],
                 "q": [_f(st.q[i]) for i in path],
@@ -249,7 +245,7 @@ def _kto_row(tree: FinishedTree, st: NodeStats, prompt, completion, label, sourc
         "label": bool(label),
         "source": source,
         "problem_id": tree.problem_id,
-        "tree_id": _tree_id(tree),
+        "tree_id": tree.tree_id,
         "node": int(node),
         "end_node": int(end),
         "depth": int(st.depth[node]),
@@ -318,7 +314,7 @@ def sft_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
                 "prompt": tree.prompt,
                 "completion": completion,
                 "problem_id": tree.problem_id,
-                "tree_id": _tree_id(tree),
+                "tree_id": tree.tree_id,
                 "end_node": end,
                 "visits": int(st.visits[end]),
                 "q": _f(st.q[end]),
@@ -348,7 +344,7 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             "q": _f(st.q[i]),
             "verified_below": bool(st.verified_below[i]),
             "problem_id": tree.problem_id,
-            "tree_id": _tree_id(tree),
+            "tree_id": tree.tree_id,
             "node": int(i),
             "depth": int(st.depth[i]),
             "terminal": bool(st.terminal[i]),
@@ -379,7 +375,7 @@ def derive_all(trees: Iterable[FinishedTree], cfg: DeriveConfig) -> dict[str, li
     for p in out["pairs"]:
         by_tree.setdefault(p["tree_id"], []).append(p)
     for tree, st in zip(trees, stats, strict=True):
-        out["kto"] += kto_rows(tree, cfg, st, by_tree.get(_tree_id(tree), []))
+        out["kto"] += kto_rows(tree, cfg, st, by_tree.get(tree.tree_id, []))
     out["kto"] = dedupe(out["kto"], kto_key, label="label")
     for rows in sft.values():  # the problem's most visited distinct solutions over all its trees
         rows.sort(key=lambda r: -r["visits"])  # stable: ties keep tree order

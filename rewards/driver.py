@@ -73,28 +73,19 @@ class Progress:
 
 def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, models: dict) -> dict:
     """`rewards.audit.audit_shards` over the written dataset, read one shard at a time, with its
-    model work done by the workers: re-rollouts from the exported pair prefixes, greedy decoding, and
+    model work done by the workers: re-rollouts from the sampled pairs' nodes, greedy decoding, and
     a search on problems the critics never trained on whose nodes the critics score but do not steer."""
     from rewards.audit import Shard, audit_shards
     from rewards.export import iter_shards
 
     by_id = {p.id: p for p in problems}
-    sep = task.step_separator
 
-    def steps_of(problem_id: str, prefix: str) -> tuple[Problem, list[str]] | None:
+    def verify(problem_id: str, steps: list[str]) -> bool | None:
         problem = by_id.get(problem_id)
-        head = task.prompt(problem) if problem is not None else None
-        if head is None or not prefix.startswith(head):
-            return None
-        return problem, [s for s in prefix[len(head) :].split(sep)[:-1]]
+        return None if problem is None else task.check(problem, steps).success is True
 
-    def verify(problem_id: str, prompt: str, completion: str) -> bool | None:
-        got = steps_of(problem_id, prompt + completion)
-        return None if got is None else task.check(got[0], got[1]).success is True
-
-    def rerollout(items: list[tuple[str, str]], n: int) -> list[float]:
-        asks = [steps_of(pid, prefix) for pid, prefix in items]
-        assert all(a is not None for a in asks), "a pair prefix does not start with its problem's prompt"
+    def rerollout(items: list[tuple[str, list[str]]], n: int) -> list[float]:
+        asks = [(by_id[pid], steps) for pid, steps in items]
         return pool.call("rerollout", asks, n, conf.seed, retries=conf.ray.max_retries)
 
     greedy_call = pool.start("greedy_success", problems) if conf.rewards.greedy_baseline else None
@@ -115,7 +106,7 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
         sample_pairs=conf.rewards.audit_pairs,
         rollouts_per_prefix=conf.rewards.audit_rollouts,
         greedy=greedy,
-        seed=conf.seed,
+        sample_seed=conf.seed,
         critic_trees=critic_trees,
         seen=seen,
     )

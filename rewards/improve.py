@@ -54,6 +54,8 @@ class ImproveConfig:
     """Held-out problems evaluated (0: the whole slice)."""
     pass_k: int = 16
     seed: int = 0
+    """Seeds the rounds' training problems (`round_problems`), each round's search (`seed * 1000 + k`)
+    and the evaluation's samples; the training seed is `train.seed`."""
     num_workers: int = 2
     train: TrainPolicyConfig = field(default_factory=TrainPolicyConfig)
 
@@ -73,7 +75,7 @@ def round_problems(k: int, n: int, seed: int) -> list:
     )
 
 
-def evaluate(policy_dir: str | Path, problems: list, pass_k: int, seed: int) -> dict:
+def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: int) -> dict:
     """Held-out greedy success, pass@k (temperature 1) and distinct verified solutions per problem,
     each with its standard error over problems."""
     import torch
@@ -91,7 +93,7 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, seed: int) -> 
     flat = [pr for pr in prompts for _ in range(pass_k)]
     samples = []
     for lo in range(0, len(flat), 1024):
-        samples += policy.rollout(flat[lo : lo + 1024], seed=seed + lo)
+        samples += policy.rollout(flat[lo : lo + 1024], seed=sample_seed + lo)
     solved, distinct = [], []
     for i, p in enumerate(problems):
         right = {

@@ -5,9 +5,9 @@ directory (`out/<kind>/*.parquet`); the leading columns are the ones TRL's train
 is metadata. Every record carries `problem_id`, `tree_id` (`"<problem_id>/<seed>"`) and
 `config_hash` (the derivation config, or the whole job's config when the pipeline passes one).
 Node ids index the tree's arrays in `out/trees` (node 0 is the root, the bare prompt).
-Texts: a *prefix* is `tree.prompt` followed by steps, each ended by "\\n"; a *completion* is steps,
-each ended by "\\n" as the policy ends every step of its own solutions, with no EOS text (TRL
-appends EOS itself).
+Texts: a *prefix* is `tree.prompt` followed by steps, each ended by the task's step separator
+(the tree's `separator`, "\\n" for the built-in tasks); a *completion* is steps, each ended by it
+as the policy ends every step of its own solutions, with no EOS text (TRL appends EOS itself).
 
 Evidence: a *trial* is one distinct verified sample below a node: a terminal node the verifier
 judged (counted once, however often the search revisited it) or a verified rollout whose path is
@@ -73,7 +73,7 @@ steps — TRL stepwise supervision format (PRM training)
 kto — TRL unpaired preference format (KTOTrainer)
     column            type     meaning
     prompt            string   prefix text
-    completion        string   steps, each ended by "\\n"
+    completion        string   steps, each ended by the separator
     label             bool     desirable
     source            string   "pair": a side of an accepted pair (same prompt/completion);
                                "trajectory": a whole verified path from the bare prompt
@@ -105,7 +105,7 @@ problem (`sft_solutions`, 1 by default: the best one)
 
 values — value-function targets, one per visited node
     column            type     meaning
-    prompt            string   the full prefix text of the node (prompt + its steps, each + "\\n")
+    prompt            string   the full prefix text of the node (prompt + its steps, each + separator)
     value             float64  the target: success rate (default) or Q, per DeriveConfig.value_target
                                (with "success", nodes without verified visits get no row)
     visits            int32    N of the node
@@ -133,6 +133,7 @@ trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/f
     simulations       int64          selection rounds run
     policy_tokens     int64          tokens the policy generated for this tree
     meta              string         JSON: task meta, config hash, ...
+    separator         string         the task's step separator (every text above ends each step with it)
     parent            list<int32>    per node: parent id (-1 for the root)
     depth             list<int16>    per node: depth (root 0)
     visits            list<int32>    per node: N
@@ -292,6 +293,7 @@ TREES_SCHEMA = pa.schema(
         ("simulations", pa.int64()),
         ("policy_tokens", pa.int64()),
         ("meta", S),  # JSON text
+        ("separator", S),
     ]
     + [(name, pa.list_(_ARROW_OF_NUMPY[np.dtype(dtype).name])) for name, dtype in NODE_FIELDS.items()]
 )

@@ -13,14 +13,25 @@ from mcts.finished import FinishedTree
 
 
 def prefix_text(tree: FinishedTree, node: int) -> str:
-    """The text the policy conditioned on at `node`: the prompt and each step followed by "\\n"."""
+    """The text the policy conditioned on at `node`: the prompt and each step followed by the tree's
+    separator."""
     return tree.prompt + completion_text(tree, tree.path(node))
 
 
 def completion_text(tree: FinishedTree, nodes: list[int]) -> str:
-    """The steps of `nodes`, each ended by "\\n" as the policy ends every step of its own solutions
-    (TRL appends EOS after it)."""
-    return "".join(tree.steps[i] + "\n" for i in nodes)
+    """The steps of `nodes`, each ended by the tree's separator as the policy ends every step of its
+    own solutions (TRL appends EOS after it)."""
+    return "".join(tree.steps[i] + tree.separator for i in nodes)
+
+
+def text_steps(tree: FinishedTree, prefix: str, completion: str) -> list[str] | None:
+    """The steps an exported (prefix, completion) holds under `tree`'s prompt and separator: the
+    inverse of `prefix_text` + `completion_text`. None when the text is not the tree's prompt
+    followed by separator-ended steps."""
+    text = prefix + completion
+    if not text.startswith(tree.prompt) or not text.endswith(tree.separator):
+        return None
+    return text[len(tree.prompt) :].split(tree.separator)[:-1]
 
 
 def normalize_text(text: str) -> str:

@@ -1,7 +1,7 @@
 """A search worker: one policy, its critics and an expander, loaded once, serving whole batches.
 
 `SearchWorker` is a plain class; `rewards.launcher` makes Ray actors of it. It loads the models,
-warms the numba kernels on a tiny search, then serves `run_batch(problems, seed)` (the finished
+warms the numba kernels on a tiny search, then serves `run_batch(problems, search_seed)` (the finished
 trees), and the audit's model work: re-rollouts, greedy decoding and an unsteered search.
 """
 
@@ -98,17 +98,17 @@ class SearchWorker:
             "warm_s": self.warm_s,
         }
 
-    def run_batch(self, problems: list[Problem], seed: int) -> tuple[list[FinishedTree], dict]:
+    def run_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
         t0 = time.perf_counter()
-        trees = self._search(problems, self.spec.search, seed)
+        trees = self._search(problems, self.spec.search, search_seed)
         return trees, {"seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
-    def audit_search(self, problems: list[Problem], seed: int) -> list[FinishedTree]:
+    def audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
         """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at
         the nodes they scored during the search, the ORM at every verified terminal afterwards."""
         from mcts.search import run_search
 
-        trees = run_search(problems, self.task, self.audit_expander, self.spec.search, seed=seed)
+        trees = run_search(problems, self.task, self.audit_expander, self.spec.search, seed=search_seed)
         if self.critics is None or self.critics.orm is None:
             return trees
         by_id = {p.id: p for p in problems}
@@ -125,11 +125,11 @@ class SearchWorker:
                 t.nodes["orm"][i] = score
         return trees
 
-    def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, seed: int) -> list[float]:
+    def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, rollout_seed: int) -> list[float]:
         """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
         sep = self.task.step_separator
         prompts = [self.expander.prompt(p, steps) for p, steps in items for _ in range(n)]
-        outs = self.policy.rollout(prompts, seed=seed, sep=sep) if prompts else []
+        outs = self.policy.rollout(prompts, seed=rollout_seed, sep=sep) if prompts else []
         hits = [
             self.task.check(items[j // n][0], [*items[j // n][1], *r.steps]).success is True
             for j, r in enumerate(outs)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from critics.metrics import auroc, ece
+from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
 from rewards import records
 from rewards.audit import audit_dataset
@@ -360,16 +361,16 @@ def test_audit_on_golden_trees():
     strata = [(p["chosen_terminal"], p["rejected_terminal"]) for p in pairs]
     assert len(pairs) == 5 and strata.count((False, False)) == 3 and strata.count((True, True)) == 1
 
-    def verify(problem_id: str, prompt: str, completion: str) -> bool:
-        return completion.rstrip("\n").split("\n")[-1].endswith("Answer: 10")
+    def verify(problem_id: str, steps: list[str]) -> bool:
+        return bool(steps) and steps[-1].endswith("Answer: 10")
 
-    # fresh-rollout rates by the prefix's last step; C looks better than A and B to the rollouts
+    # fresh-rollout rates by the node's last step; C looks better than A and B to the rollouts
     rate = {A: 0.9, B: 0.3, C: 0.95, "6 + 5 = 11": 0.5}
     asked = []
 
-    def rerollout(items: list[tuple[str, str]], n: int) -> list[float]:
+    def rerollout(items: list[tuple[str, list[str]]], n: int) -> list[float]:
         asked.append((len(items), n))
-        return [rate[prefix.rstrip("\n").split("\n")[-1]] for _, prefix in items]
+        return [rate[steps[-1]] for _, steps in items]
 
     fooled = build_tree(
         [
@@ -391,7 +392,7 @@ def test_audit_on_golden_trees():
         verify=verify,
         sample_pairs=10,
         greedy={"golden": False, "rich": True},
-        seed=0,
+        sample_seed=0,
         critic_trees=[fooled, golden_tree()],
         seen={"policy": {content_key(golden.question, golden.meta)}, "critics": set()},
     )
@@ -411,17 +412,18 @@ def test_audit_on_golden_trees():
     assert a["critics"]["orm"]["auroc_se"] > 0
     assert "score" not in a["critics"]  # a terminal's score is its own verdict: nothing to audit
     # a negative the verifier accepts, a positive it refuses, duplicates and a contradiction are counted
-    bad = {**pairs[0], "rejected": pairs[0]["chosen"] + " "}
+    bad = {**pairs[0], "rejected": pairs[0]["chosen"]}
     flipped = {**pairs[1], "chosen": pairs[1]["rejected"], "rejected": pairs[1]["chosen"]}
+    unreadable = {**pairs[0], "rejected": pairs[0]["rejected"].rstrip("\n")}  # not the tree's text
     k = {**out["kto"][0], "label": not out["kto"][0]["label"]}
     labels = audit_dataset(
-        [golden], [*pairs, pairs[2], bad, flipped], kto=[k], rerollout=None, verify=verify,
-        sample_pairs=0, greedy=None, seed=0,
+        [golden, rich], [*pairs, pairs[2], bad, flipped, unreadable], kto=[k], rerollout=None, verify=verify,
+        sample_pairs=0, greedy=None, sample_seed=0,
     )["labels"]  # fmt: skip
-    assert labels["rejected_accepted"] == 1 and labels["chosen_refused"] == 1
+    assert labels["rejected_accepted"] == 2 and labels["chosen_refused"] == 1 and labels["unchecked"] == 1
     assert labels["duplicate_pairs"] == 1 and labels["contradictory_pairs"] == 1
     assert labels["undesirable_accepted"] + labels["desirable_refused"] == 1
-    none = audit_dataset([golden], pairs, rerollout=None, sample_pairs=10, greedy=None, seed=0)
+    none = audit_dataset([golden], pairs, rerollout=None, sample_pairs=10, greedy=None, sample_seed=0)
     assert none["pair_precision"] is None and none["search_minus_greedy"] is None and none["critics"] is None
 
 
@@ -435,3 +437,34 @@ def test_rewards_layer_imports_no_model_or_cluster_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_texts_use_the_trees_own_separator_and_read_back_to_its_steps():
+    """A task whose steps end with " ;" gets records whose every step ends with " ;", and the audit
+    reads each exported text back into exactly the steps of the nodes it came from."""
+    from rewards.texts import completion_text, text_steps
+
+    tree = golden_tree()
+    tree.separator = " ;"
+    back = FinishedTree.from_row(tree.to_row())
+    assert back.separator == " ;" and back.tree_id == "golden/0"
+    old = tree.to_row()
+    del old["separator"]  # a tree written before the column existed
+    assert FinishedTree.from_row(old).separator == "\n"
+    out = derive_all([tree], DeriveConfig(confidence=0.0))
+    assert out["pairs"] and out["sft"]
+    for p in out["pairs"]:
+        assert "\n" not in p["chosen"] + p["rejected"] and p["chosen"].endswith(" ;")
+        for side in ("chosen", "rejected"):
+            end = p[f"{side}_end"]
+            assert text_steps(tree, p["prompt"], p[side]) == tree.path_steps(end)
+            assert prefix_text(tree, end) == p["prompt"] + p[side]
+    assert text_steps(tree, tree.prompt, "not ended") is None
+    assert completion_text(tree, tree.path(1)) == tree.steps[1] + " ;"
+
+    def verify(problem_id: str, steps: list[str]) -> bool:
+        return steps[-1].endswith("Answer: 10")
+
+    a = audit_dataset([tree], out["pairs"], kto=out["kto"], sft=out["sft"], rerollout=None, verify=verify,
+                      sample_pairs=0, greedy=None, sample_seed=0)  # fmt: skip
+    assert a["labels"]["unchecked"] == 0 and set(a["labels"].values()) == {0}
