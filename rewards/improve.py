@@ -39,10 +39,10 @@ IMPROVE_SEED_BASE = 3_000_000
 class ImproveConfig:
     """The improvement loop (defaults: the shipped recipe on the embedded policy)."""
 
-    rounds: int = 6
-    problems_per_round: int = 2000
-    """Volume is what lifts the embedded policy (docs/improve-recipes.md): 6 rounds of 2,000 problems
-    (~2.7 min a round here) were chosen on the tune slice."""
+    rounds: int = 3
+    problems_per_round: int = 6000
+    """Volume is what lifts the embedded policy (docs/improve-recipes.md): 3 rounds of 6,000 problems
+    (~9 min a round here) were chosen on the tune slice."""
     simulations: int = 32
     rollouts: int = 8
     """Verified rollouts per new node (no learned critics: they were trained for the base policy)."""
