@@ -34,7 +34,7 @@ def test_round_problems_are_fresh_distinct_and_never_held_out():
 
 def test_evaluate_reports_rates_with_standard_errors(tmp_path):
     policy = save_tiny_llama(tmp_path / "policy")
-    r = evaluate(policy, evaluation_problems("test", 6), pass_k=2, seed=0)
+    r = evaluate(policy, evaluation_problems("test", 6), pass_k=2, sample_seed=0)
     assert r["problems"] == 6 and 0 <= r["greedy"] <= 1 and 0 <= r["pass2"] <= 1
     assert r["distinct"] <= 2 and r["greedy_se"] >= 0
 
