@@ -12,7 +12,7 @@ slow each other), whether the two runs wrote identical records (they must), and 
 load average before each run (how idle it was). On 2 cores the ceiling is 2x.
 
 `--two-node` adds a third run on a two-node Ray cluster started with `ray start` on this machine: a
-head and a second node, each offering one CPU, joined over loopback, and the job with `ray=cluster`
+head and a second node, each offering one CPU, joined as cluster nodes are, and the job with `ray=cluster`
 (one whole CPU per worker, so Ray must place one worker on each node). Reported as
 `speedup_two_nodes` (1 local worker / 2 workers on two nodes) and whether its records are identical
 too. The cluster is stopped by killing its own processes (everything started under its private
@@ -47,7 +47,8 @@ def run_job(out: Path, problems: int, workers: int, seed: int, cluster: str = ""
     ]  # fmt: skip
     if cluster:
         cmd += ["ray=cluster", f"ray.address={cluster}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"} if cluster else None  # `ray start` turned tokens on
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"arborist search failed ({done.returncode}): {done.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -61,6 +62,13 @@ def run_job(out: Path, problems: int, workers: int, seed: int, cluster: str = ""
         "load_average_before": round(load, 2),
         "batches_by_worker": metrics.get("batches_by_worker"),
     }
+
+
+def _node_ip() -> str:
+    """The address Ray names this machine by (it rewrites 127.0.0.1 in a cluster address to it)."""
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
 
 
 def _free_port() -> int:
@@ -102,22 +110,22 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def two_node_cluster() -> Iterator[str]:
-    """A head and a second Ray node on this machine (`ray start`, one CPU each, loopback only);
+    """A head and a second Ray node on this machine (`ray start`, one CPU each, as on a real cluster);
     yields the head's address, then kills the processes of this cluster and no other."""
     temp = tempfile.mkdtemp(prefix="arb-ray-", dir="/tmp")  # short: Ray's socket paths must fit
     port = _free_port()
-    node = ["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]
+    node = ["--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]
     try:
         for cmd in (
             ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *node],
-            ["ray", "start", f"--address=127.0.0.1:{port}", *node],
+            ["ray", "start", f"--address={_node_ip()}:{port}", *node],
         ):
             # the head turns token authentication on; a joining node must be told to send the token
             env = {**os.environ, "RAY_AUTH_MODE": "token"}
             done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:3])} failed: {(done.stderr or done.stdout)[-1500:]}")
-        address = f"127.0.0.1:{port}"
+        address = f"{_node_ip()}:{port}"
         _wait_for_nodes(address, 2, timeout_s=120.0)
         yield address
     finally:
