@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,13 +63,6 @@ def run_job(out: Path, problems: int, workers: int, seed: int, cluster: str = ""
         "load_average_before": round(load, 2),
         "batches_by_worker": metrics.get("batches_by_worker"),
     }
-
-
-def _node_ip() -> str:
-    """The address Ray names this machine by (it rewrites 127.0.0.1 in a cluster address to it)."""
-    from ray.util import get_node_ip_address
-
-    return get_node_ip_address()
 
 
 def _free_port() -> int:
@@ -115,17 +109,23 @@ def two_node_cluster() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="arb-ray-", dir="/tmp")  # short: Ray's socket paths must fit
     port = _free_port()
     node = ["--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]
+    # the head turns token authentication on; a joining node must be told to send the token
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+    def ray_start(*args: str) -> str:
+        done = subprocess.run(["ray", "start", *args, *node], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start {args[0]} failed: {(done.stderr or done.stdout)[-1500:]}")
+        return done.stdout + done.stderr
+
     try:
-        for cmd in (
-            ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *node],
-            ["ray", "start", f"--address={_node_ip()}:{port}", *node],
-        ):
-            # the head turns token authentication on; a joining node must be told to send the token
-            env = {**os.environ, "RAY_AUTH_MODE": "token"}
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd[:3])} failed: {(done.stderr or done.stdout)[-1500:]}")
-        address = f"{_node_ip()}:{port}"
+        said = ray_start("--head", f"--port={port}", "--include-dashboard=false")
+        # the address Ray names this machine by (it would rewrite 127.0.0.1 to it anyway)
+        ip = re.search(r"Local node IP: ([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", said))
+        if ip is None:
+            raise RuntimeError(f"ray start --head did not say its node IP: {said[-800:]}")
+        address = f"{ip.group(1)}:{port}"
+        ray_start(f"--address={address}")
         _wait_for_nodes(address, 2, timeout_s=120.0)
         yield address
     finally:
