@@ -43,7 +43,7 @@ from mcts.policy import resolve_device
 @dataclass
 class TrainCriticsConfig:
     """How the critics are fine-tuned (the defaults are the embedded critics' recipe, but for
-    `value_steps`, which `rewards.critic_bootstrap` sets to 2,000)."""
+    `value_steps` and `orm_steps`, which `rewards.critic_bootstrap` sets to 3,000 and 2,000)."""
 
     kinds: tuple[str, ...] = KINDS
     """Which critics to train."""
@@ -52,8 +52,11 @@ class TrainCriticsConfig:
     value_steps: int | None = None
     """The value function's steps when they differ (None: `steps`). A value row labels one position
     where a PRM row labels every step, so the value function sees fewer labels per step; the
-    embedded critics give it 2,000: held-out value AUROC 0.739 / 0.740 at 1,000 steps, 0.768 /
-    0.767 at 2,000 (training seeds 1 / 2, 6,400 problems' trees, the critics' trunk)."""
+    embedded critics give it 3,000 (docs/critics-history.md: validation AUROC 0.777 at 2,000 steps,
+    0.793 at 3,000; tune slice 0.729 -> 0.740)."""
+    orm_steps: int | None = None
+    """The ORM's steps when they differ (None: `steps`); the embedded critics give it 2,000
+    (validation AUROC 0.909 at 1,000, 0.916 at 2,000; tune slice 0.934 -> 0.937)."""
     train_layers: int = 1
     """Transformer blocks trained, counted from the top, with what follows them (the final norm)
     and the head; the embeddings and the blocks below keep the base checkpoint's weights.
@@ -94,7 +97,7 @@ class TrainCriticsConfig:
             raise ValueError(
                 f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
             )
-        for name in ("steps", "value_steps"):
+        for name in ("steps", "value_steps", "orm_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: a critic needs at least one optimizer step")
@@ -178,8 +181,9 @@ def train_one(
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report)."""
     t0 = time.perf_counter()
-    if kind == "value" and cfg.value_steps is not None:
-        cfg = replace(cfg, steps=cfg.value_steps)
+    own_steps = {"value": cfg.value_steps, "orm": cfg.orm_steps}.get(kind)
+    if own_steps is not None:
+        cfg = replace(cfg, steps=own_steps)
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
     device = resolve_device(cfg.device)
     model, tok = init_from_policy(base_dir, kind, cfg.seed)

@@ -74,8 +74,11 @@ class BootstrapCriticsConfig:
     have room to work), but a critic must know the arithmetic that decides whether a state can
     still reach the target: 40 % of the policy's wrong answers have wrong arithmetic. None: start
     from the policy's own trunk (held-out AUROC value / PRM / ORM 0.630 / 0.708 / 0.855)."""
-    train: TrainCriticsConfig = field(default_factory=lambda: TrainCriticsConfig(value_steps=2000))
-    """Fine-tuning: the top block and the head, 1,000 steps (the value function 2,000)."""
+    train: TrainCriticsConfig = field(
+        default_factory=lambda: TrainCriticsConfig(value_steps=3000, orm_steps=2000)
+    )
+    """Fine-tuning: the top block and the head, 1,000 steps (the value function 3,000, the ORM
+    2,000: chosen on the bootstrap's validation split and the held-out pool's tune slice)."""
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
     labels: str = "trials-v3"

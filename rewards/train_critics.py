@@ -79,6 +79,7 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--value-steps", type=int, default=None, help="the value function's steps (default: --steps)"
     )
+    ap.add_argument("--orm-steps", type=int, default=None, help="the ORM's steps (default: --steps)")
     ap.add_argument(
         "--train-layers",
         type=int,
@@ -97,6 +98,7 @@ def main_train_critics(argv: list[str] | None = None) -> int:
             kinds=kinds,
             steps=args.steps,
             value_steps=args.value_steps,
+            orm_steps=args.orm_steps,
             train_layers=args.train_layers,
             seed=args.seed,
             device=args.device,

@@ -334,14 +334,18 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     assert main_train_critics([str(tmp_path / "empty")]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--train-layers", "-3"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--value-steps", "0"]) == 2
+    assert main_train_critics([str(tmp_path / "ds"), "--orm-steps", "0"]) == 2
     reports = train_critics_on_trees(
         trees,
         tmp_path / "direct",
         policy_dir,
-        TrainCriticsConfig(kinds=("value", "orm"), steps=2, value_steps=3, min_verified=1, progress=False),
+        TrainCriticsConfig(
+            kinds=("value", "prm", "orm"), steps=2, value_steps=3, orm_steps=4, progress=False
+        ),
     )
     assert reports["value"]["train_rows"] > 0
-    assert (reports["value"]["steps"], reports["orm"]["steps"]) == (3, 2), "value_steps is the value's alone"
+    steps = tuple(reports[k]["steps"] for k in ("value", "prm", "orm"))
+    assert steps == (3, 2, 4), "value_steps and orm_steps are their critic's alone"
 
 
 def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
