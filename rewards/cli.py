@@ -220,6 +220,7 @@ def improve(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=d.seed)
     args = parser.parse_args(argv)
     from mcts.policy import PolicyLoadError
+    from rewards.launcher import error_line, runtime_errors
 
     try:
         cfg = ImproveConfig(
@@ -242,6 +243,10 @@ def improve(argv: list[str]) -> int:
         summary = run_improve(args.out, cfg, policy)
     except (TrainInputError, PolicyLoadError, *_input_errors()) as e:
         return _fail(e)
+    except runtime_errors() as e:  # a round's job failed while running (a lost worker, a full disk)
+        line = error_line(e).splitlines()[0].replace("the same out", "the same --out")
+        print(f"arborist: error: {line}", file=sys.stderr)
+        return 1
     print(table(summary))
     return 0
 

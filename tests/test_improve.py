@@ -62,3 +62,24 @@ def test_a_round_searches_every_problem_of_its_file(tmp_path):
     job = check_config(compose(round_overrides(tmp_path / "round-1", str(policy), cfg, 1)))
     assert len(job.problems) == 300
     assert {p.id for p in job.problems} == {p.id for p in round_problems(1, 300, 0)}
+
+
+def test_a_failed_round_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """A round's job that dies while running (here: its workers lost beyond the retries, as when
+    something kills the job's Ray) ends `arborist improve` with one line naming the resume."""
+    import rewards.improve
+    from rewards.cli import main
+    from rewards.launcher import JobError
+
+    def lost(*args, **kwargs):
+        raise JobError("batch 128 lost its worker 4 times (ray.max_retries=3)")
+
+    monkeypatch.setattr(rewards.improve, "run_improve", lost)
+    policy = save_tiny_llama(tmp_path / "policy")
+    capsys.readouterr()  # saving the model printed its progress
+    assert main(["improve", "--out", str(tmp_path / "out"), "--policy", str(policy)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "arborist: error: batch 128 lost its worker 4 times (ray.max_retries=3); "
+        "rerunning with the same --out resumes from the last finished shard"
+    ]
