@@ -244,8 +244,7 @@ def improve(argv: list[str]) -> int:
     except (TrainInputError, PolicyLoadError, *_input_errors()) as e:
         return _fail(e)
     except runtime_errors() as e:  # a round's job failed while running (a lost worker, a full disk)
-        line = error_line(e).splitlines()[0].replace("the same out", "the same --out")
-        print(f"arborist: error: {line}", file=sys.stderr)
+        print(f"arborist: error: {error_line(e, out_flag='--out').splitlines()[0]}", file=sys.stderr)
         return 1
     print(table(summary))
     return 0

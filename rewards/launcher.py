@@ -47,14 +47,16 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
     return (JobError, OSError, RayError)
 
 
-def error_line(err: BaseException) -> str:
-    """One line for a runtime failure, with what to do about it."""
+def error_line(err: BaseException, out_flag: str = "out") -> str:
+    """One line for a runtime failure, with what to do about it; `out_flag` is how the command
+    names its output directory (`arborist search`: out, `arborist improve`: --out)."""
     if isinstance(err, OSError) and not isinstance(err, ConnectionError):
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        return f"cannot write the dataset{where}: {err.strerror or err}: free space, fix permissions or choose another out=DIR; rerunning resumes"
+        return f"cannot write the dataset{where}: {err.strerror or err}: free space, fix permissions or choose another {out_flag}=DIR; rerunning resumes"
+    resume = f"rerunning with the same {out_flag} resumes from the last finished shard"
     if isinstance(err, JobError):
-        return f"{err}; rerunning with the same out resumes from the last finished shard"
-    return f"Ray failed: {_first_error_line(err)}; rerunning with the same out resumes from the last finished shard"
+        return f"{err}; {resume}"
+    return f"Ray failed: {_first_error_line(err)}; {resume}"
 
 
 @contextmanager
