@@ -58,7 +58,7 @@ from critics.metrics import auroc, auroc_se, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
 from rewards.stats import CORRECT, node_stats, wilson_interval
-from rewards.texts import normalize_text, text_steps
+from rewards.texts import normalize_text, solution_key, text_steps
 
 CRITICS = ("value", "prm", "orm")
 # [(problem id, the steps of a node's path)], n -> success rate of n fresh verified rollouts from each
@@ -315,7 +315,7 @@ def audit_shards(
             solved[t.problem_id] = solved.get(t.problem_id, False) or bool(st.verified_below[0])
             keys[t.problem_id] = content_key(t.question, t.meta)
             for i in np.flatnonzero(st.terminal & (st.outcome == CORRECT)):
-                solutions[t.problem_id].add(normalize_text(t.separator.join(t.path_steps(int(i)))))
+                solutions[t.problem_id].add(solution_key(t.path_steps(int(i)), t.separator))
     assert seen_pairs == num_pairs, f"the shards hold {seen_pairs} pairs, not the {num_pairs} announced"
     problems = sorted(set(solved) | set(per_problem))
     report: dict = {"num_trees": num_trees, "num_problems": len(problems), "num_pairs": num_pairs}

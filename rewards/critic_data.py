@@ -24,7 +24,7 @@ from critics.labels import Labels
 from mcts.finished import FinishedTree
 from rewards.derive import DeriveConfig, prm_rows, value_rows
 from rewards.stats import CORRECT, node_stats
-from rewards.texts import normalize_text
+from rewards.texts import solution_key
 
 
 def value_labels(trees: Iterable[FinishedTree], min_verified: int = 2) -> Labels:
@@ -63,7 +63,7 @@ def orm_labels(trees: Iterable[FinishedTree]) -> Labels:
         st = node_stats(tree)
         for i in np.flatnonzero(st.terminal & (st.outcome >= 0) & (st.depth > 0)):
             steps = tree.path_steps(int(i))
-            key = (tree.problem_id, normalize_text(tree.separator.join(steps)))
+            key = (tree.problem_id, solution_key(steps, tree.separator))
             if key in seen:
                 continue
             seen.add(key)

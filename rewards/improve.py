@@ -82,6 +82,7 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: i
 
     from mcts.policy import Policy, PolicyConfig
     from mcts.tasks.countdown import CountdownTask
+    from rewards.texts import solution_key
 
     torch.set_num_threads(2)
     task = CountdownTask()
@@ -97,10 +98,9 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: i
     solved, distinct = [], []
     for i, p in enumerate(problems):
         right = {
-            " ".join(s.split())
+            solution_key(r.steps, task.step_separator)
             for r in samples[i * pass_k : (i + 1) * pass_k]
             if task.check(p, r.steps).success is True
-            for s in ["\n".join(r.steps)]
         }
         solved.append(bool(right))
         distinct.append(len(right))

@@ -39,6 +39,11 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def solution_key(steps: list[str], separator: str = "\n") -> str:
+    """What makes two solutions the same one: their steps, whitespace-insensitively."""
+    return normalize_text(separator.join(steps))
+
+
 def dedupe(
     rows: Iterable[dict],
     key: Callable[[dict], tuple],
