@@ -39,6 +39,12 @@ from pathlib import Path
 from benchmarks._report import environment, format_table, write_json
 
 
+def _token_env() -> dict[str, str]:
+    """A `ray start` cluster has token authentication on: a joining node, `ray status` and the job
+    must be told to send the token."""
+    return {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
 def run_job(out: Path, problems: int, workers: int, seed: int, cluster: str = "") -> dict:
     load = os.getloadavg()[0]
     cmd = [
@@ -48,8 +54,9 @@ def run_job(out: Path, problems: int, workers: int, seed: int, cluster: str = ""
     ]  # fmt: skip
     if cluster:
         cmd += ["ray=cluster", f"ray.address={cluster}"]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"} if cluster else None  # `ray start` turned tokens on
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env=_token_env() if cluster else None
+    )
     if done.returncode != 0:
         raise RuntimeError(f"arborist search failed ({done.returncode}): {done.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -86,8 +93,9 @@ def _processes_under(marker: str) -> list[int]:
 
 def active_nodes(address: str) -> int:
     """How many nodes `ray status` lists as active in the cluster at `address`."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    done = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        ["ray", "status", f"--address={address}"], capture_output=True, text=True, env=_token_env()
+    )
     text = done.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
     return sum(1 for line in text.splitlines() if line.strip().startswith("1 node_"))
 
@@ -109,11 +117,11 @@ def two_node_cluster() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="arb-ray-", dir="/tmp")  # short: Ray's socket paths must fit
     port = _free_port()
     node = ["--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"]
-    # the head turns token authentication on; a joining node must be told to send the token
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
 
     def ray_start(*args: str) -> str:
-        done = subprocess.run(["ray", "start", *args, *node], capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            ["ray", "start", *args, *node], capture_output=True, text=True, env=_token_env()
+        )
         if done.returncode != 0:
             raise RuntimeError(f"ray start {args[0]} failed: {(done.stderr or done.stdout)[-1500:]}")
         return done.stdout + done.stderr
