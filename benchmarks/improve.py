@@ -51,14 +51,15 @@ ARMS = {
 }
 
 
-def best_trajectory_trainer(dataset, out, policy, cfg):
-    """SFT on the first (most visited) verified solution of each problem."""
+def best_trajectory_trainer(datasets, out, policy, cfg):
+    """SFT on the first (most visited) verified solution of each problem (rounds' problems differ)."""
     from rewards.train import read_kind
 
     first: dict[str, dict] = {}
-    for row in read_kind(Path(dataset), "sft"):
-        first.setdefault(row["problem_id"], row)
-    return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{dataset} (best per problem)")
+    for dataset in datasets:
+        for row in read_kind(Path(dataset), "sft"):
+            first.setdefault(row["problem_id"], row)
+    return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{datasets} (best per problem)")
 
 
 def outcome_pairs(dataset: Path) -> list[dict]:
@@ -85,9 +86,9 @@ def outcome_pairs(dataset: Path) -> list[dict]:
     return rows
 
 
-def outcome_trainer(dataset, out, policy, cfg):
-    pairs = outcome_pairs(Path(dataset))
-    return train_on_rows([], pairs, out, policy, cfg, source=f"{dataset} (outcome pairs)")
+def outcome_trainer(datasets, out, policy, cfg):
+    pairs = [row for dataset in datasets for row in outcome_pairs(Path(dataset))]
+    return train_on_rows([], pairs, out, policy, cfg, source=f"{datasets} (outcome pairs)")
 
 
 def arm_keys(summary: dict, k: int) -> dict:

@@ -5,7 +5,7 @@
                                                  policy.path=DIR search.simulations=N ray.address=auto
                                                  ray.num_workers=N; `arborist search --help` lists all
     arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
-    arborist train DATASET_DIR --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
+    arborist train DATASET_DIR... --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
                                                  train a policy with TRL on a search output directory
     arborist improve --out DIR [--rounds 3] [--problems 6000] [--recipe sft|sft+dpo|dpo]
                                                  rounds of search -> train -> held-out evaluation
@@ -152,7 +152,7 @@ def train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="arborist train", description="Train a policy with TRL on an arborist dataset as it is."
     )
-    parser.add_argument("dataset", help="the out= directory of `arborist search`")
+    parser.add_argument("dataset", nargs="+", help="the out= directory of `arborist search` (several: all their rows)")
     parser.add_argument("--out", required=True, help="where the trained model directory goes")
     parser.add_argument("--policy", default="", help="model to start from (default: the embedded policy)")
     parser.add_argument("--recipe", default=TrainPolicyConfig.recipe, choices=RECIPES)
@@ -216,6 +216,12 @@ def improve(argv: list[str]) -> int:
     parser.add_argument("--simulations", type=int, default=d.simulations)
     parser.add_argument("--rollouts", type=int, default=d.rollouts, help="verified rollouts per new node")
     parser.add_argument("--recipe", default=d.train.recipe, choices=RECIPES)
+    parser.add_argument(
+        "--replay",
+        action=argparse.BooleanOptionalAction,
+        default=d.replay,
+        help="round k trains on rounds 1..k's data (--no-replay: on round k's alone)",
+    )
     parser.add_argument("--eval-problems", type=int, default=d.eval_problems, help="0: the whole test slice")
     parser.add_argument("--seed", type=int, default=d.seed)
     args = parser.parse_args(argv)
@@ -228,6 +234,7 @@ def improve(argv: list[str]) -> int:
             problems_per_round=args.problems,
             simulations=args.simulations,
             rollouts=args.rollouts,
+            replay=args.replay,
             eval_problems=args.eval_problems,
             seed=args.seed,
             train=replace(d.train, recipe=args.recipe, seed=args.seed),

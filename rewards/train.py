@@ -1,6 +1,7 @@
 """`arborist train DATASET --out DIR`: a policy trained with TRL on an arborist dataset as it is.
 
     arborist train arborist-out --out trained                  # the shipped recipe (sft)
+    arborist train out-a out-b --out trained                   # the rows of several jobs
     arborist train arborist-out --out trained --recipe sft+dpo # SFT, then step-level DPO + NLL
     arborist train arborist-out --out trained --policy DIR     # any local causal LM
 
@@ -230,17 +231,20 @@ def _losses(trainer) -> list[float]:
 
 
 # -- the command --------------------------------------------------------------------------------------
-def train_policy(dataset: str | Path, out: str | Path, policy: str | Path, cfg: TrainPolicyConfig) -> dict:
-    """Train `policy` on the dataset directory `dataset` with `cfg`; write the model to `out`
-    atomically; return a report."""
-    dataset = Path(dataset)
-    sft = read_kind(dataset, "sft") if "sft" in cfg.recipe else []
-    pairs = read_kind(dataset, "pairs") if "dpo" in cfg.recipe else []
+def train_policy(
+    dataset: str | Path | list[str | Path], out: str | Path, policy: str | Path, cfg: TrainPolicyConfig
+) -> dict:
+    """Train `policy` on the dataset directory `dataset` (or several, their rows in the order
+    given) with `cfg`; write the model to `out` atomically; return a report."""
+    datasets = [Path(d) for d in (dataset if isinstance(dataset, list | tuple) else [dataset])]
+    named = " + ".join(map(str, datasets))
+    sft = [row for d in datasets for row in read_kind(d, "sft")] if "sft" in cfg.recipe else []
+    pairs = [row for d in datasets for row in read_kind(d, "pairs")] if "dpo" in cfg.recipe else []
     if "sft" in cfg.recipe and not sft:
-        raise TrainInputError(f"{dataset} has no sft rows: search more problems, or use --recipe dpo")
+        raise TrainInputError(f"{named} has no sft rows: search more problems, or use --recipe dpo")
     if "dpo" in cfg.recipe and not pairs:
-        raise TrainInputError(f"{dataset} has no pairs: search more problems, or use --recipe sft")
-    return train_on_rows(sft, pairs, out, policy, cfg, source=str(dataset))
+        raise TrainInputError(f"{named} has no pairs: search more problems, or use --recipe sft")
+    return train_on_rows(sft, pairs, out, policy, cfg, source=named)
 
 
 def train_on_rows(

@@ -83,3 +83,31 @@ def test_a_failed_round_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
         "arborist: error: batch 128 lost its worker 4 times (ray.max_retries=3); "
         "rerunning with the same --out resumes from the last finished shard"
     ]
+
+
+def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):
+    """The loop end to end on rounds whose search already finished (the resume path): with replay,
+    round 2's policy is trained on both rounds' rows; without it, on round 2's alone."""
+    import json
+
+    from rewards.improve import ImproveConfig, run_improve
+    from rewards.train import TrainPolicyConfig, read_kind
+
+    policy = save_tiny_llama(tmp_path / "policy")
+    trees = {1: [golden_tree("p1"), rich_tree("p2")], 2: [rich_tree("p3")]}
+    train = TrainPolicyConfig(sft_epochs=1, batch_size=4, device="cpu")
+    for replay in (True, False):
+        out = tmp_path / f"replay-{replay}"
+        for k, ts in trees.items():
+            data = out / f"round-{k}" / "data"
+            DatasetWriter(data, {"test": True}, {}).write_shard(
+                derive_all(ts, DeriveConfig()), [t.problem_id for t in ts], "s0"
+            )
+            (data / "audit.json").write_text(json.dumps({"search_success": 0.5}))  # the job's last file
+        cfg = ImproveConfig(rounds=2, replay=replay, eval_problems=3, pass_k=2, train=train)
+        summary = run_improve(out, cfg, policy, progress=False)
+        rows = [len(read_kind(out / f"round-{k}" / "data", "sft")) for k in (1, 2)]
+        trained = json.loads((out / "round-2" / "policy" / "arborist_train.json").read_text())
+        assert trained["sft_rows"] == (rows[0] + rows[1] if replay else rows[1]) and rows[0] > 0
+        assert trained["base"] == str(out / "round-1" / "policy")  # on-policy: round 1's model goes on
+        assert len(summary["rounds"]) == 3 and summary["config"]["replay"] is replay
