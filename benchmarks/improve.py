@@ -5,7 +5,8 @@
 
 From the same base policy (the embedded one), every arm runs `arborist improve`'s loop on-policy:
 each round searches the same number of fresh training problems with the same search (so the same
-search compute) using that arm's previous policy, then trains that arm's way:
+search compute) using that arm's previous policy, then trains that arm's way on the data of every
+round so far (`ImproveConfig.replay`, as `arborist improve` does):
 
 - `sft`: best-trajectory SFT (the most visited verified solution per problem), the baseline;
 - `outcome_dpo`: DPO + NLL on whole paths of one tree: its most visited verified-correct solution
@@ -25,7 +26,8 @@ set by content; no tuning looked at it): greedy success, pass@16, distinct verif
 problem (each with its standard error), and the search success of the round's own search. Writes
 `base_greedy`, `greedy_by_round`, `pass16_by_round`, `distinct_by_round`, `search_by_round`,
 `gap_by_round` (search success minus greedy) for the shipped recipe, the same keys per arm under
-`arms`, and prints a table.
+`arms`, and per arm `greedy_vs_sft_by_round` with `greedy_vs_sft_se_by_round`: its greedy success
+minus best-trajectory SFT's on the same problems, a paired difference; and prints a table.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks._report import environment, write_json
 from rewards.improve import ImproveConfig, evaluate, run_improve
@@ -89,6 +93,13 @@ def outcome_pairs(dataset: Path) -> list[dict]:
 def outcome_trainer(datasets, out, policy, cfg):
     pairs = [row for dataset in datasets for row in outcome_pairs(Path(dataset))]
     return train_on_rows([], pairs, out, policy, cfg, source=f"{datasets} (outcome pairs)")
+
+
+def paired(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of a - b over the same problems and its standard error (a paired difference: the
+    problems' own difficulty cancels, so it is far tighter than two unpaired rates)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def arm_keys(summary: dict, k: int) -> dict:
@@ -166,7 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run_improve(arm_dir, arm_cfg, base, trainer=trainer)
         first_search = first_search or arm_dir / "round-1"
         arms[name] = arm_keys(summary, cfg.pass_k)
+        arms[name]["hits_by_round"] = [r.get("greedy_hits") for r in summary["rounds"][1:]]
         print(f"{name}: greedy {arms[name]['greedy_by_round']}", file=sys.stderr, flush=True)
+    baseline = arms.get("sft", {}).get("hits_by_round")
+    for name, a in arms.items():
+        hits = a.pop("hits_by_round")
+        if baseline and name != "sft" and all(hits) and all(baseline):
+            diffs = [paired(h, s) for h, s in zip(hits, baseline, strict=True)]
+            a["greedy_vs_sft_by_round"] = [d for d, _ in diffs]
+            a["greedy_vs_sft_se_by_round"] = [se for _, se in diffs]
     k = cfg.pass_k
     result = {
         "base_greedy": base_eval["greedy"],

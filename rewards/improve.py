@@ -82,7 +82,8 @@ def round_problems(k: int, n: int, seed: int) -> list:
 
 def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: int) -> dict:
     """Held-out greedy success, pass@k (temperature 1) and distinct verified solutions per problem,
-    each with its standard error over problems."""
+    each with its standard error over problems; `greedy_hits` (1/0 per problem, in order) lets two
+    policies be compared problem by problem (a paired difference)."""
     import torch
 
     from mcts.policy import Policy, PolicyConfig
@@ -123,6 +124,7 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: i
         f"pass{pass_k}_se": pk_se,
         "distinct": d,
         "distinct_se": d_se,
+        "greedy_hits": [int(h) for h in greedy],
     }
 
 
