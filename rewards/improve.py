@@ -221,6 +221,7 @@ def run_improve(
             "search_success": audit.get("search_success"),
             "pairs": rows.get("pairs"),
             "sft_rows": rows.get("sft"),
+            "trained_rows": report.get("sft_rows", 0) + report.get("dpo_rows", 0),  # replay: every round's
             "train_seconds": report["seconds"],
             "seconds": round(time.perf_counter() - t0, 1),
         }

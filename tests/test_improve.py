@@ -111,3 +111,4 @@ def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):
         assert trained["sft_rows"] == (rows[0] + rows[1] if replay else rows[1]) and rows[0] > 0
         assert trained["base"] == str(out / "round-1" / "policy")  # on-policy: round 1's model goes on
         assert len(summary["rounds"]) == 3 and summary["config"]["replay"] is replay
+        assert summary["rounds"][2]["trained_rows"] == trained["sft_rows"]
