@@ -7,7 +7,7 @@
     arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
     arborist train DATASET_DIR... --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
                                                  train a policy with TRL on search output directories
-    arborist improve --out DIR [--rounds 3] [--problems 6000] [--recipe sft|sft+dpo|dpo]
+    arborist improve --out DIR [--rounds 3] [--problems 10000] [--recipe sft|sft+dpo|dpo]
                                                  rounds of search -> train -> held-out evaluation
     arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
     arborist show OUT [--problem ID]             draw a finished tree and the job's plots (OUT/show.html)
