@@ -1,6 +1,6 @@
 """Does a policy trained on arborist's data get better? Arms at equal search compute, round by round.
 
-    python -m benchmarks.improve --json results/improve.json        # ~40 min on 2 cores
+    python -m benchmarks.improve --json results/improve.json        # ~21 min on 2 cores
     python -m benchmarks.improve --quick --json /tmp/improve.json   # 1 round, small sets: a smoke run
 
 From the same base policy (the embedded one), every arm runs `arborist improve`'s loop on-policy:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--problems",
         type=int,
         default=1500,
-        help="training problems per round (every arm's three rounds fit in ~40 min here at 1,500)",
+        help="training problems per round (four arms x three rounds: 21 min here at 1,500)",
     )
     ap.add_argument("--simulations", type=int, default=32)
     ap.add_argument("--eval-problems", type=int, default=0, help="0: the whole slice (444 test problems)")
