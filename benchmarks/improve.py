@@ -4,7 +4,7 @@
     python -m benchmarks.improve --quick --json /tmp/improve.json   # 1 round, small sets: a smoke run
 
 From the same base policy (the embedded one), every arm runs `arborist improve`'s loop on-policy:
-each round searches the same number of fresh training problems with the same search (so the same
+each round searches the same number of newly drawn training problems with the same search (the same
 search compute) using that arm's previous policy, then trains that arm's way on the data of every
 round so far (`ImproveConfig.replay`, as `arborist improve` does):
 
@@ -56,14 +56,16 @@ ARMS = {
 
 
 def best_trajectory_trainer(datasets, out, policy, cfg):
-    """SFT on the first (most visited) verified solution of each problem (rounds' problems differ)."""
+    """SFT on the first (most visited) verified solution of each problem of each round (a problem two
+    rounds searched keeps one row from each: ids carry the round's generator seed)."""
     from rewards.train import read_kind
 
     first: dict[str, dict] = {}
     for dataset in datasets:
         for row in read_kind(Path(dataset), "sft"):
             first.setdefault(row["problem_id"], row)
-    return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{datasets} (best per problem)")
+    named = " + ".join(map(str, datasets))
+    return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{named} (best per problem)")
 
 
 def outcome_pairs(dataset: Path) -> list[dict]:
@@ -92,14 +94,17 @@ def outcome_pairs(dataset: Path) -> list[dict]:
 
 def outcome_trainer(datasets, out, policy, cfg):
     pairs = [row for dataset in datasets for row in outcome_pairs(Path(dataset))]
-    return train_on_rows([], pairs, out, policy, cfg, source=f"{datasets} (outcome pairs)")
+    named = " + ".join(map(str, datasets))
+    return train_on_rows([], pairs, out, policy, cfg, source=f"{named} (outcome pairs)")
 
 
 def paired(a: list[int], b: list[int]) -> tuple[float, float]:
     """Mean of a - b over the same problems and its standard error (a paired difference: the
     problems' own difficulty cancels, so it is far tighter than two unpaired rates)."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"a paired difference needs the same problems on both sides: {len(a)} vs {len(b)}")
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def arm_keys(summary: dict, k: int) -> dict:
@@ -114,6 +119,7 @@ def arm_keys(summary: dict, k: int) -> dict:
         "gap_by_round": [r["search_success"] - r["greedy"] for r in later],
         "pairs_by_round": [r.get("pairs") for r in later],
         "sft_rows_by_round": [r.get("sft_rows") for r in later],
+        "trained_rows_by_round": [r.get("trained_rows") for r in later],
     }
 
 
@@ -152,6 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     held_out = evaluation_problems(cfg.eval_split, args.eval_problems or None)
     base_eval_file = work / "base-eval.json"
+    stale = base_eval_file.is_file() and (
+        json.loads(base_eval_file.read_text()).get("problems") != len(held_out)
+        or "greedy_hits" not in json.loads(base_eval_file.read_text())
+    )
+    if stale:  # another slice size, or from before per-problem hits: the arms would not compare
+        sys.exit(f"benchmarks.improve: {work} holds a run with other settings: choose a new --out")
     if not base_eval_file.is_file():
         work.mkdir(parents=True, exist_ok=True)
         base_eval_file.write_text(
@@ -198,12 +210,19 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "environment": environment(),
     }
-    print(f"| arm | greedy by round (base {result['base_greedy']:.3f}) | pass@{k} | distinct | search |")
-    print("|---|---|---|---|---|")
+    print(f"| arm | greedy by round (base {result['base_greedy']:.3f}) | pass@{k} | distinct | search "
+          "| greedy minus best-trajectory SFT, paired (se) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for name, a in arms.items():
         fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        vs = " / ".join(
+            f"{d:+.3f} ({se:.3f})"
+            for d, se in zip(
+                a.get("greedy_vs_sft_by_round", []), a.get("greedy_vs_sft_se_by_round", []), strict=True
+            )
+        )
         print(f"| {name} | {fmt(a['greedy_by_round'])} | {fmt(a[f'pass{k}_by_round'])} | "
-              f"{fmt(a['distinct_by_round'])} | {fmt(a['search_by_round'])} |")  # fmt: skip
+              f"{fmt(a['distinct_by_round'])} | {fmt(a['search_by_round'])} | {vs} |")  # fmt: skip
     write_json(args.json, result)
     return result
 

@@ -7,7 +7,7 @@
     arborist bootstrap [--seed N] [--force]      train the embedded default policy (and critics) now
     arborist train DATASET_DIR... --out DIR [--recipe sft+dpo|sft|dpo] [--policy DIR]
                                                  train a policy with TRL on search output directories
-    arborist improve --out DIR [--rounds 3] [--problems 10000] [--recipe sft|sft+dpo|dpo]
+    arborist improve --out DIR [--rounds 3] [--problems 10000] [--no-replay] [--recipe sft|...]
                                                  rounds of search -> train -> held-out evaluation
     arborist train-critics DATASET_DIR [--out DIR]   train the critics on a search output directory
     arborist show OUT [--problem ID]             draw a finished tree and the job's plots (OUT/show.html)
@@ -146,13 +146,15 @@ def train_critics(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> int:
-    """`arborist train DATASET_DIR --out DIR`: rewards.train, with one-line errors."""
+    """`arborist train DATASET_DIR... --out DIR`: rewards.train, with one-line errors."""
     from rewards.train import RECIPES, TrainInputError, TrainPolicyConfig, train_policy
 
     parser = argparse.ArgumentParser(
         prog="arborist train", description="Train a policy with TRL on an arborist dataset as it is."
     )
-    parser.add_argument("dataset", nargs="+", help="the out= directory of `arborist search` (several: all their rows)")
+    parser.add_argument(
+        "dataset", nargs="+", help="the out= directory of `arborist search` (several: all their rows)"
+    )
     parser.add_argument("--out", required=True, help="where the trained model directory goes")
     parser.add_argument("--policy", default="", help="model to start from (default: the embedded policy)")
     parser.add_argument("--recipe", default=TrainPolicyConfig.recipe, choices=RECIPES)

@@ -3,22 +3,28 @@
     arborist improve --out improve-out                     # 3 rounds of 10,000 from the embedded policy
     arborist improve --out improve-out --recipe sft        # the rejection-sampling baseline
 
-Round k (1..rounds) searches `problems_per_round` fresh Countdown problems with round k-1's policy
+Round k (1..rounds) searches `problems_per_round` newly drawn Countdown problems with round k-1's policy
 (round 0 is the base policy), derives the dataset (`arborist search` itself, in-process), trains
 with `arborist train`'s recipe starting from round k-1's policy on the datasets of rounds 1..k
 (`replay`; the rows of earlier rounds come from earlier policies, all verified), and evaluates the
 new policy on held-out problems. Everything a round makes stays under `out/round-k/`:
 
-    problems.jsonl   the round's training problems (distinct by content, the held-out pool removed)
+    problems.jsonl   the round's training problems (distinct by content within the round, the
+                     held-out pool removed)
     data/            the search job's dataset (manifest, shards, audit.json)
     policy/          the trained model (policy.path= takes it)
     eval.json        held-out greedy success, pass@k, distinct verified solutions per problem
 
 A round whose eval.json exists is done; an interrupted round resumes where it stopped (the search
-job resumes from its manifest, training reruns from the round's dataset). Training problems of
-round k come from generator seed `IMPROVE_SEED_BASE + 1000 * seed + k`; the held-out pool
-(`mcts.embedded.evaluation_problems`) is excluded from every round by content, and the evaluation
-uses its `eval_split` slice ("test": no tuning looked at it).
+job resumes from its manifest, training reruns from the rounds' datasets); `out/improve.json` keeps
+the settings the run started with, and a rerun with others is refused (more `rounds` extend it).
+Training problems of round k come from generator seed `IMPROVE_SEED_BASE + 1000 * seed + k`; the
+held-out pool (`mcts.embedded.evaluation_problems`) is excluded from every round by content, and
+the evaluation uses its `eval_split` slice ("test": no tuning looked at it). Rounds are not
+disjoint from each other: at the default difficulty the generator holds ~17,000 distinct problems
+outside the held-out pool, so rounds of 10,000 re-search earlier rounds' problems with the newer
+policy (new trees, new solutions: round 2 drew 4,206 problems round 1 had not, round 3 2,301;
+16,507 distinct in the three), as expert iteration over a fixed training set does.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewards.train import TrainPolicyConfig
+from rewards.train import TrainInputError, TrainPolicyConfig
 
 IMPROVE_SEED_BASE = 3_000_000
 
@@ -44,7 +50,7 @@ class ImproveConfig:
     problems_per_round: int = 10000
     """Volume is what lifts the embedded policy (docs/improve-recipes.md): on the tune slice greedy
     success rose ~0.045 per doubling of verified solutions, and 3 rounds of 6,000 read +0.153 there
-    but +0.106 on the test slice; 10,000 a round (~15 min of search here) with `replay`."""
+    but +0.106 on the test slice; 10,000 a round (~12 min of search here) with `replay`."""
     simulations: int = 32
     rollouts: int = 8
     """Verified rollouts per new node (no learned critics: they were trained for the base policy)."""
@@ -55,7 +61,7 @@ class ImproveConfig:
     """Round k trains on the rows of rounds 1..k, not k's alone. Tune slice, on the rounds of a 3 x
     6,000 run (docs/improve-recipes.md): round 2 0.315 -> 0.339 greedy, round 3 0.353 -> 0.363
     greedy and pass@16 0.763 -> 0.831. Training stays cheap next to search: at the defaults round 3
-    trains on ~37,000 rows in ~6 min here, its search takes ~13."""
+    trains on ~37,000 rows in ~6 min here, its search takes ~12."""
     eval_split: str = "test"
     eval_problems: int = 0
     """Held-out problems evaluated (0: the whole slice)."""
@@ -70,6 +76,38 @@ class ImproveConfig:
         for name in ("rounds", "problems_per_round", "simulations", "pass_k", "num_workers", "sft_solutions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# Settings a finished round depends on: a rerun of the same --out with other values would mix rounds
+# made two ways under one summary. `rounds` may grow (later rounds extend the run), `num_workers`
+# does not change a record.
+_RESUMABLE = ("rounds", "num_workers")
+
+
+def check_settings(out: Path, cfg: ImproveConfig) -> None:
+    """Record the run's settings in `out/improve.json`, or refuse settings that differ from them
+    (a run from before improve.json is checked against its summary.json, which had no `replay`)."""
+    from rewards.export import atomic_write_text
+
+    def settings(config: dict) -> dict:
+        return {k: v for k, v in {"replay": False, **config}.items() if k not in _RESUMABLE}
+
+    now = settings(json.loads(json.dumps(asdict(cfg))))
+    path, summary = out / "improve.json", out / "summary.json"
+    was = json.loads(path.read_text()) if path.is_file() else None
+    if was is None and summary.is_file():
+        was = settings(json.loads(summary.read_text())["config"])
+    if was is None:
+        atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+        return
+    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if diff:
+        said = ", ".join(f"{k}={was.get(k)!r}" for k in diff)
+        raise TrainInputError(
+            f"{out} was started with {said}: rerun with those settings, or choose a new --out"
+        )
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(now, indent=2) + "\n")
 
 
 def round_problems(k: int, n: int, seed: int) -> list:
@@ -186,6 +224,7 @@ def run_improve(
     trainer = trainer or train_policy
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, cfg)
     held_out = evaluation_problems(cfg.eval_split, cfg.eval_problems or None)
 
     def say(msg: str) -> None:
@@ -212,6 +251,12 @@ def run_improve(
             search_round(rd, policy, cfg, k)
         say(f"round {k}: training ({cfg.train.recipe})")
         datasets = [out / f"round-{j}" / "data" for j in range(1 if cfg.replay else k, k + 1)]
+        for d in datasets[:-1]:
+            if not (d / "manifest.json").is_file():
+                raise TrainInputError(
+                    f"{d} is gone, and round {k} trains on every earlier round's data (replay): "
+                    "restore it, or rerun with --no-replay"
+                )
         report = trainer(datasets, rd / "policy", policy, cfg.train)
         policy = str(rd / "policy")
         say(f"round {k}: evaluating")
@@ -223,7 +268,8 @@ def run_improve(
             "search_success": audit.get("search_success"),
             "pairs": rows.get("pairs"),
             "sft_rows": rows.get("sft"),
-            "trained_rows": report.get("sft_rows", 0) + report.get("dpo_rows", 0),  # replay: every round's
+            # rows of every dataset the policy trained on (rounds 1..k with replay)
+            "trained_rows": report.get("sft_rows", 0) + report.get("dpo_rows", 0),
             "train_seconds": report["seconds"],
             "seconds": round(time.perf_counter() - t0, 1),
         }

@@ -1,4 +1,4 @@
-"""`arborist train DATASET --out DIR`: a policy trained with TRL on an arborist dataset as it is.
+"""`arborist train DATASET... --out DIR`: a policy trained with TRL on arborist datasets as they are.
 
     arborist train arborist-out --out trained                  # the shipped recipe (sft)
     arborist train out-a out-b --out trained                   # the rows of several jobs

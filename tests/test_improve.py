@@ -112,3 +112,58 @@ def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):
         assert trained["base"] == str(out / "round-1" / "policy")  # on-policy: round 1's model goes on
         assert len(summary["rounds"]) == 3 and summary["config"]["replay"] is replay
         assert summary["rounds"][2]["trained_rows"] == trained["sft_rows"]
+
+
+def test_a_rerun_with_other_settings_or_lost_replay_data_is_refused(tmp_path, capsys):
+    """The same --out with other settings would mix rounds made two ways under one summary: one line,
+    exit 2. More rounds extend a run. A replayed round's data that is gone is named, with the way out."""
+    import json
+    import shutil
+
+    import pytest
+
+    from rewards.cli import main
+    from rewards.improve import ImproveConfig, check_settings, run_improve
+    from rewards.train import TrainInputError, TrainPolicyConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    check_settings(out, ImproveConfig())
+    check_settings(out, ImproveConfig(rounds=5, num_workers=1))  # extending is fine
+    with pytest.raises(TrainInputError, match=r"started with problems_per_round=10000, replay=True"):
+        check_settings(out, ImproveConfig(problems_per_round=600, replay=False))
+    policy = save_tiny_llama(tmp_path / "policy")
+    capsys.readouterr()
+    argv = ["improve", "--out", str(out), "--policy", str(policy), "--problems", "600"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rerun with those settings, or choose a new --out" in err[0]
+
+    run = tmp_path / "run"  # round 1 finished (its model and eval kept), round 2's search finished
+    for k in (1, 2):
+        data = run / f"round-{k}" / "data"
+        trees = derive_all([golden_tree(f"p{k}")], DeriveConfig())
+        DatasetWriter(data, {"test": True}, {}).write_shard(trees, [f"p{k}"], "s0")
+        (data / "audit.json").write_text(json.dumps({"search_success": 1.0}))
+    shutil.copytree(policy, run / "round-1" / "policy")
+    (run / "round-1" / "eval.json").write_text(json.dumps({"greedy": 0.0}))
+    shutil.rmtree(run / "round-1" / "data")  # say, deleted to save space after round 1 finished
+    train = TrainPolicyConfig(sft_epochs=1, device="cpu")
+    cfg = ImproveConfig(rounds=2, problems_per_round=8, eval_problems=2, pass_k=2, train=train)
+    with pytest.raises(TrainInputError, match=r"round-1/data is gone, and round 2 trains on every earlier"):
+        run_improve(run, cfg, policy, progress=False)
+    assert not (run / "round-2" / "policy").exists()
+
+
+def test_a_paired_difference_needs_the_same_problems():
+    import math
+
+    import pytest
+
+    from benchmarks.improve import paired
+
+    d, se = paired([1, 0, 1, 1], [0, 0, 1, 0])
+    assert d == 0.5 and 0 < se < 0.5
+    assert paired([1], [0])[0] == 1 and math.isnan(paired([1], [0])[1])
+    with pytest.raises(ValueError, match="same problems"):
+        paired([1, 0, 1], [0])  # numpy would broadcast this silently

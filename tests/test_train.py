@@ -122,7 +122,16 @@ def test_bad_input_is_one_line(dataset, tmp_path, capsys):
 
 def test_train_takes_the_rows_of_several_datasets(dataset, tmp_path, capsys):
     policy = save_tiny_llama(tmp_path / "policy")
-    argv = [str(dataset), str(dataset), "--out", str(tmp_path / "o"), "--policy", str(policy), "--batch-size", "4"]
+    argv = [
+        str(dataset),
+        str(dataset),
+        "--out",
+        str(tmp_path / "o"),
+        "--policy",
+        str(policy),
+        "--batch-size",
+        "4",
+    ]
     assert main(["train", *argv, "--sft-epochs", "1", "--device", "cpu"]) == 0
     assert "'sft_rows': 4" in capsys.readouterr().out  # both datasets' two rows
     meta = json.loads((tmp_path / "o" / "arborist_train.json").read_text())
