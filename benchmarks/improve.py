@@ -44,7 +44,7 @@ import numpy as np
 
 from benchmarks._report import environment, write_json
 from rewards.improve import ImproveConfig, evaluate, run_improve
-from rewards.train import TrainPolicyConfig, train_on_rows, train_policy
+from rewards.train import TrainPolicyConfig, datasets_name, train_on_rows, train_policy
 
 ARMS = {
     "shipped": TrainPolicyConfig.recipe,
@@ -64,7 +64,7 @@ def best_trajectory_trainer(datasets, out, policy, cfg):
     for dataset in datasets:
         for row in read_kind(Path(dataset), "sft"):
             first.setdefault(row["problem_id"], row)
-    named = " + ".join(map(str, datasets))
+    named = datasets_name(datasets)
     return train_on_rows(list(first.values()), [], out, policy, cfg, source=f"{named} (best per problem)")
 
 
@@ -94,8 +94,7 @@ def outcome_pairs(dataset: Path) -> list[dict]:
 
 def outcome_trainer(datasets, out, policy, cfg):
     pairs = [row for dataset in datasets for row in outcome_pairs(Path(dataset))]
-    named = " + ".join(map(str, datasets))
-    return train_on_rows([], pairs, out, policy, cfg, source=f"{named} (outcome pairs)")
+    return train_on_rows([], pairs, out, policy, cfg, source=f"{datasets_name(datasets)} (outcome pairs)")
 
 
 def paired(a: list[int], b: list[int]) -> tuple[float, float]:
@@ -158,11 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     held_out = evaluation_problems(cfg.eval_split, args.eval_problems or None)
     base_eval_file = work / "base-eval.json"
-    stale = base_eval_file.is_file() and (
-        json.loads(base_eval_file.read_text()).get("problems") != len(held_out)
-        or "greedy_hits" not in json.loads(base_eval_file.read_text())
-    )
-    if stale:  # another slice size, or from before per-problem hits: the arms would not compare
+    kept = json.loads(base_eval_file.read_text()) if base_eval_file.is_file() else None
+    # another slice size, or from before per-problem hits: the arms would not compare
+    if kept is not None and (kept.get("problems") != len(held_out) or "greedy_hits" not in kept):
         sys.exit(f"benchmarks.improve: {work} holds a run with other settings: choose a new --out")
     if not base_eval_file.is_file():
         work.mkdir(parents=True, exist_ok=True)

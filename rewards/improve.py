@@ -88,19 +88,17 @@ def check_settings(out: Path, cfg: ImproveConfig) -> None:
     """Record the run's settings in `out/improve.json`, or refuse settings that differ from them
     (a run from before improve.json is checked against its summary.json, which had no `replay`)."""
     from rewards.export import atomic_write_text
+    from rewards.outdir import differing_keys
 
-    def settings(config: dict) -> dict:
-        return {k: v for k, v in {"replay": False, **config}.items() if k not in _RESUMABLE}
-
-    now = settings(json.loads(json.dumps(asdict(cfg))))
+    now = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _RESUMABLE}
     path, summary = out / "improve.json", out / "summary.json"
-    was = json.loads(path.read_text()) if path.is_file() else None
-    if was is None and summary.is_file():
-        was = settings(json.loads(summary.read_text())["config"])
-    if was is None:
-        atomic_write_text(path, json.dumps(now, indent=2) + "\n")
-        return
-    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if path.is_file():
+        was = json.loads(path.read_text())
+    elif summary.is_file():
+        was = {"replay": False, **json.loads(summary.read_text())["config"]}
+    else:
+        was = now
+    diff = differing_keys(was, now, _RESUMABLE)
     if diff:
         said = ", ".join(f"{k}={was.get(k)!r}" for k in diff)
         raise TrainInputError(

@@ -51,15 +51,20 @@ def _flat(d, prefix: str = "") -> dict:
 RUN_ONLY = ("out", "progress", "ray", "append_run")  # settings that do not shape the records
 
 
+def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys of two (flattened) configs whose values differ, but for those under `ignore`."""
+    return sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k.split(".")[0] not in ignore
+    )
+
+
 def check_resume(manifest: dict, config: dict, config_hash: str, append_run: bool, out: Path) -> None:
     """Refuse to add records to `out` under another config than its manifest's, unless `append_run`:
     one line naming the keys that differ (where and how the job runs may change: `RUN_ONLY`)."""
     if append_run:
         return
     old, new = _flat(manifest.get("config", {})), _flat(json_safe(config))
-    keys = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k.split(".")[0] not in RUN_ONLY
-    )
+    keys = differing_keys(old, new, RUN_ONLY)
     if not keys and config_hash == manifest.get("config_hash", ""):
         return
     shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:4]) or "config hash"

@@ -231,13 +231,18 @@ def _losses(trainer) -> list[float]:
 
 
 # -- the command --------------------------------------------------------------------------------------
+def datasets_name(datasets) -> str:
+    """How a model's report names the datasets it was trained on (`arborist_train.json`)."""
+    return " + ".join(map(str, datasets))
+
+
 def train_policy(
     dataset: str | Path | list[str | Path], out: str | Path, policy: str | Path, cfg: TrainPolicyConfig
 ) -> dict:
     """Train `policy` on the dataset directory `dataset` (or several, their rows in the order
     given) with `cfg`; write the model to `out` atomically; return a report."""
     datasets = [Path(d) for d in (dataset if isinstance(dataset, list | tuple) else [dataset])]
-    named = " + ".join(map(str, datasets))
+    named = datasets_name(datasets)
     sft = [row for d in datasets for row in read_kind(d, "sft")] if "sft" in cfg.recipe else []
     pairs = [row for d in datasets for row in read_kind(d, "pairs")] if "dpo" in cfg.recipe else []
     if "sft" in cfg.recipe and not sft:
