@@ -72,8 +72,8 @@ def outcome_pairs(dataset: Path) -> list[dict]:
     """Per tree: its most visited verified-correct solution (chosen) against its most visited
     verified-wrong one (rejected), both from the bare prompt."""
     from mcts.finished import FinishedTree
+    from rewards.records import completion_text
     from rewards.stats import node_stats
-    from rewards.texts import completion_text
     from rewards.train import read_kind
 
     rows = []

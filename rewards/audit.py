@@ -57,8 +57,8 @@ import numpy as np
 from critics.metrics import auroc, auroc_se, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
+from rewards.records import normalize_text, solution_key, text_steps
 from rewards.stats import CORRECT, node_stats, wilson_interval
-from rewards.texts import normalize_text, solution_key, text_steps
 
 CRITICS = ("value", "prm", "orm")
 # [(problem id, the steps of a node's path)], n -> success rate of n fresh verified rollouts from each

@@ -43,8 +43,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from critics.models import CriticLoadError
     from mcts.policy import PolicyLoadError
     from mcts.tasks.base import TaskInputError
+    from rewards.export import OutDirError
     from rewards.job import JobInputError
-    from rewards.outdir import OutDirError
 
     return (
         JobInputError,

@@ -23,8 +23,8 @@ import numpy as np
 from critics.labels import Labels
 from mcts.finished import FinishedTree
 from rewards.derive import DeriveConfig, prm_rows, value_rows
+from rewards.records import solution_key
 from rewards.stats import CORRECT, node_stats
-from rewards.texts import solution_key
 
 
 def value_labels(trees: Iterable[FinishedTree], min_verified: int = 2) -> Labels:

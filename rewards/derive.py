@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mcts.finished import UNVERIFIED, FinishedTree
+from rewards.records import completion_text, dedupe, kto_key, normalize_text, pair_key, prefix_text
 from rewards.stats import CORRECT, NodeStats, node_stats, wilson_separation
-from rewards.texts import completion_text, dedupe, kto_key, normalize_text, pair_key, prefix_text
 
 
 @dataclass

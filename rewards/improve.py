@@ -87,8 +87,7 @@ _RESUMABLE = ("rounds", "num_workers")
 def check_settings(out: Path, cfg: ImproveConfig) -> None:
     """Record the run's settings in `out/improve.json`, or refuse settings that differ from them
     (a run from before improve.json is checked against its summary.json, which had no `replay`)."""
-    from rewards.export import atomic_write_text
-    from rewards.outdir import differing_keys
+    from rewards.export import atomic_write_text, differing_keys
 
     now = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _RESUMABLE}
     path, summary = out / "improve.json", out / "summary.json"
@@ -126,7 +125,7 @@ def evaluate(policy_dir: str | Path, problems: list, pass_k: int, sample_seed: i
 
     from mcts.policy import Policy, PolicyConfig
     from mcts.tasks.countdown import CountdownTask
-    from rewards.texts import solution_key
+    from rewards.records import solution_key
 
     torch.set_num_threads(2)
     task = CountdownTask()

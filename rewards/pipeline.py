@@ -168,8 +168,7 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
     """Refuse an output directory written under another config (`rewards.export.check_resume`), or
     whose finished shards do not match this job's batches (resuming with another task, problem count
     or batch size would mix two layouts and duplicate problems)."""
-    from rewards.export import load_manifest
-    from rewards.outdir import OutDirError, check_resume
+    from rewards.export import OutDirError, check_resume, load_manifest
 
     if out.exists() and not out.is_dir():
         raise JobInputError(f"out={out} is a file: choose a directory")
@@ -266,8 +265,8 @@ def report_done(metrics: dict) -> None:
 def main(cfg: DictConfig) -> None:
     """`arborist search`: Hydra composes the config, `run` does the work; bad input is one line."""
     from mcts.policy import PolicyLoadError
+    from rewards.export import OutDirError
     from rewards.launcher import error_line, runtime_errors
-    from rewards.outdir import OutDirError
 
     try:
         run(cfg)

@@ -121,7 +121,7 @@ def test_audit_on_golden_trees():
 def test_texts_use_the_trees_own_separator_and_read_back_to_its_steps():
     """A task whose steps end with " ;" gets records whose every step ends with " ;", and the audit
     reads each exported text back into exactly the steps of the nodes it came from."""
-    from rewards.texts import completion_text, prefix_text, text_steps
+    from rewards.records import completion_text, prefix_text, text_steps
 
     tree = golden_tree()
     tree.separator = " ;"

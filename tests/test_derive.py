@@ -21,8 +21,8 @@ from rewards.derive import (
     step_pairs,
     value_rows,
 )
+from rewards.records import dedupe, normalize_text, pair_key, prefix_text
 from rewards.stats import node_stats, wilson_interval, wilson_separation, z_of_confidence
-from rewards.texts import dedupe, normalize_text, pair_key, prefix_text
 from tests._trees import GOLDEN_PROMPT, L, N, T, build_tree, golden_tree, rich_tree
 
 P = GOLDEN_PROMPT

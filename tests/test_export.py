@@ -14,8 +14,7 @@ from mcts.finished import NODE_FIELDS
 from rewards import records
 from rewards.card import write_card
 from rewards.derive import DeriveConfig, derive_all
-from rewards.export import DatasetWriter, load_manifest, read_trees, write_audit
-from rewards.outdir import OutDirError, json_safe
+from rewards.export import DatasetWriter, OutDirError, json_safe, load_manifest, read_trees, write_audit
 from tests._trees import GOLDEN_PROMPT, T, build_tree, golden_tree
 
 CFG = DeriveConfig(confidence=0.0)  # the golden tree's pairs rest on one sample a side

@@ -21,9 +21,7 @@ FLOORS = [
     (
         5,
         (
-            "rewards.outdir",
             "rewards.stats",
-            "rewards.texts",
             "rewards.derive",
             "rewards.records",
             "rewards.export",
