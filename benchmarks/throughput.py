@@ -21,7 +21,10 @@ Reported (under the model's name; the embedded policy's also at the top level):
   (goal >= 0.95);
 - `batched_vs_one_leaf`: nodes per second of the batched search / of the one-leaf search (goal >= 5);
 - `shared_prefill_speedup`: the search's wall time with every row prefilling its own prompt / with
-  one prefill per distinct prompt (`Policy.share_prefill`), same seed, same trees.
+  one prefill per distinct prompt (`Policy.share_prefill`), same seed, same trees;
+- `prefix_cache_speedup`: the search's wall time with every prompt prefilled whole / with the
+  prompt KV cache across calls (`mcts.prefix_cache`; positions per token beside it), and
+  `same_trees_uncached`: whether the two searches grew identical trees.
 
 The wide model is a randomly initialised Llama of ~25M parameters on the embedded tokenizer, where
 compute per position dominates as it does for a real model on a GPU; its steps are noise, so its
@@ -148,12 +151,16 @@ def measure(
 
     prompts = [task.prompt(p) for p in probs]
     rows = prompts * max(1, policy.cfg.max_batch // len(prompts))
+    policy.reset_prefix_cache()  # plain sampling starts cold: nothing of the warm-up is reused
     plain = timed(lambda: policy.rollout(rows, seed=0))
     generate = timed(lambda: hf_generate(policy, rows))
     batched = timed(lambda: run_search(probs, task, expander, search, seed=0))
     policy.share_prefill = False  # the same search with every row prefilling its own prompt
     unshared = timed(lambda: run_search(probs, task, expander, search, seed=0))
     policy.share_prefill = True
+    prefix_cache, policy.prefix_cache = policy.prefix_cache, None  # every prompt prefilled whole
+    uncached = timed(lambda: run_search(probs, task, expander, search, seed=0))
+    policy.prefix_cache = prefix_cache
     single = timed(
         lambda: [
             t
@@ -187,8 +194,19 @@ def measure(
         "search_wall_s": round(batched["wall_s"], 1),
         "shared_prefill_speedup": round(unshared["wall_s"] / batched["wall_s"], 3),
         "positions_per_token_unshared": round(unshared["positions"] / max(1, unshared["tokens"]), 2),
+        "prefix_cache_speedup": round(uncached["wall_s"] / batched["wall_s"], 3),
+        "positions_per_token_uncached": round(uncached["positions"] / max(1, uncached["tokens"]), 2),
+        "same_trees_uncached": _same_trees(batched["result"], uncached["result"]),
         "generate_calls": policy.generate_calls,
     }
+
+
+def _same_trees(a, b) -> bool:
+    """Every tree's step texts and visit counts identical (the prefix cache must not change them)."""
+    return all(
+        x.steps == y.steps and (x.nodes["visits"] == y.nodes["visits"]).all()
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         ("batched_vs_one_leaf", "batched/one-leaf (>=5)", ".2f"),
         ("search_wall_s", "search s", ".1f"),
         ("shared_prefill_speedup", "shared prefill x", ".2f"),
+        ("prefix_cache_speedup", "prefix cache x", ".2f"),
     ]
     print(format_table(results, columns))
     if args.json:

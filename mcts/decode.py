@@ -5,8 +5,11 @@ rows end well before the token cap and keep decoding padding, and the k rows sam
 node each prefill the same prompt. This loop, for any causal LM of transformers 5 (one forward with
 a `DynamicCache`):
 
-- prefills each distinct prompt once (all its tokens) and copies its KV cache and last logits to the
-  rows that share it;
+- prefills each distinct prompt once and copies its KV cache and last logits to the rows that share
+  it; with a `PrefixCache` (`mcts.prefix_cache`) a prompt runs only the tokens past the longest
+  prompt an earlier call prefilled (a child's prompt past its parent's, a rollout's past the prompt
+  its option was sampled from). The prefill computes the last position's logits only, where the
+  model allows it (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
 - samples every row's next token the way `generate` does (temperature, top-k, top-p warpers, then
   `torch.multinomial` over the whole batch's rows: a finished row keeps its place in that draw, so a
   row's random numbers do not depend on when the others finished, and the same seed draws what
@@ -22,6 +25,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+from mcts.prefix_cache import PrefixCache
 
 DROP_SHARE = 0.25  # finished share of the forward batch at which its rows are dropped
 
@@ -51,11 +56,105 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list:
     return out
 
 
+def _cache(past=None):
+    """A `DynamicCache`, filled with `past` (per layer keys and values [B, H, T, D]) when given."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [n, longest]: every sequence right-aligned, padding on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _past_states(prefix_cache: PrefixCache, hits, width: int, device):
+    """Per layer (keys, values) [n, H, width, D] of the cached prompt prefixes, each row's right-
+    aligned (zeros where a row has fewer cached positions), and the mask [n, width] of them."""
+    found = [(i, prefix_cache.states(key, h)) for i, (h, key) in enumerate(hits) if h]
+    index = torch.cat(
+        [torch.arange(i * width + width - h, (i + 1) * width) for i, (h, _) in enumerate(hits) if h]
+    )
+    mask = torch.zeros(len(hits) * width, dtype=torch.long)
+    mask[index] = 1
+    index = index.to(device)
+    layers = []
+    for layer in range(len(found[0][1][0])):
+        pair = []
+        for part in (0, 1):  # keys, values
+            pieces = torch.cat([states[part][layer] for _, states in found])  # [positions, H, D]
+            buf = pieces.new_zeros((len(hits) * width, *pieces.shape[1:]))
+            buf[index] = pieces
+            pair.append(buf.view(len(hits), width, *pieces.shape[1:]).transpose(1, 2))
+        layers.append(tuple(pair))
+    return layers, mask.view(len(hits), width).to(device)
+
+
+def _cacheable(cache) -> bool:
+    """Every layer a plain full-attention `DynamicLayer` holding [B, H, T, D] keys: the states the
+    prefix cache can cut per prompt and stitch back together (a sliding-window or linear-attention
+    layer cannot)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        isinstance(layer, DynamicLayer) and not layer.is_sliding and layer.keys.dim() == 4 for layer in layers
+    )
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCache | None = None):
+    """Run the prompts (token ids, one per distinct prompt) through the model.
+
+    With a `prefix_cache`, each prompt starts from the longest stored prompt that is a token prefix
+    of it (at most all but its last token, whose logits are needed) and only the rest is run; every
+    prompt's states are then stored. Returns (cache, last-position logits [n, V], attention mask
+    [n, T], position of each row's last token [n], positions run through the model).
+    """
+    device = next(model.parameters()).device
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    hits = [prefix_cache.longest(p, len(p) - 1) for p in prompts] if prefix_cache is not None else []
+    width = max((h for h, _ in hits), default=0)
+    if width:
+        past, past_mask = _past_states(prefix_cache, hits, width, device)
+        cache = _cache(past)
+        ids, new_mask = _left_pad([p[h:] for p, (h, _) in zip(prompts, hits, strict=True)], pad_id, device)
+        mask = torch.cat([past_mask, new_mask], dim=1)
+        prefix_cache.hit_tokens += sum(h for h, _ in hits)
+    else:
+        cache = _cache()
+        ids, mask = _left_pad(prompts, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos[:, -ids.shape[1] :], use_cache=True,
+        **{name: cache}, **keep,
+    ).logits[:, -1]  # fmt: skip
+    if prefix_cache is not None and _cacheable(cache):
+        real = mask.bool()
+        lengths = [len(p) for p in prompts]
+        per_layer = [
+            (
+                layer.keys.transpose(1, 2)[real].split(lengths),
+                layer.values.transpose(1, 2)[real].split(lengths),
+            )
+            for layer in cache.layers
+        ]
+        for i, p in enumerate(prompts):
+            prefix_cache.put(p, [k[i] for k, _ in per_layer], [v[i] for _, v in per_layer])
+    return cache, logits, mask, pos[:, -1], ids.numel()
+
+
 @torch.inference_mode()
 def decode(
     model,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+    prompts: list[list[int]],
     rows: torch.Tensor,
     max_new: int,
     *,
@@ -67,27 +166,21 @@ def decode(
     pad_id: int,
     stop_ids: torch.Tensor | None = None,
     stop_text=None,
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Continue the left-padded prompts `ids` / `mask` (one per distinct prompt) for the rows
-    `rows` (row i continues prompt rows[i]) by up to `max_new` tokens.
+    """Continue the prompts (token ids, one per distinct prompt) for the rows `rows` (row i
+    continues prompt rows[i]) by up to `max_new` tokens; `prefix_cache`: see `prefill`.
 
     Returns (tokens [B, max_new], padded with `pad_id` after a row's last token; temperature-1
     log-probabilities of those tokens [B, max_new]; positions run through the model). `stop_text`:
     (tokens of a row so far) -> bool, for stops no single token completes.
     """
-    device = ids.device
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: cache}
-    ).logits
-    positions = ids.numel()
-    if rows.numel() != ids.shape[0] or not torch.equal(rows, torch.arange(ids.shape[0], device=device)):
+    cache, logits, mask, last_pos, positions = prefill(model, prompts, pad_id, prefix_cache)
+    device = logits.device
+    if rows.numel() != len(prompts) or not torch.equal(rows, torch.arange(len(prompts), device=device)):
         cache.batch_select_indices(rows)
-    logits, mask, next_pos = logits[rows, -1], mask[rows], pos[rows, -1] + 1
+    logits, mask, next_pos = logits[rows], mask[rows], last_pos[rows] + 1
     b = rows.numel()
     tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=device)

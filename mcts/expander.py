@@ -55,6 +55,14 @@ class PolicyExpander:
         if self.cfg.rollouts == 0 and critics is None:
             raise ValueError("nodes need a value: set critics.rollouts >= 1 or load critics")
 
+    def reset_caches(self) -> None:
+        """Called by `run_search` when a batch starts: the policies forget their cached prompts (a
+        proposer without a prompt cache need not have `reset_prefix_cache`)."""
+        for policy in (self.policy, self.rollout_policy):
+            reset = getattr(policy, "reset_prefix_cache", None)
+            if reset is not None:
+                reset()
+
     def prompt(self, problem: Problem, steps) -> str:
         sep = self.task.step_separator
         return self.task.prompt(problem) + "".join(s + sep for s in steps)

@@ -27,6 +27,7 @@ import torch
 from mcts.base import DTYPE_NAMES, PolicyConfig
 from mcts.decode import decode, stop_token_ids
 from mcts.merge import Option
+from mcts.prefix_cache import PrefixCache
 
 
 class PolicyLoadError(ValueError):
@@ -124,6 +125,8 @@ class Policy:
         # Prefill a prompt that repeats within a call once (`mcts.decode`); off: every row prefills
         # its own copy (the exactness test compares the two).
         self.share_prefill = True
+        mb = cfg.prefix_cache_mb
+        self.prefix_cache: PrefixCache | None = PrefixCache(mb * 2**20) if mb > 0 else None
         self._stop_ids: dict[str, torch.Tensor] = {}
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -170,6 +173,12 @@ class Policy:
         return cls(model, tok, cfg, device)
 
     # -- public calls -------------------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt (a new search batch starts here: what it computes must not
+        depend on the batches before it)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def propose(
         self, prompts: list[str], num_options: list[int], seed: int, stop: str = "\n"
@@ -267,11 +276,11 @@ class Policy:
                     rows = torch.tensor([where[p] for p in chunk], device=self.device)
                 else:
                     distinct, rows = chunk, torch.arange(len(chunk), device=self.device)
-                enc = tok(distinct, return_tensors="pt", padding=True).to(self.device)
                 new, lp, positions = decode(
-                    self.model, enc["input_ids"], enc["attention_mask"], rows, max_new,
+                    self.model, tok(distinct)["input_ids"], rows, max_new,
                     sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     eos_ids=eos, pad_id=tok.pad_token_id, stop_ids=stop_ids, stop_text=stop_text,
+                    prefix_cache=self.prefix_cache,
                 )  # fmt: skip
                 self.generate_calls += 1
                 self.positions_run += positions

@@ -77,6 +77,11 @@ def run_search(
     scratch = np.zeros(cfg.max_nodes, np.int32)
     alpha = cfg.alpha if cfg.adaptive_branching else -1.0
     batch_seed = problem_seed(seed, "|".join(p.id for p in problems))
+    # An expander may keep caches across calls (the policy's prompt KV states): a batch starts
+    # from empty ones, so its records never depend on which batches a worker ran before it.
+    reset = getattr(expander, "reset_caches", None)
+    if reset is not None:
+        reset()
 
     for round_index in range(cfg.simulations):
         if not batch.live.any():
