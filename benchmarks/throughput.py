@@ -1,6 +1,6 @@
 """Search at the speed of generation: how much of the model's work the search turns into tokens.
 
-    python -m benchmarks.throughput                      # embedded policy + a wide random Llama, CPU
+    python -m benchmarks.throughput                      # embedded policy + two 27M Llamas, CPU
     python -m benchmarks.throughput --device cuda --json out/benchmarks/throughput.json
 
 For each model, in one process and one run, with one torch thread on CPU:
@@ -26,9 +26,12 @@ Reported (under the model's name; the embedded policy's also at the top level):
   prompt KV cache across calls (`mcts.prefix_cache`; positions per token beside it), and
   `same_trees_uncached`: whether the two searches grew identical trees.
 
-The wide model is a randomly initialised Llama of ~25M parameters on the embedded tokenizer, where
-compute per position dominates as it does for a real model on a GPU; its steps are noise, so its
-trees are shallow, but every option and rollout still costs what it costs.
+Two models of ~27M parameters, where compute per position dominates as it does for a real model on
+a GPU: `wide`, a random Llama on the embedded tokenizer (its steps are noise, so its trees are
+shallow: most options end without a separator and become terminals), and `wide_policy`, the
+embedded policy inside a Llama 4x as wide and twice as deep (`policy_in_wide_llama`: the extra width
+and depth are zeros), which proposes the embedded policy's steps and so grows trees as deep as the
+embedded search's, with their rollouts and prompt reuse.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class ModelMeter:
 
 
 def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
-    """A random Llama of ~25M parameters with the embedded policy's tokenizer, saved to `out`."""
+    """A random Llama of ~27M parameters with the embedded policy's tokenizer, saved to `out`: its
+    steps are noise, so its trees are shallow (most options end without a separator)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -79,6 +83,56 @@ def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    return out
+
+
+def policy_in_wide_llama(policy_dir: Path, out: Path) -> Path:
+    """The embedded policy inside a Llama 4x as wide and twice as deep (~27M parameters), saved to
+    `out`: its weights fill the first 128 dimensions, the first heads and the first MLP units of
+    the first layers, everything else is zero (the extra heads and units add nothing, the extra
+    layers pass the residual stream through, the norms are rescaled for the zero dimensions), so
+    it proposes what the embedded policy proposes, and grows the same deep trees, at the compute
+    per position of a 27M model (a matmul costs the same whatever its values)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM.from_pretrained(policy_dir, local_files_only=True, dtype=torch.float32)
+    c = small.config
+    d, head_dim = 512, c.hidden_size // c.num_attention_heads
+    shrink = (c.hidden_size / d) ** 0.5  # RMS over d dims of which only hidden_size are non-zero
+    cfg = LlamaConfig(
+        **{
+            **c.to_dict(),
+            "hidden_size": d,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 2 * c.num_hidden_layers,
+            "num_attention_heads": d // head_dim,
+            "num_key_value_heads": d // head_dim,
+            "head_dim": head_dim,
+            "rms_norm_eps": c.rms_norm_eps * shrink**2,
+        }
+    )
+    wide = LlamaForCausalLM(cfg)
+    h, m = c.hidden_size, c.intermediate_size
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.zero_()
+        wide.model.embed_tokens.weight[:, :h] = small.model.embed_tokens.weight
+        wide.model.norm.weight[:h] = small.model.norm.weight * shrink
+        for big, layer in zip(wide.model.layers, small.model.layers, strict=False):
+            big.input_layernorm.weight[:h] = layer.input_layernorm.weight * shrink
+            big.post_attention_layernorm.weight[:h] = layer.post_attention_layernorm.weight * shrink
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(big.self_attn, name).weight[:h, :h] = getattr(layer.self_attn, name).weight
+            for name in ("gate_proj", "up_proj"):
+                getattr(big.mlp, name).weight[:m, :h] = getattr(layer.mlp, name).weight
+            big.mlp.down_proj.weight[:h, :m] = layer.mlp.down_proj.weight
+    if not c.tie_word_embeddings:
+        with torch.no_grad():
+            wide.lm_head.weight[:, :h] = small.lm_head.weight
+    wide.generation_config = small.generation_config
+    wide.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(policy_dir, local_files_only=True).save_pretrained(out)
     return out
 
 
@@ -215,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--simulations", type=int, default=64)
     ap.add_argument("--one-leaf-problems", type=int, default=4)
-    ap.add_argument("--wide-problems", type=int, default=16, help="problems for the wide model (0: skip it)")
+    ap.add_argument(
+        "--wide-problems", type=int, default=16, help="problems for each wide model (0: skip them)"
+    )
     ap.add_argument("--wide-simulations", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
@@ -246,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 measure("wide", wide, None, args.wide_problems, args.wide_simulations, 1, args.device)
             )
+            deep = policy_in_wide_llama(policy_dir, Path(tmp) / "wide-policy")
+            results.append(
+                measure("wide_policy", deep, None, args.wide_problems, args.wide_simulations, 1, args.device)
+            )
     columns = [
         ("model", "model", "s"),
         ("parameters", "params", ","),
@@ -264,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         head = results[0]
         keys = ("tokens_per_s_ratio", "positions_per_token", "model_share", "batched_vs_one_leaf")
         payload = {"environment": environment(), **{k: head[k] for k in keys}, "embedded": head}
-        if len(results) > 1:
-            payload["wide"] = results[1]
+        for extra in results[1:]:
+            payload[extra["model"]] = extra
         write_json(args.json, payload)
     return 0
 
