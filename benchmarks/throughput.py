@@ -98,6 +98,12 @@ def policy_in_wide_llama(policy_dir: Path, out: Path) -> Path:
 
     small = LlamaForCausalLM.from_pretrained(policy_dir, local_files_only=True, dtype=torch.float32)
     c = small.config
+    assert c.num_key_value_heads == c.num_attention_heads and not c.attention_bias and not c.mlp_bias, (
+        "the embedding below copies plain multi-head attention and bias-free layers only"
+    )
+    assert c.hidden_size <= 512 and c.intermediate_size <= 1536, (
+        f"{c.hidden_size} / {c.intermediate_size} too wide"
+    )
     d, head_dim = 512, c.hidden_size // c.num_attention_heads
     shrink = (c.hidden_size / d) ** 0.5  # RMS over d dims of which only hidden_size are non-zero
     cfg = LlamaConfig(

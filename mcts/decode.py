@@ -125,6 +125,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCa
     if width:
         past, past_mask = _past_states(prefix_cache, hits, width, device)
         cache = _cache(past)
+        del past  # the cache holds its own copy: do not keep two through the forward pass
         ids, new_mask = _left_pad([p[h:] for p, (h, _) in zip(prompts, hits, strict=True)], pad_id, device)
         mask = torch.cat([past_mask, new_mask], dim=1)
         prefix_cache.hit_tokens += sum(h for h, _ in hits)

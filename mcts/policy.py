@@ -86,6 +86,19 @@ def check_policy_dir(path: str | Path) -> Path:
     return p
 
 
+def _sliding_window(config) -> bool:
+    """Whether some attention layer of the model sees a window only. Its mask measures the window in
+    cache columns, and a prompt stitched from the prefix cache has padding columns inside it, so
+    the prefix cache stays off for such a model (Mistral, Gemma 2/3, Qwen2 with sliding windows)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    if any("sliding" in str(t) for t in layer_types):
+        return True
+    return (
+        bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
+    )
+
+
 _DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
@@ -125,7 +138,7 @@ class Policy:
         # Prefill a prompt that repeats within a call once (`mcts.decode`); off: every row prefills
         # its own copy (the exactness test compares the two).
         self.share_prefill = True
-        mb = cfg.prefix_cache_mb
+        mb = cfg.prefix_cache_mb if not _sliding_window(model.config) else 0
         self.prefix_cache: PrefixCache | None = PrefixCache(mb * 2**20) if mb > 0 else None
         self._stop_ids: dict[str, torch.Tensor] = {}
         eos = model.generation_config.eos_token_id

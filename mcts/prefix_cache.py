@@ -56,6 +56,12 @@ class PrefixCache:
                 break
             if _END in node:
                 best, best_len = node[_END], i + 1
+        else:
+            # `ids` itself may be stored (a node's options after its rollouts read its prompt):
+            # its first `limit` positions serve
+            below = node.get(ids[limit]) if len(ids) > limit else None
+            if below is not None and _END in below:
+                best, best_len = below[_END], limit
         if best is not None:
             self._entries.move_to_end(best)
         return best_len, best
@@ -66,7 +72,8 @@ class PrefixCache:
         return [k[:length] for k in keys], [v[:length] for v in values]
 
     def put(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Store a prompt's states (per layer [len(ids), H, D]); evict the oldest past the bound."""
+        """Store a prompt's states (per layer [len(ids), H, D]; copied, so a view does not keep the
+        tensor it was cut from alive); evict the oldest past the bound."""
         key = tuple(ids)
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -74,6 +81,7 @@ class PrefixCache:
         size = sum(t.numel() * t.element_size() for t in (*keys, *values))
         if size > self.max_bytes:
             return
+        keys, values = [k.clone() for k in keys], [v.clone() for v in values]
         node = self._trie
         for t in key:
             node = node.setdefault(t, {})

@@ -78,31 +78,33 @@ def run_search(
     alpha = cfg.alpha if cfg.adaptive_branching else -1.0
     batch_seed = problem_seed(seed, "|".join(p.id for p in problems))
     # An expander may keep caches across calls (the policy's prompt KV states): a batch starts
-    # from empty ones, so its records never depend on which batches a worker ran before it.
-    reset = getattr(expander, "reset_caches", None)
-    if reset is not None:
+    # from empty ones and leaves them empty, so nothing it computes depends on the batches (or
+    # re-rollouts, greedy checks) a worker ran before it, and no memory is held between batches.
+    reset = getattr(expander, "reset_caches", None) or (lambda: None)
+    reset()
+    try:
+        for round_index in range(cfg.simulations):
+            if not batch.live.any():
+                break
+            leaves = np.where(batch.live, cfg.leaves_per_tree, 0).astype(np.int32)
+            kernels.select_leaves(F, cfg.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
+            batch.live &= out_count > 0  # a live tree with nothing to select is fully explored
+            batch.rounds += batch.live
+
+            selections, requests = _plan(batch, out_nodes, out_kinds, out_count)
+            expansions = expander(requests, batch_seed + round_index) if requests else []
+            assert len(expansions) == len(requests), (
+                f"expander answered {len(expansions)} of {len(requests)} leaves"
+            )
+            _apply(batch, selections, expansions, alpha)
+
+            _update_budgets(batch)
+            if on_round is not None:
+                on_round(batch)
+
+        return [_finish(batch, b) for b in range(num_trees)]
+    finally:
         reset()
-
-    for round_index in range(cfg.simulations):
-        if not batch.live.any():
-            break
-        leaves = np.where(batch.live, cfg.leaves_per_tree, 0).astype(np.int32)
-        kernels.select_leaves(F, cfg.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
-        batch.live &= out_count > 0  # a live tree with nothing to select is fully explored
-        batch.rounds += batch.live
-
-        selections, requests = _plan(batch, out_nodes, out_kinds, out_count)
-        expansions = expander(requests, batch_seed + round_index) if requests else []
-        assert len(expansions) == len(requests), (
-            f"expander answered {len(expansions)} of {len(requests)} leaves"
-        )
-        _apply(batch, selections, expansions, alpha)
-
-        _update_budgets(batch)
-        if on_round is not None:
-            on_round(batch)
-
-    return [_finish(batch, b) for b in range(num_trees)]
 
 
 def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):

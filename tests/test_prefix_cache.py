@@ -23,7 +23,8 @@ def test_longest_match_lru_and_pruning():
     cache.put([1, 2], *_states(2, 1.0))
     cache.put([1, 2, 3, 4], *_states(4, 2.0))
     assert cache.longest([1, 2, 3, 4, 5], limit=5) == (4, (1, 2, 3, 4))
-    assert cache.longest([1, 2, 3, 4], limit=3) == (2, (1, 2)), "never the whole prompt past limit"
+    assert cache.longest([1, 2, 3, 9], limit=3) == (2, (1, 2)), "only a stored prompt's own prefix"
+    assert cache.longest([1, 2, 3, 4], limit=3) == (3, (1, 2, 3, 4)), "a stored prompt serves its repeat"
     assert cache.longest([1, 3], limit=2) == (0, None)
     keys, values = cache.states((1, 2, 3, 4), 3)
     assert keys[0].shape == (3, 2, 4) and float(values[0][0, 0, 0]) == 2.0
@@ -70,6 +71,10 @@ def test_prefix_cache_samples_what_whole_prompts_sample(policy_dir):
     for g, w in zip(got[1::2], want[1::2], strict=True):
         assert g == pytest.approx(w, abs=1e-4)
     assert cached.prefix_cache.hit_tokens > 0
+    # entries are copies: the memory held is what the bound counts, not the batch tensors they came from
+    entries = cached.prefix_cache._entries.values()
+    held = sum(t.untyped_storage().nbytes() for keys, values, _ in entries for t in (*keys, *values))
+    assert held == cached.prefix_cache.bytes > 0
     assert positions < 0.8 * plain_positions, (
         f"{positions} positions run with the cache, {plain_positions} without"
     )
