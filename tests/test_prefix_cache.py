@@ -78,3 +78,15 @@ def test_prefix_cache_samples_what_whole_prompts_sample(policy_dir):
     assert positions < 0.8 * plain_positions, (
         f"{positions} positions run with the cache, {plain_positions} without"
     )
+
+
+def test_the_cache_stays_off_where_a_layer_sees_a_window():
+    """A sliding window is counted in cache columns, and a stitched prompt has padding inside it."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from mcts.policy import _sliding_window
+
+    assert not _sliding_window(LlamaConfig()) and not _sliding_window(Qwen2Config())
+    assert not _sliding_window(MistralConfig(sliding_window=None))
+    assert _sliding_window(MistralConfig(sliding_window=4096))
+    assert _sliding_window(Qwen2Config(use_sliding_window=True)) and _sliding_window(Gemma2Config())
