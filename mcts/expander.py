@@ -21,9 +21,29 @@ from typing import Protocol
 import numpy as np
 
 from mcts.base import Child, ExpandConfig, Expansion, Leaf
-from mcts.merge import merge_options
-from mcts.policy import Policy
+from mcts.merge import Option, merge_options
+from mcts.policy import Rollout
 from mcts.tasks.base import Problem, Task
+
+
+class Proposer(Protocol):
+    """What the expander needs from a policy: `mcts.policy.Policy` (any local causal LM) is one; a
+    vLLM or SGLang engine (their own prefix caching) slots in by implementing these two calls."""
+
+    def propose(
+        self, prompts: list[str], num_options: list[int], seed: int, stop: str = "\n"
+    ) -> list[list[Option]]:
+        """`num_options[i]` sampled next steps for `prompts[i]`, each ended at `stop` (not included),
+        EOS or a token cap; `Option.logprob` at temperature 1 (the prior). Seeded: the same call
+        with the same seed returns the same options."""
+
+    def rollout(
+        self, prompts: list[str], seed: int, max_new_tokens: int | None = None, sep: str = "\n"
+    ) -> list[Rollout]:
+        """One sampled continuation of every prompt to EOS or the token cap, split into steps at `sep`."""
+
+    # Optional: `reset_prefix_cache()`, called when a search batch starts and ends, for a proposer
+    # that keeps prompt states across calls (`PolicyExpander.reset_caches`).
 
 
 class NodeCritics(Protocol):
@@ -37,14 +57,14 @@ class NodeCritics(Protocol):
 
 
 class PolicyExpander:
-    """Expander over a `Policy` (and optionally a smaller rollout policy and critics)."""
+    """Expander over a `Proposer` (a `Policy`, optionally a smaller rollout policy) and critics."""
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Proposer,
         task: Task,
         cfg: ExpandConfig | None = None,
-        rollout_policy: Policy | None = None,
+        rollout_policy: Proposer | None = None,
         critics: NodeCritics | None = None,
         merge_similarity: float = 1.0,
     ):
