@@ -76,8 +76,8 @@ class PolicyExpander:
             raise ValueError("nodes need a value: set critics.rollouts >= 1 or load critics")
 
     def reset_caches(self) -> None:
-        """Called by `run_search` when a batch starts: the policies forget their cached prompts (a
-        proposer without a prompt cache need not have `reset_prefix_cache`)."""
+        """Called by `run_search` when a batch starts and ends: the policies forget their cached
+        prompts (a proposer without a prompt cache need not have `reset_prefix_cache`)."""
         for policy in (self.policy, self.rollout_policy):
             reset = getattr(policy, "reset_prefix_cache", None)
             if reset is not None:

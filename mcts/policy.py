@@ -188,8 +188,8 @@ class Policy:
     # -- public calls -------------------------------------------------------------------------
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prompt (a new search batch starts here: what it computes must not
-        depend on the batches before it)."""
+        """Forget every cached prompt (as a search batch starts and ends: what a batch computes must
+        not depend on the work before it, and no memory is held between batches)."""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
