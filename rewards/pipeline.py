@@ -204,12 +204,32 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
 
 
 # -- the job ---------------------------------------------------------------------------------------------
+def embedded_models_missing(conf) -> bool:
+    """Whether the job is about to train embedded models that are not cached (the first run)."""
+    from mcts.embedded import default_policy_dir
+    from rewards.critic_bootstrap import default_critics_dir
+
+    if conf.policy.path:
+        return False
+    seed = conf.policy.bootstrap_seed
+    builds_critics = "default" in conf.critics.paths().values() and conf.task.name == "countdown"
+    return not default_policy_dir(seed).is_dir() or (
+        builds_critics and not default_critics_dir(seed).is_dir()
+    )
+
+
 def resolve_models(job: Job) -> dict[str, Any]:
     """Model directories for the workers; trains the embedded defaults first when they are needed."""
-    from mcts.embedded import bootstrap_policy
+    from mcts.embedded import bootstrap_policy, default_policy_dir
 
     conf = job.conf
     t0 = time.perf_counter()
+    if conf.progress and embedded_models_missing(conf):
+        print(
+            f"arborist: the embedded models are not in {default_policy_dir(conf.policy.bootstrap_seed).parent} "
+            "yet: training them once (~25 min on 2 CPU cores, measured; later runs start in seconds)",
+            file=sys.stderr,
+        )
     embedded = not conf.policy.path
     policy = conf.policy.path or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
     critics_dir = None
