@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--simulations", type=int, default=64)
     ap.add_argument("--one-leaf-problems", type=int, default=4)
     ap.add_argument(
-        "--wide-problems", type=int, default=16, help="problems for each wide model (0: skip them)"
+        "--wide-problems", type=int, default=64, help="problems for each wide model (0: skip them)"
     )
     ap.add_argument("--wide-simulations", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
