@@ -41,3 +41,39 @@ def save_tiny_gpt2(path: str | Path, seed: int = 0, d_model: int = 32, n_layers:
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(tiny_gpt2_config(len(tok), d_model, n_layers, n_heads=2, tok=tok))
     return save_model_dir(model.eval(), tok, path)
+
+
+def merging_bpe_tokenizer():
+    """A BPE tokenizer trained here on Countdown-like text with no pre-tokenizer, so its merges
+    cross step boundaries ("=7\\n", "\\n3"): a prompt's tokens are then not always a prefix of
+    the tokens of the prompt extended by a step, as with the BPE tokenizers of real models."""
+    from tokenizers import Tokenizer, models, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mcts.charlm import CHARS, SPECIALS
+
+    texts = [
+        f"{a} {b} {c} -> {a + b + c}\n{a}+{b}={a + b}\n{a + b}+{c}={a + b + c}\n"
+        for a in range(1, 10)
+        for b in range(1, 10)
+        for c in (3, 7)
+    ]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=list(SPECIALS), initial_alphabet=list(CHARS))
+    core.train_from_iterator(texts, trainer)
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left", clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+
+
+def save_tiny_llama_bpe(path: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny Llama with `merging_bpe_tokenizer` into `path`."""
+    from transformers import LlamaForCausalLM
+
+    tok = merging_bpe_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), 32, 2, n_heads=2, tok=tok))
+    return save_model_dir(model.eval(), tok, path)

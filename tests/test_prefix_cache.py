@@ -90,3 +90,22 @@ def test_the_cache_stays_off_where_a_layer_sees_a_window():
     assert not _sliding_window(MistralConfig(sliding_window=None))
     assert _sliding_window(MistralConfig(sliding_window=4096))
     assert _sliding_window(Qwen2Config(use_sliding_window=True)) and _sliding_window(Gemma2Config())
+
+
+def test_prefix_cache_with_merges_across_step_boundaries(tmp_path):
+    """A BPE tokenizer whose merges cross step ends: a child's prompt need not extend its parent's
+    tokens, so some lookups find a shorter prefix or none; samples stay what whole prompts sample."""
+    from _tiny_models import save_tiny_llama_bpe
+
+    path = save_tiny_llama_bpe(tmp_path / "bpe")
+    cfg = dict(path=str(path), device="cpu", max_step_tokens=6, max_rollout_tokens=12)
+    cached = Policy.load(PolicyConfig(**cfg))
+    tok = cached.tokenizer
+    parent, child = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[0] + "1+2=3\n")["input_ids"]
+    assert child[: len(parent)] != parent, "the tokenizer must merge across the step boundary here"
+    (got, _), (want, _) = _walk(cached), _walk(Policy.load(PolicyConfig(**cfg, prefix_cache_mb=0)))
+    for g, w in zip(got[0::2], want[0::2], strict=True):
+        assert g == w
+    for g, w in zip(got[1::2], want[1::2], strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+    assert cached.prefix_cache.hit_tokens > 0
