@@ -218,7 +218,8 @@ class Expansion:
 
 class Expander(Protocol):
     """Values the selected leaves' new children (`mcts.expander.PolicyExpander`). An expander that
-    keeps caches across calls also has `reset_caches()`, which `run_search` calls as a batch starts."""
+    keeps caches across calls also has `reset_caches()`, which `run_search` calls as a batch starts
+    and ends."""
 
     def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]: ...
 

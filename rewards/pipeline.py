@@ -204,18 +204,29 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
 
 
 # -- the job ---------------------------------------------------------------------------------------------
-def embedded_models_missing(conf) -> bool:
-    """Whether the job is about to train embedded models that are not cached (the first run)."""
+# Minutes each embedded model takes to train from an empty cache on 2 CPU cores (measured,
+# docs/measurements.md): the policy, the critics' trunk, the critics (bootstrap search + heads).
+_BUILD_MINUTES = {"policy": 2.5, "critic-trunk": 14.0, "critics": 8.5}
+
+
+def builds_default_critics(conf) -> bool:
+    """Whether the job runs on the embedded critics (the embedded policy on Countdown, critics at
+    their "default")."""
+    return (
+        not conf.policy.path and conf.task.name == "countdown" and "default" in conf.critics.paths().values()
+    )
+
+
+def embedded_models_missing(conf) -> list[str]:
+    """The embedded models the job is about to train because they are not cached (the first run):
+    names of `_BUILD_MINUTES`. (A cached model whose recipe changed is rebuilt and says so itself.)"""
     from mcts.embedded import default_policy_dir
-    from rewards.critic_bootstrap import default_critics_dir
 
     if conf.policy.path:
-        return False
-    seed = conf.policy.bootstrap_seed
-    builds_critics = "default" in conf.critics.paths().values() and conf.task.name == "countdown"
-    return not default_policy_dir(seed).is_dir() or (
-        builds_critics and not default_critics_dir(seed).is_dir()
-    )
+        return []
+    root = default_policy_dir(conf.policy.bootstrap_seed).parent
+    needed = ["policy", "critic-trunk", "critics"] if builds_default_critics(conf) else ["policy"]
+    return [name for name in needed if not (root / name).is_dir()]
 
 
 def resolve_models(job: Job) -> dict[str, Any]:
@@ -224,17 +235,18 @@ def resolve_models(job: Job) -> dict[str, Any]:
 
     conf = job.conf
     t0 = time.perf_counter()
-    if conf.progress and embedded_models_missing(conf):
+    missing = embedded_models_missing(conf)
+    if conf.progress and missing:
+        minutes = sum(_BUILD_MINUTES[name] for name in missing)
         print(
-            f"arborist: the embedded models are not in {default_policy_dir(conf.policy.bootstrap_seed).parent} "
-            "yet: training them once (~25 min on 2 CPU cores, measured; later runs start in seconds)",
+            f"arborist: training the embedded {', '.join(missing)} into "
+            f"{default_policy_dir(conf.policy.bootstrap_seed).parent} once (~{minutes:.0f} min on 2 CPU "
+            "cores; later runs start in seconds)",
             file=sys.stderr,
         )
-    embedded = not conf.policy.path
     policy = conf.policy.path or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
     critics_dir = None
-    wants_default = "default" in conf.critics.paths().values()
-    if wants_default and embedded and conf.task.name == "countdown":
+    if builds_default_critics(conf):
         from rewards.critic_bootstrap import ensure_default_critics
 
         critics_dir = str(

@@ -47,7 +47,7 @@ def merging_bpe_tokenizer():
     """A BPE tokenizer trained here on Countdown-like text with no pre-tokenizer, so its merges
     cross step boundaries ("=7\\n", "\\n3"): a prompt's tokens are then not always a prefix of
     the tokens of the prompt extended by a step, as with the BPE tokenizers of real models."""
-    from tokenizers import Tokenizer, models, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from mcts.charlm import CHARS, SPECIALS
@@ -63,6 +63,7 @@ def merging_bpe_tokenizer():
     core.train_from_iterator(texts, trainer)
     bos = core.token_to_id("<s>")
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    core.decoder = decoders.Fuse()  # decode by concatenation, as the character tokenizer does
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left", clean_up_tokenization_spaces=False,

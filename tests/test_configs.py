@@ -153,14 +153,16 @@ def test_group_files_hold_only_deviations_each_with_its_reason(group, option):
 
 
 def test_the_first_run_is_told_it_trains_the_embedded_models(monkeypatch, tmp_path):
-    """An empty cache: the job says up front that it trains the models once (~25 min here)."""
+    """An empty cache: the job names the models it trains once, and only the missing ones."""
     from rewards.pipeline import embedded_models_missing
 
     monkeypatch.setenv("ARBORIST_CACHE", str(tmp_path))
     conf = to_schema(compose([]))
-    assert embedded_models_missing(conf)
+    assert embedded_models_missing(conf) == ["policy", "critic-trunk", "critics"]
     (tmp_path / "default-v1-seed0" / "policy").mkdir(parents=True)
-    assert embedded_models_missing(conf), "the default critics are still missing"
     (tmp_path / "default-v1-seed0" / "critics").mkdir()
-    assert not embedded_models_missing(conf)
-    assert not embedded_models_missing(to_schema(compose(["policy.path=/models/mine"])))
+    assert embedded_models_missing(conf) == ["critic-trunk"], "the critics' trunk is still missing"
+    assert embedded_models_missing(to_schema(compose(["critics=rollouts"]))) == []
+    (tmp_path / "default-v1-seed0" / "critic-trunk").mkdir()
+    assert embedded_models_missing(conf) == []
+    assert embedded_models_missing(to_schema(compose(["policy.path=/models/mine"]))) == []

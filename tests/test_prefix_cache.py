@@ -99,11 +99,19 @@ def test_prefix_cache_with_merges_across_step_boundaries(tmp_path):
 
     path = save_tiny_llama_bpe(tmp_path / "bpe")
     cfg = dict(path=str(path), device="cpu", max_step_tokens=6, max_rollout_tokens=12)
-    cached = Policy.load(PolicyConfig(**cfg))
+    cached, plain = Policy.load(PolicyConfig(**cfg)), Policy.load(PolicyConfig(**cfg, prefix_cache_mb=0))
     tok = cached.tokenizer
-    parent, child = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[0] + "1+2=3\n")["input_ids"]
-    assert child[: len(parent)] != parent, "the tokenizer must merge across the step boundary here"
-    (got, _), (want, _) = _walk(cached), _walk(Policy.load(PolicyConfig(**cfg, prefix_cache_mb=0)))
+    # a parent and a child whose tokens do not extend the parent's ("4\n" + "1" merges to "4\n1")
+    parent, child = PROMPTS[0], PROMPTS[0] + "1+2=3\n"
+    assert tok(child)["input_ids"][: len(tok(parent)["input_ids"])] != tok(parent)["input_ids"]
+    for policy in (cached, plain):
+        policy.reset_prefix_cache()
+    hit = cached.prefix_cache.hit_tokens
+    assert [cached.rollout([p], seed=3) for p in (parent, child)] == [
+        plain.rollout([p], seed=3) for p in (parent, child)
+    ]
+    assert cached.prefix_cache.hit_tokens - hit < len(tok(parent)["input_ids"]) - 1, "a shorter match or none"
+    (got, _), (want, _) = _walk(cached), _walk(plain)
     for g, w in zip(got[0::2], want[0::2], strict=True):
         assert g == w
     for g, w in zip(got[1::2], want[1::2], strict=True):
