@@ -218,8 +218,7 @@ class Expansion:
 
 class Expander(Protocol):
     """Values the selected leaves' new children (`mcts.expander.PolicyExpander`). An expander that
-    keeps caches across calls also has `reset_caches()`, which `run_search` calls as a batch starts
-    and ends."""
+    keeps caches across calls also has `fresh_caches()`, a context `run_search` runs a batch in."""
 
     def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]: ...
 

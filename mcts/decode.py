@@ -22,6 +22,7 @@ a `DynamicCache`):
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -56,6 +57,17 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list:
     return out
 
 
+@functools.cache
+def _forward_params(model_class) -> frozenset[str]:
+    """Names the model's forward takes (the cache's keyword differs across models; `logits_to_keep`
+    is not everywhere): looked up once per class, not on every call of the hot path."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _cache_keyword(model) -> str:
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
 def _cache(past=None):
     """A `DynamicCache`, filled with `past` (per layer keys and values [B, H, T, D]) when given."""
     from transformers import DynamicCache
@@ -63,7 +75,7 @@ def _cache(past=None):
     return DynamicCache(ddp_cache_data=past) if past else DynamicCache()
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) [n, longest]: every sequence right-aligned, padding on the left."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -118,20 +130,20 @@ def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCa
     [n, T], position of each row's last token [n], positions run through the model).
     """
     device = next(model.parameters()).device
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    name = _cache_keyword(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(model)) else {}
     hits = [prefix_cache.longest(p, len(p) - 1) for p in prompts] if prefix_cache is not None else []
     width = max((h for h, _ in hits), default=0)
     if width:
         past, past_mask = _past_states(prefix_cache, hits, width, device)
         cache = _cache(past)
         del past  # the cache holds its own copy: do not keep two through the forward pass
-        ids, new_mask = _left_pad([p[h:] for p, (h, _) in zip(prompts, hits, strict=True)], pad_id, device)
+        ids, new_mask = left_pad([p[h:] for p, (h, _) in zip(prompts, hits, strict=True)], pad_id, device)
         mask = torch.cat([past_mask, new_mask], dim=1)
         prefix_cache.hit_tokens += sum(h for h, _ in hits)
     else:
         cache = _cache()
-        ids, mask = _left_pad(prompts, pad_id, device)
+        ids, mask = left_pad(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=pos[:, -ids.shape[1] :], use_cache=True,
@@ -176,7 +188,7 @@ def decode(
     log-probabilities of those tokens [B, max_new]; positions run through the model). `stop_text`:
     (tokens of a row so far) -> bool, for stops no single token completes.
     """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_keyword(model)
     cache, logits, mask, last_pos, positions = prefill(model, prompts, pad_id, prefix_cache)
     device = logits.device
     if rows.numel() != len(prompts) or not torch.equal(rows, torch.arange(len(prompts), device=device)):

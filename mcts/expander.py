@@ -16,6 +16,7 @@ At terminals the verifier decides (when `verifier_at_terminals`), else the ORM d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -43,7 +44,7 @@ class Proposer(Protocol):
         """One sampled continuation of every prompt to EOS or the token cap, split into steps at `sep`."""
 
     # Optional: `reset_prefix_cache()`, called when a search batch starts and ends, for a proposer
-    # that keeps prompt states across calls (`PolicyExpander.reset_caches`).
+    # that keeps prompt states across calls (`PolicyExpander.fresh_caches`).
 
 
 class NodeCritics(Protocol):
@@ -75,12 +76,19 @@ class PolicyExpander:
         if self.cfg.rollouts == 0 and critics is None:
             raise ValueError("nodes need a value: set critics.rollouts >= 1 or load critics")
 
-    def reset_caches(self) -> None:
-        """Called by `run_search` when a batch starts and ends: the policies forget their cached
-        prompts (a proposer without a prompt cache need not have `reset_prefix_cache`)."""
-        for policy in (self.policy, self.rollout_policy):
-            reset = getattr(policy, "reset_prefix_cache", None)
-            if reset is not None:
+    @contextmanager
+    def fresh_caches(self):
+        """A scope (a search batch, a re-rollout) that starts with the policies' prompt caches empty
+        and leaves them empty: what it computes never depends on the work before it, and no memory
+        is held after it (a proposer without a prompt cache need not have `reset_prefix_cache`)."""
+        resets = [getattr(p, "reset_prefix_cache", None) for p in (self.policy, self.rollout_policy)]
+        resets = [r for r in resets if r is not None]
+        for reset in resets:
+            reset()
+        try:
+            yield
+        finally:
+            for reset in resets:
                 reset()
 
     def prompt(self, problem: Problem, steps) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mcts.base import DTYPE_NAMES, PolicyConfig
-from mcts.decode import decode, stop_token_ids
+from mcts.decode import decode, left_pad, stop_token_ids
 from mcts.merge import Option
 from mcts.prefix_cache import PrefixCache
 
@@ -244,14 +244,9 @@ class Policy:
         out: list[float] = []
         for lo in range(0, len(rows), self.cfg.max_batch):
             chunk = rows[lo : lo + self.cfg.max_batch]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(chunk):
-                ids[i, width - len(r) :] = torch.tensor(r)
-                mask[i, width - len(r) :] = 1
+            ids, mask = left_pad(chunk, tok.pad_token_id, self.device)
+            width = ids.shape[1]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
             lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             for i, c in enumerate(continuations[lo : lo + len(chunk)]):

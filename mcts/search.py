@@ -19,6 +19,7 @@ A tree stops when its simulations, node or token budget is spent, when it is ful
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -77,12 +78,10 @@ def run_search(
     scratch = np.zeros(cfg.max_nodes, np.int32)
     alpha = cfg.alpha if cfg.adaptive_branching else -1.0
     batch_seed = problem_seed(seed, "|".join(p.id for p in problems))
-    # An expander may keep caches across calls (the policy's prompt KV states): a batch starts
-    # from empty ones and leaves them empty, so nothing it computes depends on the batches (or
-    # re-rollouts, greedy checks) a worker ran before it, and no memory is held between batches.
-    reset = getattr(expander, "reset_caches", None) or (lambda: None)
-    reset()
-    try:
+    # An expander may keep caches across calls (the policy's prompt KV states): a batch runs with
+    # empty ones and leaves them empty, so nothing it computes depends on the work a worker did
+    # before it, and no memory is held between batches.
+    with getattr(expander, "fresh_caches", nullcontext)():
         for round_index in range(cfg.simulations):
             if not batch.live.any():
                 break
@@ -103,8 +102,6 @@ def run_search(
                 on_round(batch)
 
         return [_finish(batch, b) for b in range(num_trees)]
-    finally:
-        reset()
 
 
 def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):

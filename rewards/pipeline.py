@@ -204,11 +204,6 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
 
 
 # -- the job ---------------------------------------------------------------------------------------------
-# Minutes each embedded model takes to train from an empty cache on 2 CPU cores (measured,
-# docs/measurements.md): the policy, the critics' trunk, the critics (bootstrap search + heads).
-_BUILD_MINUTES = {"policy": 2.5, "critic-trunk": 14.0, "critics": 8.5}
-
-
 def builds_default_critics(conf) -> bool:
     """Whether the job runs on the embedded critics (the embedded policy on Countdown, critics at
     their "default")."""
@@ -219,7 +214,8 @@ def builds_default_critics(conf) -> bool:
 
 def embedded_models_missing(conf) -> list[str]:
     """The embedded models the job is about to train because they are not cached (the first run):
-    names of `_BUILD_MINUTES`. (A cached model whose recipe changed is rebuilt and says so itself.)"""
+    "policy", "critic-trunk", "critics". (A cached model whose recipe changed is rebuilt and says so
+    itself.)"""
     from mcts.embedded import default_policy_dir
 
     if conf.policy.path:
@@ -237,7 +233,13 @@ def resolve_models(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     missing = embedded_models_missing(conf)
     if conf.progress and missing:
-        minutes = sum(_BUILD_MINUTES[name] for name in missing)
+        from mcts.embedded import TrainConfig, train_minutes
+        from rewards.critic_bootstrap import BUILD_MINUTES, BootstrapCriticsConfig
+
+        trunk = BootstrapCriticsConfig().trunk
+        estimate = {"policy": train_minutes(TrainConfig()), "critics": BUILD_MINUTES}
+        estimate["critic-trunk"] = train_minutes(trunk) if trunk is not None else 0.0
+        minutes = sum(estimate[name] for name in missing)
         print(
             f"arborist: training the embedded {', '.join(missing)} into "
             f"{default_policy_dir(conf.policy.bootstrap_seed).parent} once (~{minutes:.0f} min on 2 CPU "

@@ -129,9 +129,8 @@ class SearchWorker:
         """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
         sep = self.task.step_separator
         prompts = [self.expander.prompt(p, steps) for p, steps in items for _ in range(n)]
-        self.expander.reset_caches()  # as a search batch does: nothing carried over from other work
-        outs = self.policy.rollout(prompts, seed=rollout_seed, sep=sep) if prompts else []
-        self.expander.reset_caches()
+        with self.expander.fresh_caches():  # as a search batch: nothing carried over from other work
+            outs = self.policy.rollout(prompts, seed=rollout_seed, sep=sep) if prompts else []
         hits = [
             self.task.check(items[j // n][0], [*items[j // n][1], *r.steps]).success is True
             for j, r in enumerate(outs)
@@ -140,7 +139,6 @@ class SearchWorker:
 
     def greedy_success(self, problems: list[Problem]) -> list[bool]:
         """Greedy decoding of each problem, verified."""
-        self.expander.reset_caches()
-        outs = self.policy.greedy([self.task.prompt(p) for p in problems], sep=self.task.step_separator)
-        self.expander.reset_caches()
+        with self.expander.fresh_caches():
+            outs = self.policy.greedy([self.task.prompt(p) for p in problems], sep=self.task.step_separator)
         return [self.task.check(p, r.steps).success is True for p, r in zip(problems, outs, strict=True)]
