@@ -24,7 +24,13 @@ Reported (under the model's name; the embedded policy's also at the top level):
   one prefill per distinct prompt (`Policy.share_prefill`), same seed, same trees;
 - `prefix_cache_speedup`: the search's wall time with every prompt prefilled whole / with the
   prompt KV cache across calls (`mcts.prefix_cache`; positions per token beside it), and
-  `same_trees_uncached`: whether the two searches grew identical trees.
+  `same_trees_uncached`: whether the two searches grew identical trees;
+- `side_by_side_speedup`: the same problems cut into the job's batches (`search.batch_problems`),
+  searched one batch after another / two side by side (`mcts.search.search_stream`, what
+  `ray.batches_per_worker=2` does in a worker), with `policy_forwards_side_by_side` (the policy's
+  forward passes, side by side / one after another: on a GPU, where a small batch's forward costs
+  what a full one does, the wall time follows it) and `same_steps_side_by_side` (every tree's steps
+  and visits identical).
 
 Two models of ~27M parameters, where compute per position dominates as it does for a real model on
 a GPU: `wide`, a random Llama on the embedded tokenizer (its steps are noise, so its trees are
@@ -49,7 +55,7 @@ class ModelMeter:
     """Seconds spent inside a module's forward (forward hooks)."""
 
     def __init__(self, module):
-        self.seconds, self._t0 = 0.0, 0.0
+        self.seconds, self._t0, self.calls = 0.0, 0.0, 0
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
 
@@ -58,6 +64,7 @@ class ModelMeter:
 
     def _post(self, module, args, output):
         self.seconds += time.perf_counter() - self._t0
+        self.calls += 1
 
 
 def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
@@ -173,8 +180,9 @@ def measure(
     from mcts.embedded import evaluation_problems
     from mcts.expander import PolicyExpander
     from mcts.policy import Policy
-    from mcts.search import run_search
+    from mcts.search import run_search, search_stream
     from mcts.tasks.countdown import CountdownTask
+    from rewards.config import SearchConf
 
     task = CountdownTask()
     policy = Policy.load(PolicyConfig(path=str(policy_dir), device=device, dtype="float32"))
@@ -230,6 +238,15 @@ def measure(
             )
         ]
     )
+    size = SearchConf().batch_problems
+    batches = [(i, probs[i : i + size]) for i in range(0, len(probs), size)]
+    forwards = []
+    by_stream = {}
+    for side in (1, 2):
+        calls0 = meters[0].calls
+        by_stream[side] = timed(lambda: dict(search_stream(batches, task, expander, search, 0, side)))  # noqa: B023
+        forwards.append(meters[0].calls - calls0)
+    stream_trees = [[t for k in sorted(r["result"]) for t in r["result"][k]] for r in by_stream.values()]
     nodes = sum(t.num_nodes for t in batched["result"])
     nodes_one = sum(t.num_nodes for t in single["result"])
     tps = {k: r["tokens"] / r["wall_s"] for k, r in (("plain", plain), ("search", batched))}
@@ -257,6 +274,9 @@ def measure(
         "prefix_cache_speedup": round(uncached["wall_s"] / batched["wall_s"], 3),
         "positions_per_token_uncached": round(uncached["positions"] / max(1, uncached["tokens"]), 2),
         "same_trees_uncached": _same_trees(batched["result"], uncached["result"]),
+        "side_by_side_speedup": round(by_stream[1]["wall_s"] / by_stream[2]["wall_s"], 3),
+        "policy_forwards_side_by_side": round(forwards[1] / max(1, forwards[0]), 3),
+        "same_steps_side_by_side": _same_trees(*stream_trees),
         "generate_calls": policy.generate_calls,
     }
 
@@ -324,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         ("search_wall_s", "search s", ".1f"),
         ("shared_prefill_speedup", "shared prefill x", ".2f"),
         ("prefix_cache_speedup", "prefix cache x", ".2f"),
+        ("side_by_side_speedup", "side by side x", ".2f"),
+        ("policy_forwards_side_by_side", "forwards side by side", ".2f"),
     ]
     print(format_table(results, columns))
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -216,11 +217,14 @@ class Expansion:
     tokens: int  # all policy tokens spent on this leaf (options and rollouts)
 
 
+Seeds = int | Sequence[int]  # one seed for a whole call, or one per prompt / leaf of it
+
+
 class Expander(Protocol):
     """Values the selected leaves' new children (`mcts.expander.PolicyExpander`). An expander that
     keeps caches across calls also has `fresh_caches()`, a context `run_search` runs a batch in."""
 
-    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]: ...
+    def __call__(self, leaves: list[Leaf], seed: Seeds) -> list[Expansion]: ...
 
 
 def problem_seed(base_seed: int, problem_id: str) -> int:

@@ -11,9 +11,10 @@ a `DynamicCache`):
   its option was sampled from). The prefill computes the last position's logits only, where the
   model allows it (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
 - samples every row's next token the way `generate` does (temperature, top-k, top-p warpers, then
-  `torch.multinomial` over the whole batch's rows: a finished row keeps its place in that draw, so a
-  row's random numbers do not depend on when the others finished, and the same seed draws what
-  `generate` draws, held by a test);
+  `torch.multinomial` over the rows: a finished row keeps its place in that draw, so a row's random
+  numbers do not depend on when the others finished, and the same seed draws what `generate` draws,
+  held by a test). The rows may come in groups, each with its own generator and its own draw (the
+  search's concurrent batches share a call: each draws what it would draw alone);
 - stops a row at EOS or at a stop token (a token whose text holds the stop string; a stop string
   longer than one character is also looked for in each row's last tokens), and drops finished rows
   from the forward pass and the cache once a quarter of the batch has finished;
@@ -180,9 +181,14 @@ def decode(
     stop_ids: torch.Tensor | None = None,
     stop_text=None,
     prefix_cache: PrefixCache | None = None,
+    groups: list[tuple[int, torch.Generator | None]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Continue the prompts (token ids, one per distinct prompt) for the rows `rows` (row i
     continues prompt rows[i]) by up to `max_new` tokens; `prefix_cache`: see `prefill`.
+
+    `groups`: (number of rows, generator) for consecutive runs of rows that sample as one call of
+    their own would (their own `torch.multinomial` over their rows, drawn while any of them is
+    unfinished); default one group over every row, from torch's default generator.
 
     Returns (tokens [B, max_new], padded with `pad_id` after a row's last token; temperature-1
     log-probabilities of those tokens [B, max_new]; positions run through the model). `stop_text`:
@@ -201,6 +207,12 @@ def decode(
     alive = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
     warpers = _warpers(temperature, top_k, top_p) if sample else []
     draw = None  # every row's distribution for this step's multinomial, finished rows included
+    bounds, lo = [], 0  # (first row, end row, generator) of each group
+    for size, generator in groups or [(b, None)]:
+        bounds.append((lo, lo + size, generator))
+        lo += size
+    assert lo == b, f"groups cover {lo} of {b} rows"
+    unfinished = torch.ones(b, dtype=torch.bool)  # on the CPU: read every step to skip done groups
     for t in range(max_new):
         raw = logits[alive].float()
         scores, live = raw, active[alive]
@@ -211,7 +223,11 @@ def decode(
                 draw = torch.zeros((b, scores.shape[-1]), dtype=torch.float32, device=device)
                 draw[:, 0] = 1.0  # a finished row: any distribution keeps its place in the draw
             draw[live] = scores.softmax(-1)
-            step = torch.multinomial(draw, num_samples=1).squeeze(1)[live]
+            picks = torch.zeros(b, dtype=torch.long, device=device)
+            for first, end, generator in bounds:
+                if len(bounds) == 1 or bool(unfinished[first:end].any()):
+                    picks[first:end] = torch.multinomial(draw[first:end], 1, generator=generator).squeeze(1)
+            step = picks[live]
         else:
             step = scores.argmax(-1)
         tokens[live, t] = step
@@ -225,6 +241,7 @@ def decode(
         if sample and done.any():
             draw[live[done]] = 0.0
             draw[live[done], 0] = 1.0
+            unfinished[live[done].cpu()] = False
         feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
         feed[alive] = step
         alive[alive.clone()] = ~done

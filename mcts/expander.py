@@ -16,12 +16,13 @@ At terminals the verifier decides (when `verifier_at_terminals`), else the ORM d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
 
-from mcts.base import Child, ExpandConfig, Expansion, Leaf
+from mcts.base import Child, ExpandConfig, Expansion, Leaf, Seeds
 from mcts.merge import Option, merge_options
 from mcts.policy import Rollout
 from mcts.tasks.base import Problem, Task
@@ -32,14 +33,16 @@ class Proposer(Protocol):
     vLLM or SGLang engine (their own prefix caching) slots in by implementing these two calls."""
 
     def propose(
-        self, prompts: list[str], num_options: list[int], seed: int, stop: str = "\n"
+        self, prompts: list[str], num_options: list[int], seed: Seeds, stop: str = "\n"
     ) -> list[list[Option]]:
         """`num_options[i]` sampled next steps for `prompts[i]`, each ended at `stop` (not included),
         EOS or a token cap; `Option.logprob` at temperature 1 (the prior). Seeded: the same call
-        with the same seed returns the same options."""
+        with the same seed returns the same options. `seed` is one int, or one per prompt when the
+        search runs batches side by side (`SearchStream`): each run of prompts sharing a seed then
+        returns what a call of its own would."""
 
     def rollout(
-        self, prompts: list[str], seed: int, max_new_tokens: int | None = None, sep: str = "\n"
+        self, prompts: list[str], seed: Seeds, max_new_tokens: int | None = None, sep: str = "\n"
     ) -> list[Rollout]:
         """One sampled continuation of every prompt to EOS or the token cap, split into steps at `sep`."""
 
@@ -95,13 +98,17 @@ class PolicyExpander:
         sep = self.task.step_separator
         return self.task.prompt(problem) + "".join(s + sep for s in steps)
 
-    def __call__(self, leaves: list[Leaf], seed: int) -> list[Expansion]:
+    def __call__(self, leaves: list[Leaf], seed: Seeds) -> list[Expansion]:
+        """Expand the leaves; `seed`: one for the call, or one per leaf (the leaves of the search's
+        concurrent batches: each run of leaves with one seed draws what a call of its own would)."""
         task, cfg, sep = self.task, self.cfg, self.task.step_separator
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(leaves)
         prompts = [self.prompt(leaf.problem, leaf.steps) for leaf in leaves]
         proposals = self.policy.propose(prompts, [leaf.num_options for leaf in leaves], seed=seed, stop=sep)
         expansions: list[Expansion] = []
         pending: list[tuple[Child, Problem, list[str]]] = []  # new non-terminal nodes to value
-        for leaf, options in zip(leaves, proposals, strict=True):
+        pending_seeds: list[int] = []  # the seed of each pending node's leaf
+        for leaf, options, leaf_seed in zip(leaves, proposals, seeds, strict=True):
             tokens = sum(o.num_tokens for o in options)
             seen = {task.normalize_step(t) for t in leaf.existing}
             children = []
@@ -122,16 +129,18 @@ class PolicyExpander:
                     child.score = float(child.outcome)
                 else:
                     pending.append((child, leaf.problem, steps))
+                    pending_seeds.append(leaf_seed)
                 children.append(child)
             expansions.append(Expansion(children=children, tokens=tokens))
         leaf_of_child = {id(c): i for i, e in enumerate(expansions) for c in e.children}
-        self._score(pending, expansions, leaf_of_child, seed)
+        self._score(pending, expansions, leaf_of_child, pending_seeds)
         if self.critics is not None and not cfg.verifier_at_terminals:
             self._terminal_orm(leaves, expansions)
         return expansions
 
-    def _score(self, pending, expansions, leaf_of_child, seed: int) -> None:
-        """Score the new non-terminal nodes: verified rollouts and critics, all batched."""
+    def _score(self, pending, expansions, leaf_of_child, seeds: list[int]) -> None:
+        """Score the new non-terminal nodes: verified rollouts and critics, all batched (`seeds`:
+        the seed of each node's leaf)."""
         if not pending:
             return
         cfg, task = self.cfg, self.task
@@ -140,8 +149,11 @@ class PolicyExpander:
         rollout_steps: list[list[list[str]]] = [[] for _ in range(n)]
         if cfg.rollouts > 0:
             prompts = [self.prompt(p, steps) for _, p, steps in pending for _ in range(cfg.rollouts)]
+            row_seeds = [s + 7919 for s in seeds for _ in range(cfg.rollouts)]
+            if len(set(row_seeds)) == 1:
+                row_seeds = row_seeds[0]  # one call's seed (a proposer need not take one per prompt)
             rollouts = self.rollout_policy.rollout(
-                prompts, seed=seed + 7919, max_new_tokens=cfg.rollout_tokens or None, sep=task.step_separator
+                prompts, seed=row_seeds, max_new_tokens=cfg.rollout_tokens or None, sep=task.step_separator
             )
             success = np.zeros(n)
             for j, r in enumerate(rollouts):

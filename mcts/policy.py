@@ -19,15 +19,49 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mcts.base import DTYPE_NAMES, PolicyConfig
+from mcts.base import DTYPE_NAMES, PolicyConfig, Seeds
 from mcts.decode import decode, left_pad, stop_token_ids
 from mcts.merge import Option
 from mcts.prefix_cache import PrefixCache
+
+
+def _seed_runs(prompts: list, seed: Seeds) -> list[tuple[int, int, int]]:
+    """(first prompt, end, seed) of each run of consecutive prompts sharing a seed."""
+    seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
+    assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(seeds):
+        if runs and runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        else:
+            runs.append((i, i + 1, s))
+    return runs
+
+
+def _pack_calls(runs: list[tuple[int, int, int]], max_batch: int) -> list[list[tuple[int, int, tuple]]]:
+    """Decode calls for seed runs: each run cut into `max_batch`-row chunks, the full chunks a call
+    each, then the runs' last partial chunks packed together, in order, up to `max_batch` rows a
+    call. Every run's chunks stay in their order (its generator's stream runs through them).
+    A piece is (first row, end row, (run's first row, seed))."""
+    full, partial = [], []
+    for lo, hi, seed in runs:
+        for start in range(lo, hi, max_batch):
+            piece = (start, min(start + max_batch, hi), (lo, seed))
+            (full if piece[1] - piece[0] == max_batch else partial).append(piece)
+    calls = [[piece] for piece in full]
+    packed: list[list] = []
+    for piece in partial:
+        if packed and sum(end - start for start, end, _ in packed[-1]) + piece[1] - piece[0] <= max_batch:
+            packed[-1].append(piece)
+        else:
+            packed.append([piece])
+    return calls + packed
 
 
 class PolicyLoadError(ValueError):
@@ -194,13 +228,15 @@ class Policy:
             self.prefix_cache.clear()
 
     def propose(
-        self, prompts: list[str], num_options: list[int], seed: int, stop: str = "\n"
+        self, prompts: list[str], num_options: list[int], seed: Seeds, stop: str = "\n"
     ) -> list[list[Option]]:
         """Sample `num_options[i]` options for `prompts[i]`, all in one batched generate call
         (split only at `max_batch` sequences). Each option ends at `stop`, EOS or
         `max_step_tokens`. Returns one list of options per prompt, in prompt order."""
         assert len(prompts) == len(num_options), f"{len(prompts)} prompts, {len(num_options)} counts"
         flat = [p for p, k in zip(prompts, num_options, strict=True) for _ in range(k)]
+        if isinstance(seed, Sequence):  # one per prompt: one per sampled row
+            seed = [s for s, k in zip(seed, num_options, strict=True) for _ in range(k)]
         seqs = self._generate(flat, seed, True, self.cfg.max_step_tokens, stop, want_logprob=True)
         out: list[list[Option]] = []
         it = iter(seqs)
@@ -221,7 +257,7 @@ class Policy:
         return out
 
     def rollout(
-        self, prompts: list[str], seed: int, max_new_tokens: int | None = None, sep: str = "\n"
+        self, prompts: list[str], seed: Seeds, max_new_tokens: int | None = None, sep: str = "\n"
     ) -> list[Rollout]:
         """Sample a continuation of every prompt to EOS or the token cap, in one batched call."""
         cap = max_new_tokens or self.cfg.max_rollout_tokens
@@ -259,44 +295,54 @@ class Policy:
     def _generate(
         self,
         prompts: list[str],
-        seed: int,
+        seed: Seeds,
         sample: bool,
         max_new: int,
         stop: str | None,
         want_logprob: bool = False,
     ) -> list[dict]:
-        """Generate for every prompt (`mcts.decode`, `max_batch` rows a call); per sequence return its
-        kept token `ids`, `text`, `logprob` (temperature-1 log-probs of the kept tokens; NaN unless
-        `want_logprob`), `ended`, `truncated`."""
+        """Generate for every prompt (`mcts.decode`, at most `max_batch` rows a call); per sequence
+        return its kept token `ids`, `text`, `logprob` (temperature-1 log-probs of the kept tokens;
+        NaN unless `want_logprob`), `ended`, `truncated`.
+
+        `seed`: one for every prompt, or one per prompt. Each run of consecutive prompts with the
+        same seed is a group that draws exactly what a call of its own would: its own generator, cut
+        into `max_batch`-row chunks run in order. A group's last, partial chunk shares a decode call
+        with other groups' (the search's concurrent batches: `mcts.search.SearchStream`).
+        """
         tok, cfg = self.tokenizer, self.cfg
         stop_ids, stop_text = self._stop_rule(stop)
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
-        results: list[dict] = []
-        devices = [self.device] if self.device.type == "cuda" else []
-        # fork_rng: seeding must not disturb the caller's global RNG streams.
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for lo in range(0, len(prompts), cfg.max_batch):
-                chunk = prompts[lo : lo + cfg.max_batch]
-                if self.share_prefill:
-                    distinct = list(dict.fromkeys(chunk))
-                    where = {p: i for i, p in enumerate(distinct)}
-                    rows = torch.tensor([where[p] for p in chunk], device=self.device)
-                else:
-                    distinct, rows = chunk, torch.arange(len(chunk), device=self.device)
-                new, lp, positions = decode(
-                    self.model, tok(distinct)["input_ids"], rows, max_new,
-                    sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    eos_ids=eos, pad_id=tok.pad_token_id, stop_ids=stop_ids, stop_text=stop_text,
-                    prefix_cache=self.prefix_cache,
-                )  # fmt: skip
-                self.generate_calls += 1
-                self.positions_run += positions
-                lp = lp.cpu()
-                for r, row in enumerate(new.cpu().tolist()):
-                    cut = self._cut(row, stop, max_new)
-                    cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if want_logprob else math.nan
-                    results.append(cut)
+        calls = _pack_calls(_seed_runs(prompts, seed), cfg.max_batch)
+        generators: dict[int, torch.Generator] = {}  # group's first row -> its generator
+        results: list[dict | None] = [None] * len(prompts)
+        for call in calls:
+            rows_of_call = [i for lo, hi, _ in call for i in range(lo, hi)]
+            chunk = [prompts[i] for i in rows_of_call]
+            groups = []
+            for lo, hi, (group, group_seed) in call:
+                if sample and group not in generators:
+                    generators[group] = torch.Generator(device=self.device).manual_seed(group_seed)
+                groups.append((hi - lo, generators.get(group)))
+            if self.share_prefill:
+                distinct = list(dict.fromkeys(chunk))
+                where = {p: i for i, p in enumerate(distinct)}
+                rows = torch.tensor([where[p] for p in chunk], device=self.device)
+            else:
+                distinct, rows = chunk, torch.arange(len(chunk), device=self.device)
+            new, lp, positions = decode(
+                self.model, tok(distinct)["input_ids"], rows, max_new,
+                sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                eos_ids=eos, pad_id=tok.pad_token_id, stop_ids=stop_ids, stop_text=stop_text,
+                prefix_cache=self.prefix_cache, groups=groups,
+            )  # fmt: skip
+            self.generate_calls += 1
+            self.positions_run += positions
+            lp = lp.cpu()
+            for r, row in enumerate(new.cpu().tolist()):
+                cut = self._cut(row, stop, max_new)
+                cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if want_logprob else math.nan
+                results[rows_of_call[r]] = cut
         self.tokens_generated += sum(len(r["ids"]) for r in results)
         return results
 

@@ -12,13 +12,14 @@ else is arrays and kernels:
         kernels.backup          -> values, verified successes, adaptive widths
 
 A tree stops when its simulations, node or token budget is spent, when it is fully explored
-(every leaf terminal, nothing to widen), or (optionally) once its root has converged: the most visited first step holds
-`converged_share` of the root's visits.
+(every leaf terminal, nothing to widen), or (optionally) once its root has converged: the most visited
+first step holds `converged_share` of the root's visits. Batches can run side by side, their rounds
+sharing the expander's call (`SearchStream`); `run_search` is one batch alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import nullcontext
 
 import numpy as np
@@ -31,11 +32,19 @@ from mcts.tree import NO_NODE, ROOT, Forest
 
 
 class SearchBatch:
-    """A forest over a batch of problems and the texts that live beside its arrays."""
+    """A forest over a batch of problems, the texts that live beside its arrays, the kernels'
+    scratch arrays and the batch's round (`key`: the caller's name for it in a `SearchStream`)."""
 
-    def __init__(self, problems: list[Problem], task: Task, cfg: SearchConfig, seed: int):
-        self.problems, self.task, self.cfg, self.seed = problems, task, cfg, seed
+    def __init__(
+        self, problems: list[Problem], task: Task, cfg: SearchConfig, seed: int, key: Hashable = None
+    ):
+        self.problems, self.task, self.cfg, self.seed, self.key = problems, task, cfg, seed, key
+        self.round, self.round_seed = 0, problem_seed(seed, "|".join(p.id for p in problems))  # + round
         b, cap = len(problems), cfg.max_nodes
+        self.out_nodes = np.zeros((b, cfg.leaves_per_tree), np.int32)
+        self.out_kinds = np.zeros_like(self.out_nodes)
+        self.out_count = np.zeros(b, np.int32)
+        self.scratch = np.zeros(cap, np.int32)
         self.forest = Forest(b, cap)
         self.texts: list[dict[int, str]] = [{ROOT: ""} for _ in problems]
         self.num_tokens = np.zeros((b, cap), np.int32)
@@ -52,6 +61,9 @@ class SearchBatch:
         if cfg.adaptive_branching and cfg.root_width > 0:
             self.c_min[0] = self.c_max[0] = cfg.root_width
 
+    def done(self) -> bool:
+        return self.round >= self.cfg.simulations or not self.live.any()
+
     def width_cap(self, b: int, node: int) -> int:
         """c_max at the node's depth: the ids an expansion of it reserves (adaptive branching)."""
         return int(self.c_max[self.forest.depth[b, node]])
@@ -60,48 +72,116 @@ class SearchBatch:
         return tuple(self.texts[b][i] for i in self.forest.path(b, node)[1:])
 
 
-def run_search(
-    problems: list[Problem],
+def run_search(problems: list[Problem], task: Task, expander: Expander, cfg: SearchConfig, seed: int = 0):
+    """Search every problem of the batch at once; returns one finished tree per problem."""
+    stream = SearchStream(task, expander, cfg)
+    try:
+        stream.add(None, problems, seed)
+        while True:
+            for _, trees in stream.step():
+                return trees
+    finally:
+        stream.close()
+
+
+def search_stream(
+    batches: Iterable[tuple[Hashable, list[Problem]]],
     task: Task,
     expander: Expander,
     cfg: SearchConfig,
     seed: int = 0,
-    on_round: Callable[[SearchBatch], None] | None = None,
-) -> list[FinishedTree]:
-    """Search every problem of the batch at once; returns one finished tree per problem."""
-    batch = SearchBatch(problems, task, cfg, seed)
-    F = batch.forest.arrays
-    num_trees = len(problems)
-    out_nodes = np.zeros((num_trees, cfg.leaves_per_tree), np.int32)
-    out_kinds = np.zeros_like(out_nodes)
-    out_count = np.zeros(num_trees, np.int32)
-    scratch = np.zeros(cfg.max_nodes, np.int32)
-    alpha = cfg.alpha if cfg.adaptive_branching else -1.0
-    batch_seed = problem_seed(seed, "|".join(p.id for p in problems))
-    # An expander may keep caches across calls (the policy's prompt KV states): a batch runs with
-    # empty ones and leaves them empty, so nothing it computes depends on the work a worker did
-    # before it, and no memory is held between batches.
-    with getattr(expander, "fresh_caches", nullcontext)():
-        for round_index in range(cfg.simulations):
-            if not batch.live.any():
-                break
+    side_by_side: int = 2,
+) -> Iterator[tuple[Hashable, list[FinishedTree]]]:
+    """Search (key, problems) batches, `side_by_side` of them at a time, a new one started as soon
+    as one finishes; yields (key, trees) as batches finish. Each batch's trees are those
+    `run_search(problems, ..., seed)` grows (see `SearchStream`)."""
+    stream = SearchStream(task, expander, cfg)
+    pending = iter(batches)
+    try:
+        while True:
+            while stream.running < side_by_side and (item := next(pending, None)) is not None:
+                stream.add(item[0], item[1], seed)
+            if not stream.running:
+                return
+            yield from stream.step()
+    finally:
+        stream.close()
+
+
+class SearchStream:
+    """Search batches side by side: each round selects leaves in every running batch and expands
+    them all in one expander call, so a batch whose trees are mostly finished (a round of a few
+    leaves) fills the calls of a batch that has just started instead of running its own small ones.
+
+    Each batch's leaves carry its own round seed (`expander(leaves, seeds)`: a run of leaves with one
+    seed draws what a call of its own would), so a batch grows the trees it grows alone, whichever
+    batches run beside it (up to float rounding of batched matmuls). `add` a batch (it joins at the
+    next round), `step` runs one round of every batch and returns the (key, trees) of those that
+    finished. An expander's caches (`fresh_caches`) are emptied when the stream starts and whenever
+    it runs dry.
+    """
+
+    def __init__(self, task: Task, expander: Expander, cfg: SearchConfig):
+        self.task, self.expander, self.cfg = task, expander, cfg
+        self.alpha = cfg.alpha if cfg.adaptive_branching else -1.0
+        self._batches: list[SearchBatch] = []
+        self._scope = None  # the expander's fresh_caches context while batches run
+
+    @property
+    def running(self) -> int:
+        return len(self._batches)
+
+    def add(self, key: Hashable, problems: list[Problem], seed: int) -> None:
+        if self._scope is None:
+            self._scope = getattr(self.expander, "fresh_caches", nullcontext)()
+            self._scope.__enter__()
+        self._batches.append(SearchBatch(problems, self.task, self.cfg, seed, key))
+
+    def close(self) -> None:
+        """Drop every running batch and leave the expander's caches empty."""
+        self._batches = []
+        if self._scope is not None:
+            scope, self._scope = self._scope, None
+            scope.__exit__(None, None, None)
+
+    def step(self) -> list[tuple[Hashable, list[FinishedTree]]]:
+        cfg = self.cfg
+        active = [batch for batch in self._batches if not batch.done()]
+        plans = []
+        for batch in active:
             leaves = np.where(batch.live, cfg.leaves_per_tree, 0).astype(np.int32)
-            kernels.select_leaves(F, cfg.c_puct, leaves, out_nodes, out_kinds, out_count, scratch)
-            batch.live &= out_count > 0  # a live tree with nothing to select is fully explored
+            out = batch.out_nodes, batch.out_kinds, batch.out_count
+            kernels.select_leaves(batch.forest.arrays, cfg.c_puct, leaves, *out, batch.scratch)
+            batch.live &= batch.out_count > 0  # a live tree with nothing to select is fully explored
             batch.rounds += batch.live
-
-            selections, requests = _plan(batch, out_nodes, out_kinds, out_count)
-            expansions = expander(requests, batch_seed + round_index) if requests else []
-            assert len(expansions) == len(requests), (
-                f"expander answered {len(expansions)} of {len(requests)} leaves"
-            )
-            _apply(batch, selections, expansions, alpha)
-
+            plans.append(_plan(batch, *out))
+        for batch, (selections, expansions) in zip(active, self._expand(active, plans), strict=True):
+            _apply(batch, selections, expansions, self.alpha)
             _update_budgets(batch)
-            if on_round is not None:
-                on_round(batch)
+            batch.round += 1
+        done = [batch for batch in self._batches if batch.done()]
+        self._batches = [batch for batch in self._batches if not batch.done()]
+        if not self._batches:
+            self.close()
+        return [(batch.key, [_finish(batch, b) for b in range(len(batch.problems))]) for batch in done]
 
-        return [_finish(batch, b) for b in range(num_trees)]
+    def _expand(self, active: list[SearchBatch], plans) -> list[tuple[list, list[Expansion]]]:
+        """One expander call for every batch's requests, each under its batch's round seed (a call
+        per batch in the rare round two batches' seeds are equal: their draws would merge)."""
+        seeds = [batch.round_seed + batch.round for batch in active]
+        calls = [active] if len(set(seeds)) == len(seeds) else [[batch] for batch in active]
+        by_batch = dict(zip(map(id, active), plans, strict=True))
+        out: dict[int, tuple[list, list[Expansion]]] = {}
+        for members in calls:
+            requests = [leaf for batch in members for leaf in by_batch[id(batch)][1]]
+            seed = [batch.round_seed + batch.round for batch in members for _ in by_batch[id(batch)][1]]
+            # one batch: one seed (an expander need not take a list)
+            expansions = self.expander(requests, seed if len(set(seed)) > 1 else seed[0]) if requests else []
+            assert len(expansions) == len(requests), f"expander answered {len(expansions)} of {len(requests)}"
+            for batch in members:
+                selections, mine = by_batch[id(batch)]
+                out[id(batch)], expansions = (selections, expansions[: len(mine)]), expansions[len(mine) :]
+        return [out[id(batch)] for batch in active]
 
 
 def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):

@@ -146,6 +146,12 @@ class RayConf:
     """"local": start Ray in this process, on this machine; "auto" or HOST:PORT: join that cluster."""
     num_workers: int = 2
     """Search actors; each loads the policy and critics once."""
+    batches_per_worker: int = 1
+    """Batches in flight on each actor, searched side by side (`mcts.search.SearchStream`): their
+    rounds share the policy's and critics' calls, so fewer, fuller forward passes (a GPU's gain; a
+    CPU's is small). Every sampled step and verdict is the same whatever it is, but above 1 the
+    float columns (priors, critic scores, q) move by float rounding (<= 2e-6 measured) with which
+    batches happened to share a call: 1 keeps the records bit-identical across runs and workers."""
     cpus_per_worker: float = 0.5
     """Ray CPUs reserved per actor (fractional is fine: the thread count is `torch_threads`)."""
     gpus_per_worker: float = 0.0
@@ -165,6 +171,8 @@ class RayConf:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        if self.batches_per_worker < 1:
+            raise ValueError(f"ray.batches_per_worker must be >= 1, got {self.batches_per_worker}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ValueError("ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
         if self.torch_threads < 1:

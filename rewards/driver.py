@@ -224,6 +224,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             conf.ray.cpus_per_worker,
             conf.ray.gpus_per_worker,
             conf.ray.start_timeout_s,
+            conf.ray.batches_per_worker,
         )
         log.info(
             "%d workers ready in %.1f s (pids %s)", len(pool.actors), time.perf_counter() - t0, pool.pids()
@@ -243,6 +244,10 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             metrics["batches_run"] += 1
             metrics["worker_batch_seconds"] = round(
                 metrics.get("worker_batch_seconds", 0.0) + stats["seconds"], 1
+            )
+            # the most batches a worker searched side by side in any round (ray.batches_per_worker)
+            metrics["batches_side_by_side"] = max(
+                metrics.get("batches_side_by_side", 0), stats["side_by_side"]
             )
             write_metrics(progress)
             return name

@@ -127,10 +127,22 @@ def _first_error_line(err: BaseException) -> str:
 class WorkerPool:
     """`num_workers` SearchWorker actors, started and warmed before the first batch is sent."""
 
-    def __init__(self, spec: WorkerSpec, num_workers: int, cpus: float, gpus: float, timeout_s: float):
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        num_workers: int,
+        cpus: float,
+        gpus: float,
+        timeout_s: float,
+        batches_per_worker: int = 1,
+    ):
+        self.batches_per_worker = batches_per_worker
         actor = ray.remote(SearchWorker).options(
             num_cpus=cpus,
             num_gpus=gpus,
+            # a thread per batch in flight (they only wait: one engine thread searches them side by
+            # side, `SearchWorker._serve`), and one for a call beside them
+            max_concurrency=batches_per_worker + 1,
             max_restarts=-1,  # a killed worker comes back; the driver resubmits its batch
             max_task_retries=0,  # ... and decides itself, so every retry is counted and bounded
         )
@@ -194,8 +206,9 @@ def stream_batches(
     hooks: Hooks | None = None,
     restart_wait_s: float = 300.0,
 ) -> dict:
-    """Run every (batch index, problems) of `work` on the pool, one batch per free actor; call
-    `on_done(index, trees, stats)` (which writes the shard and returns its name) as each completes.
+    """Run every (batch index, problems) of `work` on the pool, `pool.batches_per_worker` batches in
+    flight per actor (searched side by side); call `on_done(index, trees, stats)` (which writes the
+    shard and returns its name) as each completes.
 
     A batch whose worker died is resubmitted, up to `max_retries` deaths per batch. A worker that
     Ray is still restarting refuses calls at once (`ActorUnavailableError`): its first refusal is
@@ -206,11 +219,11 @@ def stream_batches(
     Returns {"retries": resubmitted batches, "by_worker": batches per worker pid}.
     """
     queue = deque(work)
-    free = deque(range(len(pool.actors)))
+    free = deque(w for _ in range(pool.batches_per_worker) for w in range(len(pool.actors)))  # slots
     inflight: dict = {}  # ObjectRef -> (worker index, (batch index, problems))
     failures: Counter = Counter()
     by_worker: Counter = Counter()
-    resting: dict[int, float] = {}  # worker -> monotonic time it may take work again
+    resting: list[tuple[int, float]] = []  # (worker, monotonic time) a slot of it may take work again
     unavailable_since: dict[int, float] = {}
     submitted = 0
 
@@ -225,9 +238,8 @@ def stream_batches(
 
     while queue or inflight:
         now = time.monotonic()
-        for w in [w for w, t in resting.items() if t <= now]:
-            del resting[w]
-            free.append(w)
+        free.extend(w for w, t in resting if t <= now)
+        resting = [(w, t) for w, t in resting if t > now]
         while queue and free:
             w, item = free.popleft(), queue.popleft()
             inflight[pool.actors[w].run_batch.remote(item[1], seed)] = (w, item)
@@ -251,7 +263,7 @@ def stream_batches(
                     raise JobError(
                         f"worker {w} stayed unavailable for {restart_wait_s:.0f} s: {_first_error_line(e)}"
                     ) from None
-                resting[w] = time.monotonic() + 1.0  # still restarting: ask again in a second
+                resting.append((w, time.monotonic() + 1.0))  # still restarting: ask again in a second
                 queue.appendleft(item)
                 continue
             except RayActorError as e:

@@ -3,14 +3,21 @@
 `SearchWorker` is a plain class; `rewards.launcher` makes Ray actors of it. It loads the models,
 warms the numba kernels on a tiny search, then serves `run_batch(problems, search_seed)` (the finished
 trees), and the audit's model work: re-rollouts, greedy decoding and an unsteered search.
+
+The batches a worker has in flight (Ray calls `run_batch` from `ray.batches_per_worker` threads) are
+searched side by side by one engine thread (`mcts.search.SearchStream`): their rounds share the
+policy's and the critics' calls, and a batch whose trees are nearly done fills the calls of a new one
+instead of running small calls of its own. Each batch still grows the trees it grows alone.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -49,6 +56,19 @@ class WorkerSpec:
     warmup_problem: Problem
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A batch handed from a `run_batch` call to the engine thread, and its answer."""
+
+    problems: list[Problem]
+    seed: int
+    done: threading.Event = field(default_factory=threading.Event)
+    trees: list[FinishedTree] | None = None
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+    side_by_side: int = 0  # the most batches searched in one of its rounds, itself included
+
+
 class SearchWorker:
     """One policy, its critics and an expander, loaded once (a Ray actor: `rewards.launcher.WorkerPool`)."""
 
@@ -84,6 +104,10 @@ class SearchWorker:
         warm = SearchConfig(simulations=2, leaves_per_tree=1, num_options=2, max_nodes=64)
         self._search([spec.warmup_problem], warm, 0)
         self.warm_s = time.perf_counter() - t0
+        self._models = threading.Lock()  # one user of the models at a time: a search round or an audit call
+        self._inbox: queue.Queue[_Batch] = queue.Queue()
+        self._engine: threading.Thread | None = None
+        self._engine_start = threading.Lock()
 
     def _search(self, problems: list[Problem], cfg: SearchConfig, seed: int) -> list[FinishedTree]:
         from mcts.search import run_search
@@ -99,13 +123,67 @@ class SearchWorker:
         }
 
     def run_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
-        t0 = time.perf_counter()
-        trees = self._search(problems, self.spec.search, search_seed)
-        return trees, {"seconds": time.perf_counter() - t0, "pid": os.getpid()}
+        """The batch's finished trees, searched beside the other batches in flight on this worker."""
+        with self._engine_start:
+            if self._engine is None:
+                self._engine = threading.Thread(target=self._serve, name="search-engine", daemon=True)
+                self._engine.start()
+        batch = _Batch(problems, search_seed)
+        self._inbox.put(batch)
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        stats = {
+            "seconds": time.perf_counter() - batch.started,
+            "pid": os.getpid(),
+            "side_by_side": batch.side_by_side,
+        }
+        return batch.trees, stats
+
+    def _serve(self) -> None:
+        """The engine thread: one round of every batch in flight at a time, new batches joining at
+        the next round; a batch's caller is woken when its trees are finished."""
+        import torch
+
+        from mcts.search import SearchStream
+
+        torch.set_num_threads(self.spec.torch_threads)  # this thread's own setting: the records need it
+        stream = SearchStream(self.task, self.expander, self.spec.search)
+        running: list[_Batch] = []
+        while True:
+            waiting = [self._inbox.get()] if not running else []  # idle: sleep until a batch comes
+            while True:
+                try:
+                    waiting.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for batch in waiting:
+                stream.add(batch, batch.problems, batch.seed)
+                running.append(batch)
+            for batch in running:
+                batch.side_by_side = max(batch.side_by_side, len(running))
+            try:
+                with self._models:
+                    finished = stream.step()
+            except BaseException as e:  # noqa: BLE001 - handed to every caller, whose call raises it
+                stream.close()
+                for batch in running:
+                    batch.error = e
+                    batch.done.set()
+                running = []
+                continue
+            for batch, trees in finished:
+                batch.trees = trees
+                running.remove(batch)
+                batch.done.set()
 
     def audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
         """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at
         the nodes they scored during the search, the ORM at every verified terminal afterwards."""
+        with self._models:
+            return self._audit_search(problems, search_seed)
+
+    def _audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
         from mcts.search import run_search
 
         trees = run_search(problems, self.task, self.audit_expander, self.spec.search, seed=search_seed)
@@ -129,7 +207,8 @@ class SearchWorker:
         """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
         sep = self.task.step_separator
         prompts = [self.expander.prompt(p, steps) for p, steps in items for _ in range(n)]
-        with self.expander.fresh_caches():  # as a search batch: nothing carried over from other work
+        # as a search batch: nothing carried over from other work
+        with self._models, self.expander.fresh_caches():
             outs = self.policy.rollout(prompts, seed=rollout_seed, sep=sep) if prompts else []
         hits = [
             self.task.check(items[j // n][0], [*items[j // n][1], *r.steps]).success is True
@@ -139,6 +218,6 @@ class SearchWorker:
 
     def greedy_success(self, problems: list[Problem]) -> list[bool]:
         """Greedy decoding of each problem, verified."""
-        with self.expander.fresh_caches():
+        with self._models, self.expander.fresh_caches():
             outs = self.policy.greedy([self.task.prompt(p) for p in problems], sep=self.task.step_separator)
         return [self.task.check(p, r.steps).success is True for p, r in zip(problems, outs, strict=True)]

@@ -101,11 +101,21 @@ def test_stop_and_eos_are_cut(policy: Policy):
 
 
 def test_deterministic_for_a_seed(policy: Policy):
-    a = policy.propose(PROMPTS, [2, 3, 1], seed=11)
-    b = policy.propose(PROMPTS, [2, 3, 1], seed=11)
-    c = policy.propose(PROMPTS, [2, 3, 1], seed=12)
+    """From empty prompt caches (as every search batch starts) a seed gives the same options, bit
+    for bit; with the first call's prompts cached, the same samples (log-probs within rounding)."""
+
+    def propose(seed: int, fresh: bool = True):
+        if fresh:
+            policy.reset_prefix_cache()
+        return policy.propose(PROMPTS, [2, 3, 1], seed=seed)
+
+    a, b, c = propose(11), propose(11), propose(12)
     assert a == b
     assert a != c
+    warm = propose(11, fresh=False)
+    assert [[o.token_ids for o in opts] for opts in warm] == [[o.token_ids for o in opts] for opts in a]
+    got = [o.logprob for opts in warm for o in opts]
+    assert got == pytest.approx([o.logprob for opts in a for o in opts], abs=1e-4)
 
 
 @pytest.mark.parametrize("max_batch", [256, 4])
@@ -129,6 +139,26 @@ def test_shared_prefill_samples_what_plain_generate_samples(policy: Policy, monk
     assert got == pytest.approx(want, abs=1e-4)
     assert rollouts == plain_rollouts
     assert len({o.token_ids for o in options[0]}) > 1, "the rows of one prompt must still differ"
+
+
+@pytest.mark.parametrize("max_batch", [256, 4])
+def test_seed_runs_draw_what_their_own_calls_draw(policy: Policy, monkeypatch, max_batch):
+    """Prompts of two seeds in one call (the search's batches side by side, `SearchStream`): each run
+    of one seed samples the options and rollouts a call of its own samples. With a max_batch of 4
+    the first run's 6 rows are cut 4 + 2, and its last 2 share a decode call with the second run's."""
+    monkeypatch.setattr(policy.cfg, "max_batch", max_batch)
+    alone = policy.propose(PROMPTS[:2], [3, 3], seed=5) + policy.propose(PROMPTS[2:], [2], seed=6)
+    calls = policy.generate_calls
+    together = policy.propose(PROMPTS, [3, 3, 2], seed=[5, 5, 6])
+    assert policy.generate_calls - calls == (2 if max_batch == 4 else 1)
+    assert [[(o.token_ids, o.text) for o in opts] for opts in together] == [
+        [(o.token_ids, o.text) for o in opts] for opts in alone
+    ]
+    got = [o.logprob for opts in together for o in opts]
+    assert got == pytest.approx([o.logprob for opts in alone for o in opts], abs=1e-4)
+    assert together != policy.propose(PROMPTS, [3, 3, 2], seed=5), "the second run's seed must matter"
+    rollouts = policy.rollout(PROMPTS * 2, seed=[9] * 3 + [10] * 3)
+    assert rollouts == policy.rollout(PROMPTS, seed=9) + policy.rollout(PROMPTS, seed=10)
 
 
 def test_max_batch_splits_calls(policy: Policy, monkeypatch):

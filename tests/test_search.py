@@ -193,6 +193,51 @@ def test_problem_seed_depends_on_the_problem_only():
 
 
 @pytest.mark.slow
+class SeededExpander(FakeExpander):
+    """Like FakeExpander, but the priors are drawn from the leaf's seed (one int for the call, or
+    one per leaf): trees depend on the seeds a batch's rounds get."""
+
+    def __call__(self, leaves: list[Leaf], seed) -> list[Expansion]:
+        seeds = seed if isinstance(seed, list) else [seed] * len(leaves)
+        out = super().__call__(leaves, seed)
+        draws: dict[int, np.random.Generator] = {}
+        for leaf_seed, expansion in zip(seeds, out, strict=True):
+            rng = draws.setdefault(leaf_seed, np.random.default_rng(leaf_seed))
+            for child in expansion.children:
+                child.prior = float(rng.random())
+        return out
+
+
+def _same_trees(a: list[FinishedTree], b: list[FinishedTree]) -> bool:
+    return len(a) == len(b) and all(
+        x.steps == y.steps
+        and x.nodes.keys() == y.nodes.keys()
+        and all(np.array_equal(x.nodes[k], y.nodes[k], equal_nan=True) for k in x.nodes)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_batches_side_by_side_grow_the_trees_they_grow_alone():
+    """`search_stream`: batches searched two at a time (a new one joining as one finishes, rounds
+    sharing one expander call) grow exactly the trees each grows alone, in fewer calls."""
+    from mcts.search import search_stream
+
+    task = PathTask()
+    cfg = SearchConfig(
+        simulations=12, leaves_per_tree=2, num_options=2, max_nodes=128, adaptive_branching=False
+    )
+    batches = [(f"b{i}", _problems(3 + i)[i:]) for i in range(4)]  # 3 trees each, different problems
+    lone = SeededExpander(task)
+    alone = {key: run_search(problems, task, lone, cfg, seed=3) for key, problems in batches}
+    together = SeededExpander(task)
+    side = list(search_stream(batches, task, together, cfg, seed=3, side_by_side=2))
+    assert sorted(key for key, _ in side) == sorted(alone)
+    for key, trees in side:
+        assert _same_trees(trees, alone[key]), key
+    assert len(together.calls) < len(lone.calls)
+    assert not _same_trees(alone["b0"], run_search(batches[0][1], task, SeededExpander(task), cfg, seed=4))
+
+
 def test_end_to_end_search_on_a_tiny_model(tmp_path):
     from _tiny_models import save_tiny_llama
 
