@@ -84,6 +84,7 @@ def test_invalid_number_in_a_subprocess(out):
         (["task.num_problems=0"], ["task.num_problems must be >= 1"]),
         (["task.num_problems=1.5"], ["task.num_problems"]),
         (["ray.num_workers=0"], ["ray.num_workers must be >= 1"]),
+        (["ray.batches_per_worker=0"], ["ray.batches_per_worker must be >= 1"]),
         (["policy.temperature=-1"], ["policy.temperature"]),
         (["rewards.min_margin=2"], ["rewards.min_margin"]),
         (["search.batch_problems=0"], ["search.batch_problems"]),
