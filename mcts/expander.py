@@ -16,8 +16,8 @@ At terminals the verifier decides (when `verifier_at_terminals`), else the ORM d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager
+from numbers import Integral
 from typing import Protocol
 
 import numpy as np
@@ -102,7 +102,7 @@ class PolicyExpander:
         """Expand the leaves; `seed`: one for the call, or one per leaf (the leaves of the search's
         concurrent batches: each run of leaves with one seed draws what a call of its own would)."""
         task, cfg, sep = self.task, self.cfg, self.task.step_separator
-        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(leaves)
+        seeds = [int(seed)] * len(leaves) if isinstance(seed, Integral) else [int(s) for s in seed]
         prompts = [self.prompt(leaf.problem, leaf.steps) for leaf in leaves]
         proposals = self.policy.propose(prompts, [leaf.num_options for leaf in leaves], seed=seed, stop=sep)
         expansions: list[Expansion] = []

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from mcts.prefix_cache import PrefixCache
 
 def _seed_runs(prompts: list, seed: Seeds) -> list[tuple[int, int, int]]:
     """(first prompt, end, seed) of each run of consecutive prompts sharing a seed."""
-    seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
+    seeds = [int(seed)] * len(prompts) if isinstance(seed, Integral) else [int(s) for s in seed]
     assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
     runs: list[tuple[int, int, int]] = []
     for i, s in enumerate(seeds):
@@ -235,7 +235,7 @@ class Policy:
         `max_step_tokens`. Returns one list of options per prompt, in prompt order."""
         assert len(prompts) == len(num_options), f"{len(prompts)} prompts, {len(num_options)} counts"
         flat = [p for p, k in zip(prompts, num_options, strict=True) for _ in range(k)]
-        if isinstance(seed, Sequence):  # one per prompt: one per sampled row
+        if not isinstance(seed, Integral):  # one per prompt: one per sampled row
             seed = [s for s, k in zip(seed, num_options, strict=True) for _ in range(k)]
         seqs = self._generate(flat, seed, True, self.cfg.max_step_tokens, stop, want_logprob=True)
         out: list[list[Option]] = []

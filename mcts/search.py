@@ -95,6 +95,7 @@ def search_stream(
     """Search (key, problems) batches, `side_by_side` of them at a time, a new one started as soon
     as one finishes; yields (key, trees) as batches finish. Each batch's trees are those
     `run_search(problems, ..., seed)` grows (see `SearchStream`)."""
+    assert side_by_side >= 1, f"side_by_side must be >= 1, got {side_by_side}"
     stream = SearchStream(task, expander, cfg)
     pending = iter(batches)
     try:

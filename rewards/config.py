@@ -149,9 +149,10 @@ class RayConf:
     batches_per_worker: int = 1
     """Batches in flight on each actor, searched side by side (`mcts.search.SearchStream`): their
     rounds share the policy's and critics' calls, so fewer, fuller forward passes (a GPU's gain; a
-    CPU's is small). Every sampled step and verdict is the same whatever it is, but above 1 the
-    float columns (priors, critic scores, q) move by float rounding (<= 2e-6 measured) with which
-    batches happened to share a call: 1 keeps the records bit-identical across runs and workers."""
+    CPU's is small). Each batch draws what it draws alone, but above 1 float columns (priors,
+    critic scores, q) move by rounding (<= 2.1e-6 measured) with which batches happened to share a
+    call (every sampled step was the same in every run measured; a near-tie could flip): 1 keeps
+    the records bit-identical across runs and workers."""
     cpus_per_worker: float = 0.5
     """Ray CPUs reserved per actor (fractional is fine: the thread count is `torch_threads`)."""
     gpus_per_worker: float = 0.0

@@ -12,6 +12,7 @@ instead of running small calls of its own. Each batch still grows the trees it g
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import socket
@@ -69,6 +70,15 @@ class _Batch:
     side_by_side: int = 0  # the most batches searched in one of its rounds, itself included
 
 
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of `error` to raise in one caller's thread (one exception object raised in several
+    threads would share, and tangle, its traceback)."""
+    try:
+        return copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: a plain one
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 class SearchWorker:
     """One policy, its critics and an expander, loaded once (a Ray actor: `rewards.launcher.WorkerPool`)."""
 
@@ -123,16 +133,17 @@ class SearchWorker:
         }
 
     def run_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
-        """The batch's finished trees, searched beside the other batches in flight on this worker."""
+        """The batch's finished trees, searched beside the other batches in flight on this worker.
+        `seconds` in the stats runs from hand-in to finish (side by side, batches overlap)."""
         with self._engine_start:
-            if self._engine is None:
+            if self._engine is None or not self._engine.is_alive():
                 self._engine = threading.Thread(target=self._serve, name="search-engine", daemon=True)
                 self._engine.start()
         batch = _Batch(problems, search_seed)
         self._inbox.put(batch)
         batch.done.wait()
         if batch.error is not None:
-            raise batch.error
+            raise _own_copy(batch.error) from batch.error  # batches fail together: each caller its own
         stats = {
             "seconds": time.perf_counter() - batch.started,
             "pid": os.getpid(),
@@ -142,7 +153,8 @@ class SearchWorker:
 
     def _serve(self) -> None:
         """The engine thread: one round of every batch in flight at a time, new batches joining at
-        the next round; a batch's caller is woken when its trees are finished."""
+        the next round; a batch's caller is woken when its trees are finished or its search failed
+        (a failed round fails the batches in it; the engine goes on with the next ones)."""
         import torch
 
         from mcts.search import SearchStream
@@ -150,32 +162,46 @@ class SearchWorker:
         torch.set_num_threads(self.spec.torch_threads)  # this thread's own setting: the records need it
         stream = SearchStream(self.task, self.expander, self.spec.search)
         running: list[_Batch] = []
-        while True:
-            waiting = [self._inbox.get()] if not running else []  # idle: sleep until a batch comes
-            while True:
-                try:
-                    waiting.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for batch in waiting:
-                stream.add(batch, batch.problems, batch.seed)
-                running.append(batch)
-            for batch in running:
-                batch.side_by_side = max(batch.side_by_side, len(running))
-            try:
-                with self._models:
-                    finished = stream.step()
-            except BaseException as e:  # noqa: BLE001 - handed to every caller, whose call raises it
-                stream.close()
-                for batch in running:
-                    batch.error = e
-                    batch.done.set()
-                running = []
-                continue
-            for batch, trees in finished:
-                batch.trees = trees
-                running.remove(batch)
+
+        def fail(batches: list[_Batch], error: BaseException) -> None:
+            for batch in batches:
+                batch.error = error
                 batch.done.set()
+
+        try:
+            while True:
+                waiting = [self._inbox.get()] if not running else []  # idle: sleep until a batch comes
+                while True:
+                    try:
+                        waiting.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for batch in waiting:
+                    try:
+                        stream.add(batch, batch.problems, batch.seed)
+                    except Exception as e:  # noqa: BLE001 - this batch's own input: it alone fails
+                        fail([batch], e)
+                        continue
+                    running.append(batch)
+                for batch in running:
+                    batch.side_by_side = max(batch.side_by_side, len(running))
+                try:
+                    with self._models:
+                        finished = stream.step()
+                except Exception as e:  # noqa: BLE001 - handed to every caller in the round
+                    failed, running = running, []
+                    stream.close()
+                    fail(failed, e)
+                    continue
+                for batch, trees in finished:
+                    batch.trees = trees
+                    running.remove(batch)
+                    batch.done.set()
+        except BaseException as e:  # the engine itself broke: release every caller, the next starts anew
+            fail(running, e)
+            while not self._inbox.empty():
+                fail([self._inbox.get_nowait()], e)
+            raise
 
     def audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
         """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at

@@ -64,7 +64,7 @@ def _same_records_to_rounding(out: Path, reference: Path, tol: float = 1e-5) -> 
 @pytest.mark.parametrize("side_by_side", [1, 2])
 def test_sigkill_a_worker_mid_batch(reference_run, job_overrides, records, tmp_path, side_by_side):
     """With 2 batches in flight per worker (searched side by side), the kill takes both: both are
-    resubmitted (one death counted), and the records are the reference's to float rounding."""
+    resubmitted, and the records are the reference's to float rounding."""
     from rewards.launcher import Hooks
 
     killed: list[int] = []

@@ -192,7 +192,6 @@ def test_problem_seed_depends_on_the_problem_only():
     assert problem_seed(3, "p1") != problem_seed(4, "p1")
 
 
-@pytest.mark.slow
 class SeededExpander(FakeExpander):
     """Like FakeExpander, but the priors are drawn from the leaf's seed (one int for the call, or
     one per leaf): trees depend on the seeds a batch's rounds get."""
@@ -238,6 +237,7 @@ def test_batches_side_by_side_grow_the_trees_they_grow_alone():
     assert not _same_trees(alone["b0"], run_search(batches[0][1], task, SeededExpander(task), cfg, seed=4))
 
 
+@pytest.mark.slow
 def test_end_to_end_search_on_a_tiny_model(tmp_path):
     from _tiny_models import save_tiny_llama
 
