@@ -182,7 +182,7 @@ def decode(
     stop_text=None,
     prefix_cache: PrefixCache | None = None,
     groups: list[tuple[int, torch.Generator | None]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
     """Continue the prompts (token ids, one per distinct prompt) for the rows `rows` (row i
     continues prompt rows[i]) by up to `max_new` tokens; `prefix_cache`: see `prefill`.
 
@@ -191,7 +191,8 @@ def decode(
     unfinished); default one group over every row, from torch's default generator.
 
     Returns (tokens [B, max_new], padded with `pad_id` after a row's last token; temperature-1
-    log-probabilities of those tokens [B, max_new]; positions run through the model). `stop_text`:
+    log-probabilities of those tokens [B, max_new]; positions run through the model; each row's
+    number of tokens, its last one included). `stop_text`:
     (tokens of a row so far) -> bool, for stops no single token completes.
     """
     name = _cache_keyword(model)
@@ -203,6 +204,7 @@ def decode(
     b = rows.numel()
     tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
     active = torch.arange(b, device=device)  # rows in the forward batch
     alive = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
     warpers = _warpers(temperature, top_k, top_p) if sample else []
@@ -231,6 +233,7 @@ def decode(
         else:
             step = scores.argmax(-1)
         tokens[live, t] = step
+        lengths[live] = t + 1
         logprobs[live, t] = raw.log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
         done = torch.isin(step, eos_ids)
         if stop_ids is not None and stop_ids.numel():
@@ -264,4 +267,4 @@ def decode(
         ).logits[:, -1]
         positions += feed.numel()
         next_pos = next_pos + 1
-    return tokens, logprobs, positions
+    return tokens, logprobs, positions, lengths.tolist()

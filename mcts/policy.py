@@ -64,6 +64,9 @@ def _pack_calls(runs: list[tuple[int, int, int]], max_batch: int) -> list[list[t
     return calls + packed
 
 
+PROMPT_IDS_KEPT = 200_000  # prompts whose token ids a policy remembers between cache resets
+
+
 class PolicyLoadError(ValueError):
     """The policy directory cannot be loaded; the message is one line saying how to fix it."""
 
@@ -175,6 +178,7 @@ class Policy:
         mb = cfg.prefix_cache_mb if not _sliding_window(model.config) else 0
         self.prefix_cache: PrefixCache | None = PrefixCache(mb * 2**20) if mb > 0 else None
         self._stop_ids: dict[str, torch.Tensor] = {}
+        self._prompt_ids: dict[str, list[int]] = {}  # `_token_ids`' memory
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -226,6 +230,7 @@ class Policy:
         not depend on the work before it, and no memory is held between batches)."""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
+        self._prompt_ids.clear()
 
     def propose(
         self, prompts: list[str], num_options: list[int], seed: Seeds, stop: str = "\n"
@@ -330,8 +335,8 @@ class Policy:
                 rows = torch.tensor([where[p] for p in chunk], device=self.device)
             else:
                 distinct, rows = chunk, torch.arange(len(chunk), device=self.device)
-            new, lp, positions = decode(
-                self.model, tok(distinct)["input_ids"], rows, max_new,
+            new, lp, positions, lengths = decode(
+                self.model, self._token_ids(distinct), rows, max_new,
                 sample=sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 eos_ids=eos, pad_id=tok.pad_token_id, stop_ids=stop_ids, stop_text=stop_text,
                 prefix_cache=self.prefix_cache, groups=groups,
@@ -340,7 +345,7 @@ class Policy:
             self.positions_run += positions
             lp = lp.cpu()
             for r, row in enumerate(new.cpu().tolist()):
-                cut = self._cut(row, stop, max_new)
+                cut = self._cut(row[: lengths[r]], stop, max_new)
                 cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if want_logprob else math.nan
                 results[rows_of_call[r]] = cut
         self.tokens_generated += sum(len(r["ids"]) for r in results)
@@ -362,15 +367,19 @@ class Policy:
         return self._stop_ids[stop], in_text
 
     def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
-        """Find where one generated row really ends (first EOS, or the token that completed
-        `stop`); tokens after it are padding from sequences that finished earlier."""
+        """Find where one generated row (its tokens up to the one it stopped at) really ends: its
+        first EOS, or the token that completed `stop`."""
         eos = set(self.eos_token_ids)
         end = next((i for i, t in enumerate(row) if t in eos), None)
         body = row if end is None else row[:end]
         text = self._decode(body)
         if stop and stop in text:
-            # Smallest prefix whose text contains `stop` (binary search: decoding is the cost).
+            # Smallest prefix whose text contains `stop` (binary search: decoding is the cost). The
+            # loop stopped the row at the token that completed it, so that is nearly always the
+            # last one: one decode says so.
             lo, hi = 1, len(body)
+            if not body or stop not in self._decode(body[:-1]):
+                lo = hi
             while lo < hi:
                 mid = (lo + hi) // 2
                 if stop in self._decode(body[:mid]):
@@ -381,6 +390,16 @@ class Policy:
         if end is not None:
             return dict(ids=row[: end + 1], text=text, ended=True, truncated=False)
         return dict(ids=row, text=text, ended=False, truncated=len(row) >= max_new)
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt, remembered until the next `reset_prefix_cache` (a node's prompt
+        is tokenized for its rollouts, then again when its options are sampled)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_ids]
+        if new:
+            if len(self._prompt_ids) + len(new) > PROMPT_IDS_KEPT:
+                self._prompt_ids.clear()
+            self._prompt_ids.update(zip(new, self.tokenizer(new)["input_ids"], strict=True))
+        return [self._prompt_ids[p] for p in prompts]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
