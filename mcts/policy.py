@@ -64,7 +64,7 @@ def _pack_calls(runs: list[tuple[int, int, int]], max_batch: int) -> list[list[t
     return calls + packed
 
 
-PROMPT_IDS_KEPT = 200_000  # prompts whose token ids a policy remembers between cache resets
+PROMPT_TOKENS_KEPT = 2_000_000  # prompt tokens a policy remembers between cache resets (~20-80 MB)
 
 
 class PolicyLoadError(ValueError):
@@ -178,7 +178,8 @@ class Policy:
         mb = cfg.prefix_cache_mb if not _sliding_window(model.config) else 0
         self.prefix_cache: PrefixCache | None = PrefixCache(mb * 2**20) if mb > 0 else None
         self._stop_ids: dict[str, torch.Tensor] = {}
-        self._prompt_ids: dict[str, list[int]] = {}  # `_token_ids`' memory
+        self._prompt_ids: dict[str, list[int]] = {}  # `_token_ids`' memory, and its size in tokens
+        self._prompt_tokens = 0
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if tokenizer.eos_token_id is not None:
@@ -226,11 +227,13 @@ class Policy:
     # -- public calls -------------------------------------------------------------------------
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prompt (as a search batch starts and ends: what a batch computes must
-        not depend on the work before it, and no memory is held between batches)."""
+        """Forget every cached prompt and its token ids (as a search stream starts and runs dry, for
+        `run_search` every batch: what it computes must not depend on the work before it, and no
+        memory is held after it)."""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
         self._prompt_ids.clear()
+        self._prompt_tokens = 0
 
     def propose(
         self, prompts: list[str], num_options: list[int], seed: Seeds, stop: str = "\n"
@@ -396,9 +399,13 @@ class Policy:
         is tokenized for its rollouts, then again when its options are sampled)."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_ids]
         if new:
-            if len(self._prompt_ids) + len(new) > PROMPT_IDS_KEPT:
+            ids = self.tokenizer(new)["input_ids"]
+            size = sum(map(len, ids))
+            if self._prompt_tokens + size > PROMPT_TOKENS_KEPT:  # bounded: start again
                 self._prompt_ids.clear()
-            self._prompt_ids.update(zip(new, self.tokenizer(new)["input_ids"], strict=True))
+                self._prompt_tokens = 0
+            self._prompt_ids.update(zip(new, ids, strict=True))
+            self._prompt_tokens += size
         return [self._prompt_ids[p] for p in prompts]
 
     def _decode(self, ids: list[int]) -> str:

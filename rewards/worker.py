@@ -12,6 +12,7 @@ instead of running small calls of its own. Each batch still grows the trees it g
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
@@ -72,7 +73,10 @@ class _Batch:
 
 def _own_copy(error: BaseException) -> BaseException:
     """A copy of `error` to raise in one caller's thread (one exception object raised in several
-    threads would share, and tangle, its traceback)."""
+    threads would share, and tangle, its traceback); what is not an `Exception` (the engine stopped
+    by SystemExit or KeyboardInterrupt) as a plain error, not as the caller's own exit."""
+    if not isinstance(error, Exception):
+        return RuntimeError(f"the search engine stopped: {type(error).__name__}: {error}")
     try:
         return copy.copy(error)
     except Exception:  # noqa: BLE001 - an exception type that cannot be copied: a plain one
@@ -135,12 +139,13 @@ class SearchWorker:
     def run_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
         """The batch's finished trees, searched beside the other batches in flight on this worker.
         `seconds` in the stats runs from hand-in to finish (side by side, batches overlap)."""
+        batch = _Batch(problems, search_seed)
+        # The check and the hand-in under one lock: an engine that dies empties the inbox under it.
         with self._engine_start:
             if self._engine is None or not self._engine.is_alive():
                 self._engine = threading.Thread(target=self._serve, name="search-engine", daemon=True)
                 self._engine.start()
-        batch = _Batch(problems, search_seed)
-        self._inbox.put(batch)
+            self._inbox.put(batch)
         batch.done.wait()
         if batch.error is not None:
             raise _own_copy(batch.error) from batch.error  # batches fail together: each caller its own
@@ -154,19 +159,22 @@ class SearchWorker:
     def _serve(self) -> None:
         """The engine thread: one round of every batch in flight at a time, new batches joining at
         the next round; a batch's caller is woken when its trees are finished or its search failed
-        (a failed round fails the batches in it; the engine goes on with the next ones)."""
+        (a failed round fails the batches in it; the engine goes on with the next ones). If the
+        engine itself breaks, every batch it holds or that waits fails, and the next call starts a
+        new engine."""
         import torch
 
         from mcts.search import SearchStream
 
         torch.set_num_threads(self.spec.torch_threads)  # this thread's own setting: the records need it
         stream = SearchStream(self.task, self.expander, self.spec.search)
-        running: list[_Batch] = []
+        held: list[_Batch] = []  # taken from the inbox, not answered yet
+        running: list[_Batch] = []  # of those, the ones in the stream
 
-        def fail(batches: list[_Batch], error: BaseException) -> None:
-            for batch in batches:
-                batch.error = error
-                batch.done.set()
+        def answer(batch: _Batch, trees=None, error: BaseException | None = None) -> None:
+            held.remove(batch)
+            batch.trees, batch.error = trees, error
+            batch.done.set()
 
         try:
             while True:
@@ -176,11 +184,12 @@ class SearchWorker:
                         waiting.append(self._inbox.get_nowait())
                     except queue.Empty:
                         break
+                held += waiting
                 for batch in waiting:
                     try:
                         stream.add(batch, batch.problems, batch.seed)
                     except Exception as e:  # noqa: BLE001 - this batch's own input: it alone fails
-                        fail([batch], e)
+                        answer(batch, error=e)
                         continue
                     running.append(batch)
                 for batch in running:
@@ -190,17 +199,23 @@ class SearchWorker:
                         finished = stream.step()
                 except Exception as e:  # noqa: BLE001 - handed to every caller in the round
                     failed, running = running, []
+                    for batch in failed:
+                        answer(batch, error=e)
                     stream.close()
-                    fail(failed, e)
                     continue
                 for batch, trees in finished:
-                    batch.trees = trees
                     running.remove(batch)
-                    batch.done.set()
-        except BaseException as e:  # the engine itself broke: release every caller, the next starts anew
-            fail(running, e)
-            while not self._inbox.empty():
-                fail([self._inbox.get_nowait()], e)
+                    answer(batch, trees)
+        except BaseException as e:  # the engine itself broke
+            with contextlib.suppress(BaseException):
+                stream.close()  # its caches emptied here, not by a collector in another thread later
+            with self._engine_start:
+                self._engine = None
+                for batch in list(held):
+                    answer(batch, error=e)
+                while not self._inbox.empty():
+                    held.append(batch := self._inbox.get_nowait())
+                    answer(batch, error=e)
             raise
 
     def audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:

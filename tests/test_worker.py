@@ -30,7 +30,7 @@ def _in_threads(worker: SearchWorker, batches, seed: int = 0, timeout: float = 1
         except Exception as e:  # noqa: BLE001 - what the caller got is the result under test
             results[i] = e
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(batches))]
     for t in threads:
         t.start()
     for t in threads:
@@ -41,7 +41,7 @@ def _in_threads(worker: SearchWorker, batches, seed: int = 0, timeout: float = 1
 
 def test_batches_from_threads_run_side_by_side_as_they_run_alone(worker_and_job):
     worker, job = worker_and_job
-    alone = [worker.run_batch(b, 0)[0] for b in job.batches[:3]]
+    alone = [_in_threads(worker, [b])[0][0] for b in job.batches[:3]]
     together = _in_threads(worker, job.batches[:3])
     assert max(stats["side_by_side"] for _, stats in together) >= 2, "no two batches shared a round"
     for (trees, _), lone in zip(together, alone, strict=True):
@@ -57,19 +57,42 @@ def test_a_bad_batch_fails_alone_and_the_worker_goes_on(worker_and_job):
 
 
 def test_a_failed_round_releases_every_batch_in_it(worker_and_job, monkeypatch):
+    """The model fails in a round two batches share (its call carries two seeds): both callers get
+    the error, each its own copy of it, and the next batch runs."""
     worker, job = worker_and_job
-    calls = {"n": 0}
     propose = worker.policy.propose
 
-    def broken(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def broken(prompts, num_options, seed, stop="\n"):
+        if not isinstance(seed, int):  # one seed per prompt: batches side by side
             raise RuntimeError("the model broke")
-        return propose(*args, **kwargs)
+        return propose(prompts, num_options, seed, stop)
 
     monkeypatch.setattr(worker.policy, "propose", broken)
-    results = _in_threads(worker, job.batches[:2])
-    assert any(isinstance(r, RuntimeError) and "the model broke" in str(r) for r in results)
-    assert all(isinstance(r, RuntimeError) or len(r[0]) == 2 for r in results)
+    first, second = _in_threads(worker, job.batches[:2])
+    for error in (first, second):
+        assert isinstance(error, RuntimeError) and "the model broke" in str(error)
+        assert isinstance(error.__cause__, RuntimeError)
+    assert first is not second and first.__cause__ is second.__cause__
     monkeypatch.undo()
-    assert len(worker.run_batch(job.batches[1], 0)[0]) == len(job.batches[1]), "the next batch runs"
+    ((trees, _),) = _in_threads(worker, [job.batches[1]])
+    assert len(trees) == len(job.batches[1]), "the next batch runs"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine's end
+def test_a_broken_engine_releases_its_callers_and_the_next_call_starts_a_new_one(worker_and_job, monkeypatch):
+    """Something that is not an Exception escapes a round (SystemExit here): the engine thread ends,
+    its caller gets a plain error (not the exit itself), and the next batch runs on a new engine."""
+    worker, job = worker_and_job
+    propose = worker.policy.propose
+
+    def exits(*args, **kwargs):
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(worker.policy, "propose", exits)
+    (error,) = _in_threads(worker, [job.batches[0]])
+    assert isinstance(error, RuntimeError) and "the search engine stopped: SystemExit" in str(error)
+    engine = worker._engine
+    assert engine is None or not engine.is_alive()
+    monkeypatch.setattr(worker.policy, "propose", propose)
+    ((trees, _),) = _in_threads(worker, [job.batches[0]])
+    assert len(trees) == len(job.batches[0]) and worker._engine is not engine
