@@ -12,6 +12,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Protocol
 
 from mcts import kernels
@@ -218,6 +219,17 @@ class Expansion:
 
 
 Seeds = int | Sequence[int]  # one seed for a whole call, or one per prompt / leaf of it
+
+
+def seed_each(seed: Seeds, n: int) -> list[int]:
+    """`seed` as one seed per item of a call of `n` items."""
+    return [int(seed)] * n if isinstance(seed, Integral) else [int(s) for s in seed]
+
+
+def seed_call(seeds: list[int]) -> Seeds:
+    """Per-item seeds as the call takes them: one int when they are all the same (a proposer or
+    expander need not take a list unless batches run side by side)."""
+    return seeds[0] if seeds and len(set(seeds)) == 1 else seeds
 
 
 class Expander(Protocol):

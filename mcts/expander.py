@@ -17,12 +17,11 @@ At terminals the verifier decides (when `verifier_at_terminals`), else the ORM d
 from __future__ import annotations
 
 from contextlib import contextmanager
-from numbers import Integral
 from typing import Protocol
 
 import numpy as np
 
-from mcts.base import Child, ExpandConfig, Expansion, Leaf, Seeds
+from mcts.base import Child, ExpandConfig, Expansion, Leaf, Seeds, seed_call, seed_each
 from mcts.merge import Option, merge_options
 from mcts.policy import Rollout
 from mcts.tasks.base import Problem, Task
@@ -102,7 +101,7 @@ class PolicyExpander:
         """Expand the leaves; `seed`: one for the call, or one per leaf (the leaves of the search's
         concurrent batches: each run of leaves with one seed draws what a call of its own would)."""
         task, cfg, sep = self.task, self.cfg, self.task.step_separator
-        seeds = [int(seed)] * len(leaves) if isinstance(seed, Integral) else [int(s) for s in seed]
+        seeds = seed_each(seed, len(leaves))
         prompts = [self.prompt(leaf.problem, leaf.steps) for leaf in leaves]
         proposals = self.policy.propose(prompts, [leaf.num_options for leaf in leaves], seed=seed, stop=sep)
         expansions: list[Expansion] = []
@@ -149,9 +148,7 @@ class PolicyExpander:
         rollout_steps: list[list[list[str]]] = [[] for _ in range(n)]
         if cfg.rollouts > 0:
             prompts = [self.prompt(p, steps) for _, p, steps in pending for _ in range(cfg.rollouts)]
-            row_seeds = [s + 7919 for s in seeds for _ in range(cfg.rollouts)]
-            if len(set(row_seeds)) == 1:
-                row_seeds = row_seeds[0]  # one call's seed (a proposer need not take one per prompt)
+            row_seeds = seed_call([s + 7919 for s in seeds for _ in range(cfg.rollouts)])
             rollouts = self.rollout_policy.rollout(
                 prompts, seed=row_seeds, max_new_tokens=cfg.rollout_tokens or None, sep=task.step_separator
             )

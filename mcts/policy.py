@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from numbers import Integral
 from pathlib import Path
 
 import torch
 
-from mcts.base import DTYPE_NAMES, PolicyConfig, Seeds
+from mcts.base import DTYPE_NAMES, PolicyConfig, Seeds, seed_each
 from mcts.decode import decode, left_pad, stop_token_ids
 from mcts.merge import Option
 from mcts.prefix_cache import PrefixCache
@@ -33,7 +32,7 @@ from mcts.prefix_cache import PrefixCache
 
 def _seed_runs(prompts: list, seed: Seeds) -> list[tuple[int, int, int]]:
     """(first prompt, end, seed) of each run of consecutive prompts sharing a seed."""
-    seeds = [int(seed)] * len(prompts) if isinstance(seed, Integral) else [int(s) for s in seed]
+    seeds = seed_each(seed, len(prompts))
     assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
     runs: list[tuple[int, int, int]] = []
     for i, s in enumerate(seeds):
@@ -55,12 +54,15 @@ def _pack_calls(runs: list[tuple[int, int, int]], max_batch: int) -> list[list[t
             piece = (start, min(start + max_batch, hi), (lo, seed))
             (full if piece[1] - piece[0] == max_batch else partial).append(piece)
     calls = [[piece] for piece in full]
-    packed: list[list] = []
+    packed, rows = [], max_batch  # rows: in the last packed call
     for piece in partial:
-        if packed and sum(end - start for start, end, _ in packed[-1]) + piece[1] - piece[0] <= max_batch:
+        size = piece[1] - piece[0]
+        if rows + size <= max_batch:
             packed[-1].append(piece)
+            rows += size
         else:
             packed.append([piece])
+            rows = size
     return calls + packed
 
 
@@ -243,9 +245,10 @@ class Policy:
         `max_step_tokens`. Returns one list of options per prompt, in prompt order."""
         assert len(prompts) == len(num_options), f"{len(prompts)} prompts, {len(num_options)} counts"
         flat = [p for p, k in zip(prompts, num_options, strict=True) for _ in range(k)]
-        if not isinstance(seed, Integral):  # one per prompt: one per sampled row
-            seed = [s for s, k in zip(seed, num_options, strict=True) for _ in range(k)]
-        seqs = self._generate(flat, seed, True, self.cfg.max_step_tokens, stop, want_logprob=True)
+        row_seeds = [
+            s for s, k in zip(seed_each(seed, len(prompts)), num_options, strict=True) for _ in range(k)
+        ]
+        seqs = self._generate(flat, row_seeds, True, self.cfg.max_step_tokens, stop, want_logprob=True)
         out: list[list[Option]] = []
         it = iter(seqs)
         for k in num_options:
@@ -381,7 +384,7 @@ class Policy:
             # loop stopped the row at the token that completed it, so that is nearly always the
             # last one: one decode says so.
             lo, hi = 1, len(body)
-            if not body or stop not in self._decode(body[:-1]):
+            if stop not in self._decode(body[:-1]):
                 lo = hi
             while lo < hi:
                 mid = (lo + hi) // 2

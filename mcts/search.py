@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from mcts import kernels
-from mcts.base import Child, Expander, Expansion, Leaf, SearchConfig, problem_seed
+from mcts.base import Child, Expander, Expansion, Leaf, SearchConfig, problem_seed, seed_call
 from mcts.finished import NODE_FIELDS, FinishedTree
 from mcts.tasks.base import Problem, Task
 from mcts.tree import NO_NODE, ROOT, Forest
@@ -169,15 +169,14 @@ class SearchStream:
     def _expand(self, active: list[SearchBatch], plans) -> list[tuple[list, list[Expansion]]]:
         """One expander call for every batch's requests, each under its batch's round seed (a call
         per batch in the rare round two batches' seeds are equal: their draws would merge)."""
-        seeds = [batch.round_seed + batch.round for batch in active]
-        calls = [active] if len(set(seeds)) == len(seeds) else [[batch] for batch in active]
+        seeds = {id(batch): batch.round_seed + batch.round for batch in active}
+        calls = [active] if len(set(seeds.values())) == len(seeds) else [[batch] for batch in active]
         by_batch = dict(zip(map(id, active), plans, strict=True))
         out: dict[int, tuple[list, list[Expansion]]] = {}
         for members in calls:
             requests = [leaf for batch in members for leaf in by_batch[id(batch)][1]]
-            seed = [batch.round_seed + batch.round for batch in members for _ in by_batch[id(batch)][1]]
-            # one batch: one seed (an expander need not take a list)
-            expansions = self.expander(requests, seed if len(set(seed)) > 1 else seed[0]) if requests else []
+            seed = seed_call([seeds[id(batch)] for batch in members for _ in by_batch[id(batch)][1]])
+            expansions = self.expander(requests, seed) if requests else []
             assert len(expansions) == len(requests), f"expander answered {len(expansions)} of {len(requests)}"
             for batch in members:
                 selections, mine = by_batch[id(batch)]
