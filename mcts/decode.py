@@ -92,23 +92,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 def _past_states(prefix_cache: PrefixCache, hits, width: int, device):
     """Per layer (keys, values) [n, H, width, D] of the cached prompt prefixes, each row's right-
     aligned (zeros where a row has fewer cached positions), and the mask [n, width] of them."""
-    found = [(i, prefix_cache.states(key, h)) for i, (h, key) in enumerate(hits) if h]
-    index = torch.cat(
-        [torch.arange(i * width + width - h, (i + 1) * width) for i, (h, _) in enumerate(hits) if h]
-    )
-    mask = torch.zeros(len(hits) * width, dtype=torch.long)
-    mask[index] = 1
-    index = index.to(device)
-    layers = []
-    for layer in range(len(found[0][1][0])):
-        pair = []
-        for part in (0, 1):  # keys, values
-            pieces = torch.cat([states[part][layer] for _, states in found])  # [positions, H, D]
-            buf = pieces.new_zeros((len(hits) * width, *pieces.shape[1:]))
-            buf[index] = pieces
-            pair.append(buf.view(len(hits), width, *pieces.shape[1:]).transpose(1, 2))
-        layers.append(tuple(pair))
-    return layers, mask.view(len(hits), width).to(device)
+    found = [(i, h, prefix_cache.states(key, h)) for i, (h, key) in enumerate(hits) if h]
+    first = found[0][2]
+    buf = first.new_zeros((len(hits), first.shape[0], first.shape[1], width, first.shape[3]))
+    mask = torch.zeros((len(hits), width), dtype=torch.long)
+    for i, h, states in found:
+        buf[i, :, :, width - h :] = states
+        mask[i, width - h :] = 1
+    layers = first.shape[0] // 2
+    return [(buf[:, j], buf[:, layers + j]) for j in range(layers)], mask.to(device)
 
 
 def _gather_append(old: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -156,8 +148,6 @@ def _cacheable(cache) -> bool:
     """Every layer a plain full-attention `DynamicLayer` holding [B, H, T, D] keys: the states the
     prefix cache can cut per prompt and stitch back together (a sliding-window or linear-attention
     layer cannot)."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(
         isinstance(layer, DynamicLayer) and not layer.is_sliding and layer.keys.dim() == 4 for layer in layers
@@ -193,17 +183,16 @@ def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCa
         **{name: cache}, **keep,
     ).logits[:, -1]  # fmt: skip
     if prefix_cache is not None and _cacheable(cache):
-        real = mask.bool()
-        lengths = [len(p) for p in prompts]
-        per_layer = [
-            (
-                layer.keys.transpose(1, 2)[real].split(lengths),
-                layer.values.transpose(1, 2)[real].split(lengths),
-            )
-            for layer in cache.layers
-        ]
+        # [n, 2 x layers, H, T, D]: row i's real positions are its cached ones, right-aligned before
+        # `width`, then its new ones, right-aligned at the end
+        states = torch.stack(
+            [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers], 1
+        )
+        end = states.shape[3]
         for i, p in enumerate(prompts):
-            prefix_cache.put(p, [k[i] for k, _ in per_layer], [v[i] for _, v in per_layer])
+            h = hits[i][0] if hits else 0
+            new = states[i, :, :, end - (len(p) - h) :]
+            prefix_cache.put(p, torch.cat([states[i, :, :, width - h : width], new], dim=2) if h else new)
     return cache, logits, mask, pos[:, -1], ids.numel()
 
 

@@ -8,9 +8,10 @@ prefilled that is a token prefix of the new one, starts the row from that prompt
 values, and runs only the new tokens; each prompt it prefills is stored for the calls after.
 
 Matching is on token ids, not text, so a tokenizer that merges across a step boundary simply
-misses (it never conditions on tokens the prompt does not have). Entries are the KV states of one
-prompt, every layer, [length, heads, head_dim] each; the least recently used go first once
-`max_bytes` is passed. The cache is emptied at the start of each search batch (`Policy.
+misses (it never conditions on tokens the prompt does not have). An entry is the KV states of one
+prompt in one tensor, [2 x layers, heads, length, head_dim] (every layer's keys, then every layer's
+values: one copy in and one slice out per prompt, not one per layer); the least recently used go
+first once `max_bytes` is passed. The cache is emptied at the start of each search batch (`Policy.
 reset_prefix_cache`), so what a batch computes never depends on which batches a worker ran before.
 """
 
@@ -30,9 +31,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._trie: dict = {}
-        self._entries: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor], int]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, int]] = OrderedDict()
         self.hit_tokens = 0  # prompt tokens served from the cache (not run through the model)
         self.lookups = 0
         self.evictions = 0
@@ -66,33 +65,32 @@ class PrefixCache:
             self._entries.move_to_end(best)
         return best_len, best
 
-    def states(self, key: tuple[int, ...], length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first `length` positions of a stored prompt: per layer keys and values [length, H, D]."""
-        keys, values, _ = self._entries[key]
-        return [k[:length] for k in keys], [v[:length] for v in values]
+    def states(self, key: tuple[int, ...], length: int) -> torch.Tensor:
+        """The first `length` positions of a stored prompt: [2 x layers, H, length, D] (a view)."""
+        return self._entries[key][0][:, :, :length]
 
-    def put(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Store a prompt's states (per layer [len(ids), H, D]; copied, so a view does not keep the
+    def put(self, ids: list[int], states: torch.Tensor) -> None:
+        """Store a prompt's states ([2 x layers, H, len(ids), D]; copied, so a view does not keep the
         tensor it was cut from alive); evict the oldest past the bound."""
         key = tuple(ids)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        size = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        assert states.shape[2] == len(key), f"{states.shape[2]} positions for a prompt of {len(key)} tokens"
+        size = states.numel() * states.element_size()
         if size > self.max_bytes:
             return
-        keys, values = [k.clone() for k in keys], [v.clone() for v in values]
         node = self._trie
         for t in key:
             node = node.setdefault(t, {})
         node[_END] = key
-        self._entries[key] = (keys, values, size)
+        self._entries[key] = (states.clone(memory_format=torch.contiguous_format), size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             self._evict(next(iter(self._entries)))
 
     def _evict(self, key: tuple[int, ...]) -> None:
-        _, _, size = self._entries.pop(key)
+        _, size = self._entries.pop(key)
         self.bytes -= size
         self.evictions += 1
         path = [self._trie]

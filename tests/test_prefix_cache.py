@@ -15,25 +15,25 @@ PROMPTS = ["3 7 9 4 -> 24\n", "1 2 -> 3\n", "12 5 8 9 -> 100\n"]
 
 def _states(n: int, fill: float = 0.0):
     """One layer's keys and values for n positions (2 heads, 4 dims: 32 bytes a position each)."""
-    return [torch.full((n, 2, 4), fill)], [torch.full((n, 2, 4), fill)]
+    return torch.full((2, 2, n, 4), fill)
 
 
 def test_longest_match_lru_and_pruning():
     cache = PrefixCache(max_bytes=64 * 10)  # 64 bytes a position: room for 10 positions
-    cache.put([1, 2], *_states(2, 1.0))
-    cache.put([1, 2, 3, 4], *_states(4, 2.0))
+    cache.put([1, 2], _states(2, 1.0))
+    cache.put([1, 2, 3, 4], _states(4, 2.0))
     assert cache.longest([1, 2, 3, 4, 5], limit=5) == (4, (1, 2, 3, 4))
     assert cache.longest([1, 2, 3, 9], limit=3) == (2, (1, 2)), "only a stored prompt's own prefix"
     assert cache.longest([1, 2, 3, 4], limit=3) == (3, (1, 2, 3, 4)), "a stored prompt serves its repeat"
     assert cache.longest([1, 3], limit=2) == (0, None)
-    keys, values = cache.states((1, 2, 3, 4), 3)
-    assert keys[0].shape == (3, 2, 4) and float(values[0][0, 0, 0]) == 2.0
+    states = cache.states((1, 2, 3, 4), 3)
+    assert states.shape == (2, 2, 3, 4) and float(states[1, 0, 0, 0]) == 2.0
     cache.longest([1, 2, 9], limit=3)  # touches (1, 2): (1, 2, 3, 4) is now the oldest
-    cache.put([7, 8, 9, 10, 11], *_states(5))  # 2 + 4 + 5 = 11 positions > 10: the oldest goes
+    cache.put([7, 8, 9, 10, 11], _states(5))  # 2 + 4 + 5 = 11 positions > 10: the oldest goes
     assert len(cache) == 2 and cache.evictions == 1 and cache.bytes == 64 * 7
     assert cache.longest([1, 2, 3, 4, 5], limit=5) == (2, (1, 2))
     assert 3 not in cache._trie[1][2], "the evicted prompt's own branch is pruned"
-    cache.put(list(range(20)), *_states(20))  # bigger than the whole bound: not stored
+    cache.put(list(range(20)), _states(20))  # bigger than the whole bound: not stored
     assert len(cache) == 2
     cache.clear()
     assert len(cache) == 0 and cache.bytes == 0 and cache.longest([1, 2, 3], 3) == (0, None)
@@ -73,7 +73,7 @@ def test_prefix_cache_samples_what_whole_prompts_sample(policy_dir):
     assert cached.prefix_cache.hit_tokens > 0
     # entries are copies: the memory held is what the bound counts, not the batch tensors they came from
     entries = cached.prefix_cache._entries.values()
-    held = sum(t.untyped_storage().nbytes() for keys, values, _ in entries for t in (*keys, *values))
+    held = sum(states.untyped_storage().nbytes() for states, _ in entries)
     assert held == cached.prefix_cache.bytes > 0
     assert positions < 0.8 * plain_positions, (
         f"{positions} positions run with the cache, {plain_positions} without"
