@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -127,22 +126,24 @@ class CountdownTask:
         Steps after a terminal one are not looked at (the search never generates them).
         """
         numbers, target = _numbers_and_target(problem)
-        pool = Counter(numbers)
+        pool: dict[int, int] = {}  # a plain dict: Counter() costs ~7 us to build, and this runs per node
+        for n in numbers:
+            pool[n] = pool.get(n, 0) + 1
         remaining = len(numbers)
         for step in steps:
             parsed = parse_step(step)
             if parsed is None:
                 return _FAIL
             a, op, b, c = parsed
-            pool[a] -= 1  # take both operands out first so "3+3" needs two 3s
-            pool[b] -= 1
+            pool[a] = pool.get(a, 0) - 1  # take both operands out first so "3+3" needs two 3s
+            pool[b] = pool.get(b, 0) - 1
             if pool[a] < 0 or pool[b] < 0:
                 return _FAIL
             if apply_op(a, op, b) != c:
                 return _FAIL
             if c == target:
                 return _SUCCESS
-            pool[c] += 1
+            pool[c] = pool.get(c, 0) + 1
             remaining -= 1
             if remaining <= 1:
                 return _FAIL
