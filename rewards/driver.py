@@ -243,7 +243,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             progress.add(trees, len(rows["pairs"]))
             metrics["batches_run"] += 1
             metrics["worker_batch_seconds"] = round(
-                metrics.get("worker_batch_seconds", 0.0) + stats["seconds"], 1
+                metrics.get("worker_batch_seconds", 0.0) + stats["busy_seconds"], 1
             )
             # the most batches a worker searched side by side in any round (ray.batches_per_worker)
             metrics["batches_side_by_side"] = max(

@@ -69,6 +69,7 @@ class _Batch:
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
     side_by_side: int = 0  # the most batches searched in one of its rounds, itself included
+    busy: float = 0.0  # engine seconds spent on it: its own start, and its share of each round it was in
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -138,7 +139,9 @@ class SearchWorker:
 
     def run_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
         """The batch's finished trees, searched beside the other batches in flight on this worker.
-        `seconds` in the stats runs from hand-in to finish (side by side, batches overlap)."""
+        In the stats, `seconds` runs from hand-in to finish (side by side, batches overlap) and
+        `busy_seconds` is the engine time that was this batch's (a round of n batches counts 1/n
+        to each), so a worker's busy seconds sum to its engine's working time."""
         batch = _Batch(problems, search_seed)
         # The check and the hand-in under one lock: an engine that dies empties the inbox under it.
         with self._engine_start:
@@ -151,6 +154,7 @@ class SearchWorker:
             raise _own_copy(batch.error) from batch.error  # batches fail together: each caller its own
         stats = {
             "seconds": time.perf_counter() - batch.started,
+            "busy_seconds": batch.busy,
             "pid": os.getpid(),
             "side_by_side": batch.side_by_side,
         }
@@ -186,14 +190,17 @@ class SearchWorker:
                         break
                 held += waiting
                 for batch in waiting:
+                    t0 = time.perf_counter()
                     try:
                         stream.add(batch, batch.problems, batch.seed)
                     except Exception as e:  # noqa: BLE001 - this batch's own input: it alone fails
                         answer(batch, error=e)
                         continue
+                    batch.busy += time.perf_counter() - t0
                     running.append(batch)
                 for batch in running:
                     batch.side_by_side = max(batch.side_by_side, len(running))
+                t0 = time.perf_counter()
                 try:
                     with self._models:
                         finished = stream.step()
@@ -203,6 +210,9 @@ class SearchWorker:
                         answer(batch, error=e)
                     stream.close()
                     continue
+                spent = time.perf_counter() - t0
+                for batch in running:  # a round with every batch in it: each its share
+                    batch.busy += spent / len(running)
                 for batch, trees in finished:
                     running.remove(batch)
                     answer(batch, trees)

@@ -4,6 +4,7 @@ side by side, a failed batch or round releases its callers with the error, and t
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -42,8 +43,15 @@ def _in_threads(worker: SearchWorker, batches, seed: int = 0, timeout: float = 1
 def test_batches_from_threads_run_side_by_side_as_they_run_alone(worker_and_job):
     worker, job = worker_and_job
     alone = [_in_threads(worker, [b])[0][0] for b in job.batches[:3]]
+    t0 = time.perf_counter()
     together = _in_threads(worker, job.batches[:3])
+    wall = time.perf_counter() - t0
     assert max(stats["side_by_side"] for _, stats in together) >= 2, "no two batches shared a round"
+    # busy seconds split each shared round among its batches: they add up to the engine's time, where
+    # the batches' hand-in-to-finish spans overlap
+    busy = [stats["busy_seconds"] for _, stats in together]
+    assert all(0 < b <= stats["seconds"] for b, (_, stats) in zip(busy, together, strict=True))
+    assert sum(busy) <= wall < sum(stats["seconds"] for _, stats in together)
     for (trees, _), lone in zip(together, alone, strict=True):
         assert [t.steps for t in trees] == [t.steps for t in lone]
         assert [t.nodes["visits"].tolist() for t in trees] == [t.nodes["visits"].tolist() for t in lone]
