@@ -7,7 +7,8 @@ For each model, in one process and one run, with one torch thread on CPU:
 
 - plain: batched sampling of whole solutions from the search's own prompts (`Policy.rollout`, the
   search's batch of rows): the model's best case, the yardstick; also transformers' `generate` on
-  the same rows (`tokens_per_s_ratio_vs_generate`), the yardstick before `mcts.decode`;
+  the same rows (`tokens_per_s_ratio_vs_generate`), the yardstick before `mcts.decode`; each timed
+  up to 5 times (3 s), the median run counted (a plain call of the embedded policy is ~0.3 s);
 - search: `run_search` on the same problems with the default settings (`SearchConfig()`,
   `ExpandConfig()`; the embedded critics for the embedded policy);
 - one leaf: the same search, one tree and one leaf at a time (`leaves_per_tree=1`), on fewer problems.
@@ -49,6 +50,10 @@ import time
 from pathlib import Path
 
 from benchmarks._report import environment, format_table, write_json
+
+# plain sampling and `generate` are timed up to YARDSTICK_RUNS times, until YARDSTICK_S seconds have
+# passed (a wide model's call lasts longer: once), and the run of median tokens/s counts
+YARDSTICK_RUNS, YARDSTICK_S = 5, 3.0
 
 
 class ModelMeter:
@@ -217,11 +222,23 @@ def measure(
             "result": result,
         }
 
+    def median_rate(fn, tokens_of) -> dict:
+        """The run of median tokens/s, timed until YARDSTICK_RUNS runs or YARDSTICK_S seconds: one
+        call of the embedded policy lasts ~0.3 s, and single calls swung its tokens/s by a third."""
+        runs: list[dict] = []
+        while len(runs) < YARDSTICK_RUNS and sum(r["wall_s"] for r in runs) < YARDSTICK_S:
+            runs.append(timed(fn))
+        runs.sort(key=lambda r: tokens_of(r) / r["wall_s"])
+        return {**runs[len(runs) // 2], "runs": len(runs)}
+
+    def cold_rollout(rows):
+        policy.reset_prefix_cache()  # plain sampling starts cold: nothing of before is reused
+        return policy.rollout(rows, seed=0)
+
     prompts = [task.prompt(p) for p in probs]
     rows = prompts * max(1, policy.cfg.max_batch // len(prompts))
-    policy.reset_prefix_cache()  # plain sampling starts cold: nothing of the warm-up is reused
-    plain = timed(lambda: policy.rollout(rows, seed=0))
-    generate = timed(lambda: hf_generate(policy, rows))
+    plain = median_rate(lambda: cold_rollout(rows), lambda r: r["tokens"])
+    generate = median_rate(lambda: hf_generate(policy, rows), lambda r: r["result"])
     batched = timed(lambda: run_search(probs, task, expander, search, seed=0))
     policy.share_prefill = False  # the same search with every row prefilling its own prompt
     unshared = timed(lambda: run_search(probs, task, expander, search, seed=0))
@@ -260,6 +277,7 @@ def measure(
         "tokens_per_s_plain": round(tps["plain"], 1),
         "tokens_per_s_search": round(tps["search"], 1),
         "tokens_per_s_generate": round(tps["generate"], 1),
+        "yardstick_runs": [plain["runs"], generate["runs"]],  # plain sampling, generate: median of
         "tokens_per_s_ratio": round(tps["search"] / tps["plain"], 3),
         "tokens_per_s_ratio_vs_generate": round(tps["search"] / tps["generate"], 3),
         "positions_per_token": round(batched["positions"] / max(1, batched["tokens"]), 2),
