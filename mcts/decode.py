@@ -6,7 +6,7 @@ node each prefill the same prompt. This loop, for any causal LM of transformers 
 a `DynamicCache`):
 
 - prefills each distinct prompt once and copies its KV cache and last logits to the rows that share
-  it; with a `PrefixCache` (`mcts.prefix_cache`) a prompt runs only the tokens past the longest
+  it (the copy made with the cache's next update, which copies it anyway); with a `PrefixCache` (`mcts.prefix_cache`) a prompt runs only the tokens past the longest
   prompt an earlier call prefilled (a child's prompt past its parent's, a rollout's past the prompt
   its option was sampled from). The prefill computes the last position's logits only, where the
   model allows it (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
@@ -17,7 +17,8 @@ a `DynamicCache`):
   search's concurrent batches share a call: each draws what it would draw alone);
 - stops a row at EOS or at a stop token (a token whose text holds the stop string; a stop string
   longer than one character is also looked for in each row's last tokens), and drops finished rows
-  from the forward pass and the cache once a quarter of the batch has finished;
+  from the forward pass and the cache once a quarter of the batch has finished (again in the next
+  update's copy);
 - gathers each kept token's log-probability at temperature 1 as it goes.
 """
 
