@@ -6,9 +6,10 @@ node each prefill the same prompt. This loop, for any causal LM of transformers 
 a `DynamicCache`):
 
 - prefills each distinct prompt once and copies its KV cache and last logits to the rows that share
-  it (the copy made with the cache's next update, which copies it anyway); with a `PrefixCache` (`mcts.prefix_cache`) a prompt runs only the tokens past the longest
-  prompt an earlier call prefilled (a child's prompt past its parent's, a rollout's past the prompt
-  its option was sampled from). The prefill computes the last position's logits only, where the
+  it (the copy made with the cache's next update, which copies it anyway); with a `PrefixCache`
+  (`mcts.prefix_cache`) a prompt runs only the tokens past the longest prompt an earlier call
+  prefilled (a child's prompt past its parent's, a rollout's past the prompt its option was sampled
+  from). The prefill computes the last position's logits only, where the
   model allows it (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
 - samples every row's next token the way `generate` does (temperature, top-k, top-p warpers, then
   `torch.multinomial` over the rows: a finished row keeps its place in that draw, so a row's random
@@ -94,14 +95,15 @@ def _past_states(prefix_cache: PrefixCache, hits, width: int, device):
     """Per layer (keys, values) [n, H, width, D] of the cached prompt prefixes, each row's right-
     aligned (zeros where a row has fewer cached positions), and the mask [n, width] of them."""
     found = [(i, h, prefix_cache.states(key, h)) for i, (h, key) in enumerate(hits) if h]
-    first = found[0][2]
-    buf = first.new_zeros((len(hits), first.shape[0], first.shape[1], width, first.shape[3]))
+    first_k, first_v = found[0][2]
+    buf_k = first_k.new_zeros((len(hits), *first_k.shape[:2], width, first_k.shape[3]))
+    buf_v = first_v.new_zeros((len(hits), *first_v.shape[:2], width, first_v.shape[3]))
     mask = torch.zeros((len(hits), width), dtype=torch.long)
-    for i, h, states in found:
-        buf[i, :, :, width - h :] = states
+    for i, h, (keys, values) in found:
+        buf_k[i, :, :, width - h :] = keys
+        buf_v[i, :, :, width - h :] = values
         mask[i, width - h :] = 1
-    layers = first.shape[0] // 2
-    return [(buf[:, j], buf[:, layers + j]) for j in range(layers)], mask.to(device)
+    return [(buf_k[:, j], buf_v[:, j]) for j in range(first_k.shape[0])], mask.to(device)
 
 
 def _gather_append(old: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -135,7 +137,11 @@ class _SelectingLayer(DynamicLayer):
 
 def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep the cache's batch rows `rows` (in that order, repeats allowed), every layer: a plain
-    `DynamicLayer` at its next update (`_SelectingLayer`), any other layer now, its own way."""
+    `DynamicLayer` at its next update (`_SelectingLayer`), any other layer now, its own way. Until
+    that update a plain layer's `keys` / `values` still hold the old rows: the next thing to touch
+    the cache must be the model's forward (as in `decode`), which reads only their length before it.
+    `_SelectingLayer.update` stands in for `DynamicLayer.update` (lazy init, then `torch.cat`);
+    `tests/test_prefix_cache.py` holds the two to the same states."""
     for layer in cache.layers:
         plain = type(layer) in (DynamicLayer, _SelectingLayer) and layer.is_initialized
         if not plain or layer.keys.dim() != 4 or layer.get_seq_length() == 0:
@@ -150,9 +156,13 @@ def _cacheable(cache) -> bool:
     prefix cache can cut per prompt and stitch back together (a sliding-window or linear-attention
     layer cannot)."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(
+    if not layers or not all(
         isinstance(layer, DynamicLayer) and not layer.is_sliding and layer.keys.dim() == 4 for layer in layers
-    )
+    ):
+        return False
+    # one shape across layers, for keys and for values (they may differ from each other: multi-head
+    # latent attention), so a prompt's states stack into one tensor of each
+    return all(len({getattr(layer, part).shape for layer in layers}) == 1 for part in ("keys", "values"))
 
 
 def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCache | None = None):
@@ -184,16 +194,26 @@ def prefill(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCa
         **{name: cache}, **keep,
     ).logits[:, -1]  # fmt: skip
     if prefix_cache is not None and _cacheable(cache):
-        # [n, 2 x layers, H, T, D]: row i's real positions are its cached ones, right-aligned before
-        # `width`, then its new ones, right-aligned at the end
-        states = torch.stack(
-            [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers], 1
-        )
-        end = states.shape[3]
+        stacked = None  # [n, layers, H, T, D] keys and values, built once a prompt is new
         for i, p in enumerate(prompts):
-            h = hits[i][0] if hits else 0
-            new = states[i, :, :, end - (len(p) - h) :]
-            prefix_cache.put(p, torch.cat([states[i, :, :, width - h : width], new], dim=2) if h else new)
+            if prefix_cache.touch(p):
+                continue
+            if stacked is None:
+                stacked = [
+                    torch.stack([getattr(layer, part) for layer in cache.layers], 1)
+                    for part in ("keys", "values")
+                ]
+            # row i's real positions: its cached ones right-aligned before `width`, then its new
+            # ones right-aligned at the end
+            h = hits[i][0]
+            start = stacked[0].shape[3] - (len(p) - h)
+            keys, values = (
+                torch.cat([t[i, :, :, width - h : width], t[i, :, :, start:]], dim=2)
+                if h
+                else t[i, :, :, start:]
+                for t in stacked
+            )
+            prefix_cache.put(p, keys, values)
     return cache, logits, mask, pos[:, -1], ids.numel()
 
 

@@ -9,10 +9,11 @@ values, and runs only the new tokens; each prompt it prefills is stored for the 
 
 Matching is on token ids, not text, so a tokenizer that merges across a step boundary simply
 misses (it never conditions on tokens the prompt does not have). An entry is the KV states of one
-prompt in one tensor, [2 x layers, heads, length, head_dim] (every layer's keys, then every layer's
-values: one copy in and one slice out per prompt, not one per layer); the least recently used go
-first once `max_bytes` is passed. The cache is emptied at the start of each search batch (`Policy.
-reset_prefix_cache`), so what a batch computes never depends on which batches a worker ran before.
+prompt as two tensors, keys and values [layers, heads, length, head_dim] (one copy in and one slice
+out per prompt, not one per layer; keys and values may differ in head_dim, as in multi-head latent
+attention); the least recently used go first once `max_bytes` is passed. The cache is emptied at
+the start of each search batch (`Policy.reset_prefix_cache`), so what a batch computes never depends
+on which batches a worker ran before.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._trie: dict = {}
-        self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
         self.hit_tokens = 0  # prompt tokens served from the cache (not run through the model)
         self.lookups = 0
         self.evictions = 0
@@ -65,32 +66,44 @@ class PrefixCache:
             self._entries.move_to_end(best)
         return best_len, best
 
-    def states(self, key: tuple[int, ...], length: int) -> torch.Tensor:
-        """The first `length` positions of a stored prompt: [2 x layers, H, length, D] (a view)."""
-        return self._entries[key][0][:, :, :length]
+    def states(self, key: tuple[int, ...], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of a stored prompt: keys and values [layers, H, length, D]
+        (views)."""
+        keys, values, _ = self._entries[key]
+        return keys[:, :, :length], values[:, :, :length]
 
-    def put(self, ids: list[int], states: torch.Tensor) -> None:
-        """Store a prompt's states ([2 x layers, H, len(ids), D]; copied, so a view does not keep the
-        tensor it was cut from alive); evict the oldest past the bound."""
+    def touch(self, ids: list[int]) -> bool:
+        """Whether the prompt is stored; if it is, it becomes the most recently used."""
         key = tuple(ids)
-        if key in self._entries:
-            self._entries.move_to_end(key)
+        if key not in self._entries:
+            return False
+        self._entries.move_to_end(key)
+        return True
+
+    def put(self, ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prompt's states (keys and values [layers, H, len(ids), D]; copied, so a view does
+        not keep the tensor it was cut from alive); evict the oldest past the bound."""
+        if self.touch(ids):
             return
-        assert states.shape[2] == len(key), f"{states.shape[2]} positions for a prompt of {len(key)} tokens"
-        size = states.numel() * states.element_size()
+        key = tuple(ids)
+        assert keys.shape[2] == values.shape[2] == len(key), (
+            f"states of {keys.shape[2]} positions for {len(key)} tokens"
+        )
+        size = sum(t.numel() * t.element_size() for t in (keys, values))
         if size > self.max_bytes:
             return
         node = self._trie
         for t in key:
             node = node.setdefault(t, {})
         node[_END] = key
-        self._entries[key] = (states.clone(memory_format=torch.contiguous_format), size)
+        copy = torch.contiguous_format
+        self._entries[key] = (keys.clone(memory_format=copy), values.clone(memory_format=copy), size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             self._evict(next(iter(self._entries)))
 
     def _evict(self, key: tuple[int, ...]) -> None:
-        _, size = self._entries.pop(key)
+        _, _, size = self._entries.pop(key)
         self.bytes -= size
         self.evictions += 1
         path = [self._trie]

@@ -200,9 +200,9 @@ class SearchWorker:
                     running.append(batch)
                 for batch in running:
                     batch.side_by_side = max(batch.side_by_side, len(running))
-                t0 = time.perf_counter()
                 try:
                     with self._models:
+                        t0 = time.perf_counter()  # inside the lock: waiting for an audit call is not work
                         finished = stream.step()
                 except Exception as e:  # noqa: BLE001 - handed to every caller in the round
                     failed, running = running, []

@@ -15,25 +15,25 @@ PROMPTS = ["3 7 9 4 -> 24\n", "1 2 -> 3\n", "12 5 8 9 -> 100\n"]
 
 def _states(n: int, fill: float = 0.0):
     """One layer's keys and values for n positions (2 heads, 4 dims: 32 bytes a position each)."""
-    return torch.full((2, 2, n, 4), fill)
+    return torch.full((1, 2, n, 4), fill), torch.full((1, 2, n, 4), fill)
 
 
 def test_longest_match_lru_and_pruning():
     cache = PrefixCache(max_bytes=64 * 10)  # 64 bytes a position: room for 10 positions
-    cache.put([1, 2], _states(2, 1.0))
-    cache.put([1, 2, 3, 4], _states(4, 2.0))
+    cache.put([1, 2], *_states(2, 1.0))
+    cache.put([1, 2, 3, 4], *_states(4, 2.0))
     assert cache.longest([1, 2, 3, 4, 5], limit=5) == (4, (1, 2, 3, 4))
     assert cache.longest([1, 2, 3, 9], limit=3) == (2, (1, 2)), "only a stored prompt's own prefix"
     assert cache.longest([1, 2, 3, 4], limit=3) == (3, (1, 2, 3, 4)), "a stored prompt serves its repeat"
     assert cache.longest([1, 3], limit=2) == (0, None)
-    states = cache.states((1, 2, 3, 4), 3)
-    assert states.shape == (2, 2, 3, 4) and float(states[1, 0, 0, 0]) == 2.0
+    keys, values = cache.states((1, 2, 3, 4), 3)
+    assert keys.shape == values.shape == (1, 2, 3, 4) and float(values[0, 0, 0, 0]) == 2.0
     cache.longest([1, 2, 9], limit=3)  # touches (1, 2): (1, 2, 3, 4) is now the oldest
-    cache.put([7, 8, 9, 10, 11], _states(5))  # 2 + 4 + 5 = 11 positions > 10: the oldest goes
+    cache.put([7, 8, 9, 10, 11], *_states(5))  # 2 + 4 + 5 = 11 positions > 10: the oldest goes
     assert len(cache) == 2 and cache.evictions == 1 and cache.bytes == 64 * 7
     assert cache.longest([1, 2, 3, 4, 5], limit=5) == (2, (1, 2))
     assert 3 not in cache._trie[1][2], "the evicted prompt's own branch is pruned"
-    cache.put(list(range(20)), _states(20))  # bigger than the whole bound: not stored
+    cache.put(list(range(20)), *_states(20))  # bigger than the whole bound: not stored
     assert len(cache) == 2
     cache.clear()
     assert len(cache) == 0 and cache.bytes == 0 and cache.longest([1, 2, 3], 3) == (0, None)
@@ -73,7 +73,7 @@ def test_prefix_cache_samples_what_whole_prompts_sample(policy_dir):
     assert cached.prefix_cache.hit_tokens > 0
     # entries are copies: the memory held is what the bound counts, not the batch tensors they came from
     entries = cached.prefix_cache._entries.values()
-    held = sum(states.untyped_storage().nbytes() for states, _ in entries)
+    held = sum(t.untyped_storage().nbytes() for keys, values, _ in entries for t in (keys, values))
     assert held == cached.prefix_cache.bytes > 0
     assert positions < 0.8 * plain_positions, (
         f"{positions} positions run with the cache, {plain_positions} without"
@@ -119,14 +119,62 @@ def test_prefix_cache_with_merges_across_step_boundaries(tmp_path):
     assert cached.prefix_cache.hit_tokens > 0
 
 
-def test_throughput_benchmark_on_a_small_search(solving_policy):
-    """`benchmarks.throughput.measure` end to end on a tiny trained policy: every figure is there, and
-    its exactness checks hold (the prompt cache and batches side by side grow the same trees)."""
-    from benchmarks.throughput import YARDSTICK_RUNS, measure
+def test_deferred_row_selection_keeps_what_dynamic_layers_keep():
+    """`mcts.decode.select_rows` defers a selection to the layer's next update and makes both in one
+    copy: random selections (repeats, several before one update) and updates leave the same states as
+    transformers' own `DynamicLayer` with `batch_select_indices` (which `_SelectingLayer` stands in for)."""
+    from transformers import DynamicCache
 
-    out = measure("tiny", solving_policy, None, problems=4, sims=4, one_leaf=1, device="cpu")
-    assert out["same_trees_uncached"] and out["same_steps_side_by_side"]
-    assert all(1 <= runs <= YARDSTICK_RUNS for runs in out["yardstick_runs"])
-    assert min(out["tokens_per_s_plain"], out["tokens_per_s_search"], out["nodes_per_s_one_leaf"]) > 0
-    assert 0 < out["model_share"] <= 1
-    assert out["positions_per_token"] <= out["positions_per_token_uncached"]
+    from mcts.decode import select_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        ours, theirs = DynamicCache(), DynamicCache()
+        rows = 1 + trial % 5
+        for step in range(6):
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen)) if step else 0):
+                keep = torch.randint(0, rows, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen)
+                select_rows(ours, keep)  # two before one update: they compose
+                theirs.batch_select_indices(keep)
+                rows = keep.numel()
+            new = int(torch.randint(1, 4, (1,), generator=gen))
+            k, v = torch.randn(rows, 2, new, 4, generator=gen), torch.randn(rows, 2, new, 3, generator=gen)
+            got, want = ours.update(k, v, 0), theirs.update(k, v, 0)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_latent_attention_keys_and_values_of_two_shapes():
+    """Multi-head latent attention (DeepSeek-V3) caches keys and values of different head sizes: the
+    prompt cache stores them apart, and decoding with it is what decoding without it is."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from mcts.decode import decode
+
+    cfg = DeepseekV3Config(
+        vocab_size=40, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=12, eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    root = [1, 5, 6, 7, 8, 9]
+    calls = ([root], [root + [10, 11], root + [12], [1, 4, 4]])
+
+    def run(cache):
+        out = []
+        for i, prompts in enumerate(calls):
+            rows = torch.arange(len(prompts)).repeat_interleave(2)
+            groups = [(rows.numel(), torch.Generator().manual_seed(i))]
+            tokens, logprobs, _, _ = decode(
+                model, prompts, rows, 5, sample=True, eos_ids=torch.tensor([2]), pad_id=0,
+                prefix_cache=cache, groups=groups,
+            )  # fmt: skip
+            out.append((tokens.tolist(), logprobs))
+        return out
+
+    cache = PrefixCache(max_bytes=1 << 20)
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(run(cache), run(None), strict=True):
+        assert tokens == want_tokens
+        assert torch.allclose(logprobs, want_logprobs, atol=1e-5)
+    assert cache.hit_tokens > 0 and len(cache) == 4
