@@ -30,8 +30,9 @@ Reported (under the model's name; the embedded policy's also at the top level):
   searched one batch after another / two side by side (`mcts.search.search_stream`, what
   `ray.batches_per_worker=2` does in a worker), with `policy_forwards_side_by_side` (the policy's
   forward passes, side by side / one after another: on a GPU, where a small batch's forward costs
-  what a full one does, the wall time follows it) and `same_steps_side_by_side` (every tree's steps
-  and visits identical).
+  what a full one does, the wall time follows it), `same_steps_side_by_side` (every tree's steps
+  and visits identical) and `tokens_per_s_ratio_side_by_side` (the two side by side against plain
+  sampling: the job's way, where a batch's last rounds, with few of its trees left, share passes).
 
 Two models of ~27M parameters, where compute per position dominates as it does for a real model on
 a GPU: `wide`, a random Llama on the embedded tokenizer (its steps are noise, so its trees are
@@ -296,6 +297,10 @@ def measure(
         "positions_per_token_uncached": round(uncached["positions"] / max(1, uncached["tokens"]), 2),
         "same_trees_uncached": _same_trees(batched["result"], uncached["result"]),
         "side_by_side_speedup": round(by_stream[1]["wall_s"] / by_stream[2]["wall_s"], 3),
+        # the job's way (batches of `search.batch_problems`, two side by side) against the yardstick
+        "tokens_per_s_ratio_side_by_side": round(
+            by_stream[2]["tokens"] / by_stream[2]["wall_s"] / tps["plain"], 3
+        ),
         "policy_forwards_side_by_side": round(forwards[1] / max(1, forwards[0]), 3),
         "same_steps_side_by_side": _same_trees(*stream_trees),
         "generate_calls": policy.generate_calls,
