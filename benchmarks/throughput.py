@@ -59,17 +59,25 @@ YARDSTICK_RUNS, YARDSTICK_S = 5, 3.0
 
 
 class ModelMeter:
-    """Seconds spent inside a module's forward (forward hooks)."""
+    """Seconds spent inside a module's forward (forward hooks). On a GPU the hooks wait for the
+    device first: kernels run after their launch returns, so without the waits a forward's time
+    would land in whatever reads its result next (the search's own code)."""
 
     def __init__(self, module):
+        import torch
+
         self.seconds, self._t0, self.calls = 0.0, 0.0, 0
+        device = next(module.parameters()).device
+        self._wait = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
 
     def _pre(self, module, args):
+        self._wait()
         self._t0 = time.perf_counter()
 
     def _post(self, module, args, output):
+        self._wait()
         self.seconds += time.perf_counter() - self._t0
         self.calls += 1
 
