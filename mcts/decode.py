@@ -9,8 +9,8 @@ a `DynamicCache`):
   it (the copy made with the cache's next update, which copies it anyway); with a `PrefixCache`
   (`mcts.prefix_cache`) a prompt runs only the tokens past the longest prompt an earlier call
   prefilled (a child's prompt past its parent's, a rollout's past the prompt its option was sampled
-  from). The prefill computes the last position's logits only, where the
-  model allows it (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
+  from). The prefill computes the last position's logits only, where the model allows it
+  (`logits_to_keep`): a real vocabulary times every prompt position is gigabytes;
 - samples every row's next token the way `generate` does (temperature, top-k, top-p warpers, then
   `torch.multinomial` over the rows: a finished row keeps its place in that draw, so a row's random
   numbers do not depend on when the others finished, and the same seed draws what `generate` draws,
