@@ -29,7 +29,7 @@ import functools
 import inspect
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from mcts.prefix_cache import PrefixCache
 
@@ -74,8 +74,6 @@ def _cache_keyword(model) -> str:
 
 def _cache(past=None):
     """A `DynamicCache`, filled with `past` (per layer keys and values [B, H, T, D]) when given."""
-    from transformers import DynamicCache
-
     return DynamicCache(ddp_cache_data=past) if past else DynamicCache()
 
 
