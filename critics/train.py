@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -176,14 +177,25 @@ def _train_top_layers(model, train_layers: int) -> list[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
+def steps_of(kind: str, cfg: TrainCriticsConfig) -> int:
+    """Optimizer steps of one critic (`value_steps` / `orm_steps` where set, else `steps`)."""
+    own = {"value": cfg.value_steps, "orm": cfg.orm_steps}.get(kind)
+    return own if own is not None else cfg.steps
+
+
 def train_one(
-    kind: str, train: Labels, val: Labels, base_dir: str | Path, sep: str, cfg: TrainCriticsConfig
+    kind: str,
+    train: Labels,
+    val: Labels,
+    base_dir: str | Path,
+    sep: str,
+    cfg: TrainCriticsConfig,
+    step_hook: Callable[[int], None] | None = None,
 ) -> tuple[object, object, dict]:
-    """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report)."""
+    """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
+    runs before each optimizer step."""
     t0 = time.perf_counter()
-    own_steps = {"value": cfg.value_steps, "orm": cfg.orm_steps}.get(kind)
-    if own_steps is not None:
-        cfg = replace(cfg, steps=own_steps)
+    cfg = replace(cfg, steps=steps_of(kind, cfg))
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
     device = resolve_device(cfg.device)
     model, tok = init_from_policy(base_dir, kind, cfg.seed)
@@ -200,6 +212,8 @@ def train_one(
 
     bar = tqdm(range(cfg.steps), desc=f"training {kind} critic", disable=not cfg.progress, file=sys.stderr)
     for step in bar:
+        if step_hook is not None:
+            step_hook(step)
         if cursor + cfg.batch_size > len(order):  # next epoch: a fresh permutation
             order, cursor = torch.randperm(len(train), generator=gen), 0
         idx = order[cursor : cursor + cfg.batch_size].tolist()
@@ -259,6 +273,49 @@ def evaluate(
     }
 
 
+def _train_kind(
+    kind: str,
+    labels: Labels,
+    base_dir: str | Path,
+    sep: str,
+    cfg: TrainCriticsConfig,
+    dest: Path,
+    meta: dict | None,
+    step_hook: Callable[[int], None] | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Split, train and save one critic into `dest`; returns its report (`quiet`: no progress bar)."""
+    train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
+    model, tok, report = train_one(
+        kind, train, val, base_dir, sep, replace(cfg, progress=cfg.progress and not quiet), step_hook
+    )
+    info = {
+        "base": str(base_dir),
+        "logit_offset": report["logit_offset"],  # read by critics.models.load_critic
+        "train": report,
+        "config": asdict(cfg),
+    }
+    save_critic(model, tok, kind, dest, {**info, **(meta or {})})
+    return report
+
+
+def _train_kind_aside(kind, labels, base_dir, sep, cfg, dest, meta, parent_pid: int) -> None:
+    """`_train_kind` in a second process, on one thread; quits if the process that started it dies
+    (a killed job must not leave a trainer behind)."""
+
+    def parent_alive(step: int) -> None:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    torch.set_num_threads(1)
+    _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, parent_alive, quiet=True)
+
+
+def _report_line(kind: str, report: dict) -> str:
+    figures = {k: round(v, 3) for k, v in report.items() if k.startswith("val_a") or k == "final_loss"}
+    return f"arborist: {kind} critic trained ({figures}, {report['seconds']} s)"
+
+
 def train_critics(
     labels: dict[str, Labels],
     out_dir: str | Path,
@@ -266,34 +323,66 @@ def train_critics(
     cfg: TrainCriticsConfig | None = None,
     sep: str = "\n",
     meta: dict | None = None,
+    side_by_side: bool = False,
 ) -> dict:
     """Train `cfg.kinds` on `labels[kind]` into `out_dir/<kind>` (starting from `policy_dir`'s trunk);
     returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash and the
-    number of trees the rows came from)."""
+    number of trees the rows came from).
+
+    `side_by_side`: the critic with the most steps trains in a second process on one core while
+    this process trains the others on the other, moving to `cfg.threads` once the second is done.
+    Only for machines where the thread count leaves the floats as they are
+    (`mcts.embedded.threads_agree`): each critic's weights are then the same as one after another."""
     cfg = cfg or TrainCriticsConfig()
     out = Path(out_dir)
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
     reports: dict[str, dict] = {}
+    aside, kinds = None, list(cfg.kinds)
     try:
-        for kind in cfg.kinds:
-            train, val = split_by_problem(labels[kind], cfg.val_fraction, cfg.seed)
-            model, tok, report = train_one(kind, train, val, policy_dir, sep, cfg)
-            reports[kind] = report
-            info = {
-                "base": str(policy_dir),
-                "logit_offset": report["logit_offset"],  # read by critics.models.load_critic
-                "train": report,
-                "config": asdict(cfg),
-            }
-            save_critic(model, tok, kind, tmp / kind, {**info, **(meta or {})})
+        hook = None
+        if side_by_side and len(kinds) > 1:
+            import multiprocessing
+
+            first = max(kinds, key=lambda k: steps_of(k, cfg))
+            kinds.remove(first)
+            aside = multiprocessing.get_context("spawn").Process(
+                target=_train_kind_aside,
+                args=(first, labels[first], policy_dir, sep, cfg, tmp / first, meta, os.getpid()),
+                name=f"arborist-{first}-critic",
+                daemon=True,
+            )
+            aside.start()
             if cfg.progress:
-                figures = {
-                    k: round(v, 3) for k, v in report.items() if k.startswith("val_a") or k == "final_loss"
-                }
-                print(f"arborist: {kind} critic trained ({figures}, {report['seconds']} s)", file=sys.stderr)
+                print(
+                    f"arborist: training the {first} critic in a second process beside the others",
+                    file=sys.stderr,
+                )
+
+            shared = [True]  # one core each until the second process is done
+
+            def hook(step: int) -> None:
+                if shared[0] and not aside.is_alive():
+                    shared[0] = False
+                    torch.set_num_threads(cfg.threads)
+
+        torch.set_num_threads(1 if aside is not None else cfg.threads)
+        for kind in kinds:
+            reports[kind] = _train_kind(kind, labels[kind], policy_dir, sep, cfg, tmp / kind, meta, hook)
+            if cfg.progress:
+                print(_report_line(kind, reports[kind]), file=sys.stderr)
+        if aside is not None:
+            aside.join()
+            if aside.exitcode != 0:
+                raise RuntimeError(
+                    f"training the {first} critic in a second process failed (exit code {aside.exitcode}); "
+                    "its error is printed above"
+                )
+            reports[first] = json.loads((tmp / first / "critic.json").read_text())["train"]
+            if cfg.progress:
+                print(_report_line(first, reports[first]), file=sys.stderr)
+            reports = {k: reports[k] for k in cfg.kinds}
         (tmp / "report.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
         old = out.parent / f".{out.name}-old-{os.getpid()}"
         if out.exists():
@@ -301,6 +390,9 @@ def train_critics(
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
+        if aside is not None and aside.is_alive():
+            aside.terminate()
+            aside.join()
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return reports

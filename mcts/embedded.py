@@ -43,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -180,8 +181,11 @@ def train_policy(
     difficulty: CountdownDifficulty,
     progress: bool = True,
     name: str = "policy",
+    step_hook: Callable[[int], None] | None = None,
 ) -> dict:
-    """Train the model from scratch into `out_dir` (safetensors + tokenizer); return a report."""
+    """Train the model from scratch into `out_dir` (safetensors + tokenizer); return a report.
+    `step_hook(step)` runs before each step (`rewards.critic_bootstrap` moves a build running beside
+    another onto more threads with it, where that leaves the weights as they are)."""
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
@@ -216,6 +220,8 @@ def train_policy(
             if time.perf_counter() - t0 > cfg.time_cap_s:
                 capped_at = step
                 break
+            if step_hook is not None:
+                step_hook(step)
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = ids[idx], labels[idx]
             width = int((y != -100).nonzero()[:, 1].max()) + 1  # trim the shared right padding
@@ -267,6 +273,40 @@ def evaluate_policy(
     }
 
 
+def threads_agree(train: TrainConfig, threads: int = 2, seed: int = 0) -> bool:
+    """Whether this machine's kernels give the embedded model the same floats on one thread and on
+    `threads`: the gradients of a training step of `train`'s shape and the logits of a forward pass
+    without gradients, compared bit for bit. Where they agree, a build may change its thread count
+    while it runs (`rewards.critic_bootstrap` runs two builds side by side, one core each) without
+    changing the weights it ends with; where they do not, builds keep their recipe's count.
+    A check on these shapes, not a proof for all: the builds' sha256 say the rest (docs)."""
+    tok = build_char_tokenizer()
+    ids, labels = _encode(training_texts(train.batch_size, seed, default_difficulty()), tok)
+    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        tiny_llama_config(
+            len(tok), train.d_model, train.n_layers, train.n_heads, max_len=ids.shape[1], tok=tok
+        )
+    )
+    runs = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=labels).loss.backward()
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            runs.append([logits] + [p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(det)
+    return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def train_minutes(train: TrainConfig) -> float:
     """Roughly how long `train_policy` takes here: ~0.3 s a step on one thread, half on two."""
     return train.steps * 0.3 / train.threads / 60
@@ -279,6 +319,7 @@ def bootstrap_policy(
     train: TrainConfig | None = None,
     root: Path | None = None,
     name: str = "policy",
+    step_hook: Callable[[int], None] | None = None,
 ) -> Path:
     """Return the directory of the embedded default policy, training it first if not cached.
 
@@ -286,7 +327,8 @@ def bootstrap_policy(
     moved into place with `os.replace`, so a killed bootstrap never leaves a half-written model:
     the directory exists only once it is complete. `train` and `root` (instead of
     `<cache>/default-v1-seed{seed}`) are for tests and experiments; `name` is the directory under
-    `root` (the critics' own trunk, `rewards.critic_bootstrap`, is the same model trained longer).
+    `root` (the critics' own trunk, `rewards.critic_bootstrap`, is the same model trained longer);
+    `step_hook` goes to `train_policy`.
     """
     train = train or TrainConfig()
     root = Path(root) if root is not None else default_policy_dir(seed).parent
@@ -304,7 +346,7 @@ def bootstrap_policy(
                 f"arborist: training the embedded {name} into {final} (once, ~{minutes} min)", file=sys.stderr
             )
         t0 = time.perf_counter()
-        report = train_policy(tmp, seed, train, difficulty, progress=progress, name=name)
+        report = train_policy(tmp, seed, train, difficulty, progress=progress, name=name, step_hook=step_hook)
         if report["time_cap_hit"]:
             print(
                 f"arborist: training hit its {train.time_cap_s:.0f} s safety cap at step "

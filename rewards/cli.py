@@ -124,14 +124,17 @@ def bootstrap(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from mcts.embedded import bootstrap_policy
 
-    policy = bootstrap_policy(args.seed, force=args.force)
-    print(f"arborist: default policy: {policy}")
+    if args.force:
+        bootstrap_policy(args.seed, force=True)
     try:
         from rewards.critic_bootstrap import ensure_default_critics
     except ImportError:
+        print(f"arborist: default policy: {bootstrap_policy(args.seed)}")
         print("arborist: critics are not part of this build; the job values nodes by verified rollouts")
         return 0
-    print(f"arborist: default critics: {ensure_default_critics(args.seed)}")
+    critics = ensure_default_critics(args.seed)  # trains the policy too where it is missing, beside the trunk
+    print(f"arborist: default policy: {bootstrap_policy(args.seed)}")
+    print(f"arborist: default critics: {critics}")
     return 0
 
 

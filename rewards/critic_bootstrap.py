@@ -22,6 +22,7 @@ start from are the trunk's. The whole run is seeded; each directory appears atom
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from mcts.embedded import (
     default_difficulty,
     default_policy_dir,
     held_out_keys,
+    threads_agree,
     trained_on,
     weights_hash,
 )
@@ -96,13 +98,95 @@ def default_critics_dir(seed: int = 0) -> Path:
     return default_policy_dir(seed).parent / "critics"
 
 
-def ensure_critic_trunk(seed: int, train: TrainConfig, root: Path, progress: bool = True) -> Path:
-    """`root/critic-trunk`: the embedded model trained with `train`, rebuilt when its recipe changed."""
-    final = root / "critic-trunk"
-    report = final / "bootstrap.json"
+def _trunk_ready(train: TrainConfig, root: Path) -> bool:
+    """`root/critic-trunk` is built, with this recipe."""
+    report = root / "critic-trunk" / "bootstrap.json"
     recipe = json.loads(json.dumps(asdict(train)))
-    stale = final.is_dir() and (not report.is_file() or json.loads(report.read_text()).get("train") != recipe)
-    return bootstrap_policy(seed, force=stale, progress=progress, train=train, root=root, name="critic-trunk")
+    return report.is_file() and json.loads(report.read_text()).get("train") == recipe
+
+
+def ensure_critic_trunk(
+    seed: int, train: TrainConfig, root: Path, progress: bool = True, step_hook=None
+) -> Path:
+    """`root/critic-trunk`: the embedded model trained with `train`, rebuilt when its recipe changed."""
+    stale = (root / "critic-trunk").is_dir() and not _trunk_ready(train, root)
+    return bootstrap_policy(
+        seed, force=stale, progress=progress, train=train, root=root, name="critic-trunk", step_hook=step_hook
+    )
+
+
+def _build_trunk_aside(seed, train, root, handover, steps_done, parent_pid: int) -> None:
+    """`ensure_critic_trunk` in a second process: one thread until `handover` is set (the first
+    process is done with the policy and the bootstrap search), `train.threads` after; quits if the
+    process that started it dies."""
+    import torch
+
+    threads = [0]
+
+    def hook(step: int) -> None:
+        steps_done.value = step
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        want = train.threads if handover.is_set() else 1
+        if want != threads[0]:
+            threads[0] = want
+            torch.set_num_threads(want)
+
+    torch.set_num_threads(1)
+    ensure_critic_trunk(seed, train, root, progress=False, step_hook=hook)
+
+
+class _TrunkAside:
+    """The critics' trunk training in a second process while this one trains the policy and runs
+    the bootstrap search: one core each, then the trunk takes both (`handover`). Used only where
+    the thread count leaves the weights as they are (`mcts.embedded.threads_agree`), so the trunk
+    is the one a build on its own makes."""
+
+    def __init__(self, seed: int, train: TrainConfig, root: Path, progress: bool):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.train, self.progress = train, progress
+        self.handover, self.steps_done = ctx.Event(), ctx.Value("i", 0)
+        self.process = ctx.Process(
+            target=_build_trunk_aside,
+            args=(seed, train, root, self.handover, self.steps_done, os.getpid()),
+            name="arborist-critic-trunk",
+            daemon=True,
+        )
+        self.process.start()
+        if progress:
+            print(
+                f"arborist: training the critics' trunk into {root / 'critic-trunk'} in a second process "
+                "(one core while the policy trains and the bootstrap search runs, both cores after)",
+                file=sys.stderr,
+            )
+
+    def finish(self) -> None:
+        """Give the trunk both cores and wait for it, showing its steps."""
+        from tqdm import tqdm
+
+        self.handover.set()
+        with tqdm(
+            total=self.train.steps,
+            desc="training the embedded critic-trunk",
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+            while self.process.is_alive():
+                self.process.join(timeout=1.0)
+                bar.update(self.steps_done.value + 1 - bar.n)
+        if self.process.exitcode != 0:
+            raise RuntimeError(
+                f"training the critics' trunk in a second process failed (exit code {self.process.exitcode}); "
+                "its error is printed above"
+            )
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
 
 
 def training_problems(n: int, seed: int) -> list[Problem]:
@@ -162,39 +246,72 @@ def ensure_default_critics(
     root: str | Path | None = None,
 ) -> Path:
     """Directory of the default critics for the default policy of `seed` (or `policy_dir`),
-    built first when missing or stale. `cfg` and `root` are for tests and experiments."""
+    built first when missing or stale (the policy too, when `policy_dir` is None and it is not
+    cached). `cfg` and `root` are for tests and experiments.
+
+    Where the trunk and the critics are both to be built and this machine's kernels give the same
+    floats on one thread as on two (`mcts.embedded.threads_agree`), the two cores work side by side:
+    the trunk trains in a second process while this one trains the policy and runs the bootstrap
+    search, and the critic with the most steps trains in a second process beside the others. The
+    weights are those of a build one step after another (sha256 checked: docs/measurements.md)."""
     import torch
 
     cfg = cfg or BootstrapCriticsConfig()
-    policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
     final = Path(root) if root is not None else default_critics_dir(seed)
-    sha = weights_hash(policy_dir)
-    base = policy_dir if cfg.trunk is None else ensure_critic_trunk(seed, cfg.trunk, final.parent, progress)
-    base_sha = sha if cfg.trunk is None else weights_hash(base)
-    if not force and _fresh(final, sha, base_sha, cfg):
-        return final
-    if progress:
-        print(
-            f"arborist: training the default critics into {final} (once, ~{BUILD_MINUTES:.0f} min)",
-            file=sys.stderr,
-        )
-    t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    side_by_side = None  # decided when a build is due (the check takes a few seconds)
+    trunk_aside = None
+    build_all = cfg.trunk is not None and not _trunk_ready(cfg.trunk, final.parent)
+    if (
+        build_all
+        and (force or not (final / "report.json").is_file())
+        and threads_agree(cfg.trunk, cfg.threads)
+    ):
+        side_by_side = True
+        trunk_aside = _TrunkAside(seed, cfg.trunk, final.parent, progress)
     try:
-        problems = training_problems(cfg.problems, seed)
-        trees = rollout_trees(
-            policy_dir,
-            problems,
-            cfg.search,
-            seed,
-            rollouts=cfg.rollouts,
-            max_step_tokens=cfg.max_step_tokens,
-            max_rollout_tokens=cfg.max_rollout_tokens,
-        )
+        policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
+        sha = weights_hash(policy_dir)
+        if trunk_aside is None:
+            base = (
+                policy_dir
+                if cfg.trunk is None
+                else ensure_critic_trunk(seed, cfg.trunk, final.parent, progress)
+            )
+            base_sha = sha if cfg.trunk is None else weights_hash(base)
+            if not force and _fresh(final, sha, base_sha, cfg):
+                return final
+        if side_by_side is None:
+            side_by_side = threads_agree(cfg.trunk or TrainConfig(), cfg.threads)
+        if progress:
+            print(
+                f"arborist: training the default critics into {final} (once, ~{BUILD_MINUTES:.0f} min)",
+                file=sys.stderr,
+            )
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if trunk_aside is not None else cfg.threads)  # the trunk has the other core
+        try:
+            problems = training_problems(cfg.problems, seed)
+            trees = rollout_trees(
+                policy_dir,
+                problems,
+                cfg.search,
+                seed,
+                rollouts=cfg.rollouts,
+                max_step_tokens=cfg.max_step_tokens,
+                max_rollout_tokens=cfg.max_rollout_tokens,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        search_s = time.perf_counter() - t0
+        if trunk_aside is not None:
+            trunk_aside.finish()
+            base = ensure_critic_trunk(seed, cfg.trunk, final.parent, progress)
+            base_sha = weights_hash(base)
     finally:
-        torch.set_num_threads(threads)
-    search_s = time.perf_counter() - t0
+        if trunk_aside is not None:
+            trunk_aside.stop()
+    wait_s = time.perf_counter() - t0 - search_s  # for the trunk, where it trained beside the search
     solved = sum(bool((t.nodes["terminal"] & (t.nodes["outcome"] == 1)).any()) for t in trees)
     meta = {
         "policy_sha256": sha,
@@ -210,9 +327,15 @@ def ensure_default_critics(
             "config": asdict(cfg),
         },
     }
-    reports = train_critics_on_trees(trees, final, base, cfg.train, meta=meta)
+    reports = train_critics_on_trees(trees, final, base, cfg.train, meta=meta, side_by_side=side_by_side)
     total = time.perf_counter() - t0
-    summary = {**meta["bootstrap"], "train_seconds": round(total - search_s, 1), "seconds": round(total, 1)}
+    summary = {
+        **meta["bootstrap"],
+        "side_by_side": bool(side_by_side),  # the trunk (when built here) and the critics, two cores
+        "trunk_wait_seconds": round(wait_s, 1),
+        "train_seconds": round(total - search_s - wait_s, 1),
+        "seconds": round(total, 1),
+    }
     (final / "bootstrap.json").write_text(
         json.dumps({**summary, "critics": reports}, indent=2, default=float)
     )

@@ -246,14 +246,12 @@ def resolve_models(job: Job) -> dict[str, Any]:
             "cores; later runs start in seconds)",
             file=sys.stderr,
         )
-    policy = conf.policy.path or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
     critics_dir = None
-    if builds_default_critics(conf):
+    if builds_default_critics(conf):  # the embedded policy too: built beside the critics' trunk
         from rewards.critic_bootstrap import ensure_default_critics
 
-        critics_dir = str(
-            ensure_default_critics(conf.policy.bootstrap_seed, policy_dir=policy, progress=conf.progress)
-        )
+        critics_dir = str(ensure_default_critics(conf.policy.bootstrap_seed, progress=conf.progress))
+    policy = conf.policy.path or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
     return {"policy": policy, "critics_dir": critics_dir, "bootstrap_s": time.perf_counter() - t0}
 
 

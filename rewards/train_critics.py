@@ -24,11 +24,13 @@ def train_critics_on_trees(
     policy_dir: str | Path,
     cfg: TrainCriticsConfig | None = None,
     meta: dict | None = None,
+    side_by_side: bool = False,
 ) -> dict:
     """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`)."""
     cfg = cfg or TrainCriticsConfig()
     labels = all_labels(trees, cfg.min_verified)
-    return train_critics(labels, out_dir, policy_dir, cfg, meta={"trees": len(trees), **(meta or {})})
+    meta = {"trees": len(trees), **(meta or {})}
+    return train_critics(labels, out_dir, policy_dir, cfg, meta=meta, side_by_side=side_by_side)
 
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:

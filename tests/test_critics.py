@@ -14,7 +14,7 @@ from _trees import golden_tree
 from critics.base import CriticsConfig, CriticSet
 from critics.labels import Labels
 from critics.models import CriticLoadError, ModelCritic, init_from_policy, load_critic, save_critic
-from critics.train import TrainCriticsConfig, train_one
+from critics.train import TrainCriticsConfig, train_critics, train_one
 from critics.verifier import VerifierCritic
 from mcts.base import SearchConfig
 from mcts.expander import PolicyExpander
@@ -348,6 +348,31 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     assert steps == (3, 2, 4), "value_steps and orm_steps are their critic's alone"
 
 
+def test_critics_side_by_side_are_the_critics_one_after_another(policy_dir, tmp_path):
+    """`train_critics(side_by_side=True)` trains the critic with the most steps in a second process
+    (one thread; this process moves from one thread to two once it is done): the same weights and
+    figures as one critic after another."""
+    from mcts.embedded import TrainConfig, threads_agree, weights_hash
+
+    if not threads_agree(TrainConfig()):
+        pytest.skip("this machine's kernels give other floats on two threads: side by side is not used here")
+    labels = {}
+    for i, kind in enumerate(("value", "prm", "orm")):
+        labels[kind] = _toy_labels(40 + 8 * i)
+        labels[kind].kind = kind
+    cfg = TrainCriticsConfig(steps=5, value_steps=12, batch_size=8, val_fraction=0.25, progress=False)
+    apart = train_critics(labels, tmp_path / "apart", policy_dir, cfg)
+    together = train_critics(labels, tmp_path / "together", policy_dir, cfg, side_by_side=True)
+    assert list(together) == ["value", "prm", "orm"] and together["value"]["steps"] == 12
+    for kind in apart:
+        assert weights_hash(tmp_path / "together" / kind) == weights_hash(tmp_path / "apart" / kind), kind
+        drop = {"seconds"}
+        assert {k: v for k, v in together[kind].items() if k not in drop} == {
+            k: v for k, v in apart[kind].items() if k not in drop
+        }, kind
+    assert not list(tmp_path.glob(".together-*")), "no temporary directory left behind"
+
+
 def test_default_critics_cache_is_rebuilt_only_when_stale(policy_dir, tmp_path):
     """`ensure_default_critics` reuses a build for the same policy and recipe, and rebuilds one made
     with another recipe or before critic.json carried the ORM's logit offset."""
@@ -385,8 +410,8 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     """With `trunk` set, the critics are fine-tuned from a model trained beside them
     (`critic-trunk/`), not from the policy; a changed trunk recipe rebuilds the trunk and the
     critics, the same one reuses both."""
-    from mcts.embedded import TrainConfig, weights_hash
-    from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_default_critics
+    from mcts.embedded import TrainConfig, threads_agree, weights_hash
+    from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_critic_trunk, ensure_default_critics
 
     def cfg(trunk_steps):
         trunk = TrainConfig(
@@ -406,6 +431,10 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
         return meta, (root / "bootstrap.json").stat().st_mtime_ns
 
     meta, first = build(cfg(3))
+    alone = ensure_critic_trunk(0, cfg(3).trunk, tmp_path / "alone", progress=False)
+    side_by_side = json.loads((root / "bootstrap.json").read_text())["side_by_side"]
+    assert side_by_side == threads_agree(cfg(3).trunk), "trunk and critics side by side where floats allow"
+    assert weights_hash(trunk_dir) == weights_hash(alone), "built beside the search, the trunk is the same"
     trunk_report = json.loads((trunk_dir / "bootstrap.json").read_text())
     assert trunk_report["train"]["steps"] == 3 and trunk_report["steps_done"] == 3
     assert meta["base"] == str(trunk_dir) and meta["base_sha256"] == weights_hash(trunk_dir)
