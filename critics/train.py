@@ -90,7 +90,8 @@ class TrainCriticsConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
-    """torch threads while training (fixed: float reductions differ across thread counts)."""
+    """torch threads while training (fixed where float reductions differ across thread counts;
+    see `mcts.embedded.threads_agree` and `train_critics(side_by_side=...)`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -87,8 +87,8 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     time_cap_s: float = 300.0  # safety net for an overloaded machine; a hit is reported
-    threads: int = 1  # fixed: float reductions differ across thread counts, and 2 threads crawl
-    # when other processes share the cores (OpenMP spin-waits); one thread is steady everywhere
+    threads: int = 1  # fixed where float reductions differ across thread counts (`threads_agree`),
+    # and 2 threads crawl when other processes share the cores (OpenMP spin-waits)
     eval_problems: int = 200  # held-out problems for the greedy / pass@8 figures (0: skip)
     eval_samples: int = 8
 

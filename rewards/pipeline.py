@@ -233,13 +233,9 @@ def resolve_models(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     missing = embedded_models_missing(conf)
     if conf.progress and missing:
-        from mcts.embedded import TrainConfig, train_minutes
-        from rewards.critic_bootstrap import BUILD_MINUTES, BootstrapCriticsConfig
+        from rewards.critic_bootstrap import build_minutes
 
-        trunk = BootstrapCriticsConfig().trunk
-        estimate = {"policy": train_minutes(TrainConfig()), "critics": BUILD_MINUTES}
-        estimate["critic-trunk"] = train_minutes(trunk) if trunk is not None else 0.0
-        minutes = sum(estimate[name] for name in missing)
+        minutes = build_minutes(missing)
         print(
             f"arborist: training the embedded {', '.join(missing)} into "
             f"{default_policy_dir(conf.policy.bootstrap_seed).parent} once (~{minutes:.0f} min on 2 CPU "

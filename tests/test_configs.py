@@ -166,3 +166,8 @@ def test_the_first_run_is_told_it_trains_the_embedded_models(monkeypatch, tmp_pa
     (tmp_path / "default-v1-seed0" / "critic-trunk").mkdir()
     assert embedded_models_missing(conf) == []
     assert embedded_models_missing(to_schema(compose(["policy.path=/models/mine"]))) == []
+    from rewards.critic_bootstrap import build_minutes
+
+    one_by_one = sum(build_minutes([name]) for name in ("policy", "critic-trunk", "critics"))
+    everything = build_minutes(["policy", "critic-trunk", "critics"])
+    assert 0 < build_minutes(["critic-trunk", "critics"]) < everything < one_by_one, "side by side"
