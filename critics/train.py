@@ -306,7 +306,7 @@ def _train_kind_aside(kind, labels, base_dir, sep, cfg, dest, meta, parent_pid: 
 
     def parent_alive(step: int) -> None:
         if os.getppid() != parent_pid:
-            os._exit(1)
+            raise SystemExit(1)  # unwinds: the temporary directory goes too
 
     torch.set_num_threads(1)
     _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, parent_alive, quiet=True)

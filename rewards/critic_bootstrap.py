@@ -147,7 +147,7 @@ def _build_trunk_aside(seed, train, root, handover, steps_done, parent_pid: int)
     def hook(step: int) -> None:
         steps_done.value = step
         if os.getppid() != parent_pid:
-            os._exit(1)
+            raise SystemExit(1)  # unwinds: the temporary directory goes too
         want = train.threads if handover.is_set() else 1
         if want != threads[0]:
             threads[0] = want

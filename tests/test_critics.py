@@ -447,6 +447,74 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     assert meta["base_sha256"] == weights_hash(trunk_dir)
 
 
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    try:
+        with open(path) as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_killed_build_leaves_no_trainer_behind(policy_dir, tmp_path):
+    """SIGKILL the process building the critics while its trunk trains in a second process: the
+    second quits at its next step, removing its temporary directory, and no trunk is left as if
+    finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mcts.embedded import TrainConfig, threads_agree
+
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        pytest.skip("needs Linux's /proc to find the build's second process")
+    if not threads_agree(TrainConfig()):
+        pytest.skip("this machine's kernels give other floats on two threads: no second process here")
+    root = tmp_path / "default" / "critics"
+    script = f"""
+from critics.train import TrainCriticsConfig
+from mcts.base import SearchConfig
+from mcts.embedded import TrainConfig
+from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_default_critics
+trunk = TrainConfig(steps=20000, batch_size=2, d_model=32, n_layers=1, n_heads=2, eval_problems=0)
+train = TrainCriticsConfig(kinds=("orm",), steps=2, batch_size=8, val_fraction=0.0, progress=False)
+cfg = BootstrapCriticsConfig(problems=6, search=SearchConfig(simulations=3, max_depth=3), trunk=trunk, train=train)
+ensure_default_critics(0, {str(policy_dir)!r}, progress=False, cfg=cfg, root={str(root)!r})
+"""
+    build = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(root.parent.glob(".critic-trunk-tmp-*")):  # the trunk is training
+            assert build.poll() is None and time.monotonic() < deadline, "the trunk never started"
+            time.sleep(0.2)
+        helpers = _children(build.pid)
+        assert helpers, "the trunk trains in a second process"
+    finally:
+        build.send_signal(signal.SIGKILL)
+        build.wait()
+    deadline = time.monotonic() + 30
+    try:
+        while any(_running(c) for c in helpers):
+            assert time.monotonic() < deadline, "the trunk's process outlived the build by 30 s"
+            time.sleep(0.2)
+    finally:
+        for c in filter(_running, helpers):  # a failed check leaves no trainer running either
+            os.kill(c, signal.SIGKILL)
+    assert not list(root.parent.glob(".critic-trunk-tmp-*")), "its temporary directory went with it"
+    assert not (root.parent / "critic-trunk").exists(), "no trunk is left as if finished"
+
+
 def test_value_and_prm_share_one_trunk_pass(critic_dirs):
     """Critics fine-tuned from one frozen trunk: the PRM's pass also serves the value function (its
     top block and head run on the PRM's input to the top block), with bit-identical scores; a value
