@@ -124,10 +124,32 @@ def training_texts(n: int, seed: int, difficulty: CountdownDifficulty) -> list[t
 
 def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
     """Content keys (`mcts.tasks.base.content_key`) of every problem a model built by
-    `bootstrap_policy(seed, train=train)` saw in training (~1 s per 40k training sequences)."""
+    `bootstrap_policy(seed, train=train)` saw in training. Drawing them again takes ~1 s per 40k
+    training sequences (11 s for the critics' trunk, which the job's audit asks for every run), so
+    they are kept once drawn: `<cache>/default-v1-seed{seed}/trained-on/<recipe hash>.json`."""
     train = train or TrainConfig()
-    problems = training_problems(train.steps * train.batch_size, seed, default_difficulty())
-    return {_key(p) for p in problems}
+    recipe = {
+        "seed": seed,
+        "problems": train.steps * train.batch_size,
+        "difficulty": asdict(default_difficulty()),
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{VERSION}-seed{seed}" / "trained-on" / f"{digest}.json"
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("recipe") == recipe:
+            return set(kept["keys"])
+    except (OSError, ValueError, KeyError):
+        pass  # not kept yet, or unreadable: drawn again below
+    keys = {_key(p) for p in training_problems(recipe["problems"], seed, default_difficulty())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"recipe": recipe, "keys": sorted(keys)}))
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError:
+        pass  # a read-only cache: the keys are drawn again next time
+    return keys
 
 
 # The held-out pool (the first EVAL_EXCLUDE problems of EVAL_SEED, removed by content from every

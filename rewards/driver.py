@@ -71,6 +71,27 @@ class Progress:
         self.bar.close()
 
 
+# Re-rolled prefixes per worker call: the audit's ~400 sampled prefixes x 16 rollouts spread over
+# every worker in fixed chunks (each seeded by its content), so the figures do not depend on how
+# many workers there are.
+REROLLOUT_CHUNK = 32
+
+
+def _over_workers(pool: WorkerPool, conf, method: str, chunks: list, extra: tuple = ()) -> list:
+    """`method(chunk, conf.seed, *extra)` for every chunk, spread over the workers as the job's
+    batches are (a lost worker's chunk is asked again); the results in chunk order."""
+    results: list = [None] * len(chunks)
+
+    def done(i: int, result, stats: dict) -> str:
+        results[i] = result
+        return f"{method} {i}"
+
+    stream_batches(
+        pool, list(enumerate(chunks)), conf.seed, done, conf.ray.max_retries, method=method, extra=extra
+    )
+    return results
+
+
 def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, models: dict) -> dict:
     """`rewards.audit.audit_shards` over the written dataset, read one shard at a time, with its
     model work done by the workers: re-rollouts from the sampled pairs' nodes, greedy decoding, and
@@ -86,17 +107,32 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
 
     def rerollout(items: list[tuple[str, list[str]]], n: int) -> list[float]:
         asks = [(by_id[pid], steps) for pid, steps in items]
-        return pool.call("rerollout", asks, n, conf.seed, retries=conf.ray.max_retries)
+        t = time.perf_counter()
+        chunks = [asks[i : i + REROLLOUT_CHUNK] for i in range(0, len(asks), REROLLOUT_CHUNK)]
+        rates = [r for part in _over_workers(pool, conf, "rerollout_batch", chunks, (n,)) for r in part]
+        log.info("audit: %d x %d re-rollouts in %.1f s", len(asks), n, time.perf_counter() - t)
+        return rates
 
+    t0 = time.perf_counter()
     greedy_call = pool.start("greedy_success", problems) if conf.rewards.greedy_baseline else None
     critic_problems, seen = audit_sets(problems, conf, models)
     critic_trees = None
     if critic_problems:
-        critic_trees = pool.call("audit_search", critic_problems, conf.seed, retries=conf.ray.max_retries)
+        size = conf.search.batch_problems  # batched as the job is: the same trees on any number of workers
+        batches = [critic_problems[i : i + size] for i in range(0, len(critic_problems), size)]
+        critic_trees = [t for trees in _over_workers(pool, conf, "audit_batch", batches) for t in trees]
+        log.info(
+            "audit: the critics' unsteered search of %d problems in %.1f s",
+            len(critic_problems),
+            time.perf_counter() - t0,
+        )
     greedy = None
     if greedy_call is not None:
         flags = pool.finish(greedy_call, retries=conf.ray.max_retries)
         greedy = {p.id: bool(g) for p, g in zip(problems, flags, strict=True)}
+        log.info(
+            "audit: greedy decoding of %d problems done at %.1f s", len(problems), time.perf_counter() - t0
+        )
     shards = (Shard.from_rows(rows) for rows in iter_shards(out, manifest, Shard.KINDS))
     report = audit_shards(
         shards,
@@ -111,6 +147,7 @@ def audit_on(pool: WorkerPool, out: Path, manifest: dict, problems, task, conf, 
         seen=seen,
     )
     report["critic_problems"] = [p.id for p in critic_problems]
+    log.info("audit: done in %.1f s", time.perf_counter() - t0)
     return report
 
 

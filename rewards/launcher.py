@@ -205,10 +205,13 @@ def stream_batches(
     tick: Callable[[], None] = lambda: None,
     hooks: Hooks | None = None,
     restart_wait_s: float = 300.0,
+    method: str = "run_batch",
+    extra: tuple = (),
 ) -> dict:
     """Run every (batch index, problems) of `work` on the pool, `pool.batches_per_worker` batches in
     flight per actor (searched side by side); call `on_done(index, trees, stats)` (which writes the
-    shard and returns its name) as each completes.
+    shard and returns its name) as each completes. `method` / `extra`: another worker call of the
+    same shape, `method(problems, seed, *extra) -> (result, stats)` (the audit's).
 
     A batch whose worker died is resubmitted, up to `max_retries` deaths per batch. A worker that
     Ray is still restarting refuses calls at once (`ActorUnavailableError`): its first refusal is
@@ -242,7 +245,7 @@ def stream_batches(
         resting = [(w, t) for w, t in resting if t > now]
         while queue and free:
             w, item = free.popleft(), queue.popleft()
-            inflight[pool.actors[w].run_batch.remote(item[1], seed)] = (w, item)
+            inflight[getattr(pool.actors[w], method).remote(item[1], seed, *extra)] = (w, item)
             submitted += 1
             if hooks is not None and hooks.on_submit is not None:
                 hooks.on_submit(submitted, w, pool)

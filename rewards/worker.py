@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from critics.base import CriticsConfig
-from mcts.base import SearchConfig
+from mcts.base import SearchConfig, problem_seed
 from mcts.finished import FinishedTree
 from mcts.policy import PolicyConfig
 from mcts.tasks.base import Problem
@@ -253,6 +253,18 @@ class SearchWorker:
             for (t, i), score in zip(ends, scores, strict=True):
                 t.nodes["orm"][i] = score
         return trees
+
+    def audit_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
+        """`audit_search` as a batch of the driver's stream (`launcher.stream_batches`)."""
+        return self.audit_search(problems, search_seed), {"pid": os.getpid()}
+
+    def rerollout_batch(
+        self, items: list[tuple[Problem, list[str]]], seed: int, n: int
+    ) -> tuple[list[float], dict]:
+        """`rerollout` as a batch of the driver's stream, seeded by `seed` and the items' content
+        (problem ids and prefixes), so its draws depend on neither where nor beside what it ran."""
+        content = "|".join(f"{p.id}:{self.task.step_separator.join(steps)}" for p, steps in items)
+        return self.rerollout(items, n, problem_seed(seed, content)), {"pid": os.getpid()}
 
     def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, rollout_seed: int) -> list[float]:
         """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""

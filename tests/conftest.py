@@ -64,6 +64,18 @@ def tiny_policy(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_critics(tiny_policy, tmp_path_factory) -> list[str]:
+    """Untrained value / PRM / ORM critics on the tiny policy's trunk, as `critics.*_path` overrides."""
+    from critics.models import init_from_policy, save_critic
+
+    root = tmp_path_factory.mktemp("critics")
+    for kind in ("value", "prm", "orm"):
+        model, tok = init_from_policy(tiny_policy, kind, seed=1)
+        save_critic(model, tok, kind, root / kind, {"note": "test"})
+    return [f"critics.{kind}_path={root / kind}" for kind in ("value", "prm", "orm")]
+
+
+@pytest.fixture(scope="session")
 def word_problems(tmp_path_factory) -> Path:
     """A JSONL problem file of NUM_PROBLEMS + 2 small word problems."""
     path = tmp_path_factory.mktemp("problems") / "word.jsonl"

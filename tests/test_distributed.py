@@ -95,6 +95,21 @@ def test_one_worker_searching_batches_side_by_side(reference_run, job_overrides,
     _same_records_to_rounding(out, reference_run)
 
 
+def test_the_audit_is_the_same_on_one_worker_and_two(ray_session, job_overrides, tiny_critics, tmp_path):
+    """The critics' unsteered search of the audit runs in batches of `search.batch_problems` spread
+    over the workers: one worker and two write the same audit.json. (The re-rollouts' chunks:
+    `test_a_solving_policy_writes_the_same_records_with_one_worker_or_two`.)"""
+    extra = [*tiny_critics, "rewards.audit_critic_problems=5"]
+    audits = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run(compose(job_overrides(out, f"ray.num_workers={workers}", *extra)))
+        audits.append(json.loads((out / "audit.json").read_text()))
+    assert audits[0] == audits[1]
+    assert audits[0]["critics"]["value"]["n"] > 0, "the critics were audited on searched nodes"
+    assert len(audits[0]["critic_problems"]) == 5
+
+
 def _arborist(*args: str) -> list[str]:
     return [sys.executable, "-m", "rewards.cli", *args]  # the `arborist` console script's entry
 

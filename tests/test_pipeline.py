@@ -138,18 +138,25 @@ def test_tiny_experiment_on_countdown(ray_session, tiny_policy, tmp_path):
 
 
 def test_a_solving_policy_writes_the_same_records_with_one_worker_or_two(
-    ray_session, countdown_job, records, tmp_path
+    ray_session, countdown_job, records, tmp_path, monkeypatch
 ):
     """The equality checks above compare a workload that never solves a problem; this one does:
     the records compared hold pairs and SFT rows (counted), and they are the same for 1 and 2
-    workers and after a crash between shards and a resume."""
+    workers and after a crash between shards and a resume. So is audit.json, whose re-rollouts run
+    in chunks over the workers."""
+    import rewards.driver
     from rewards.launcher import Hooks
 
-    run(compose(countdown_job(tmp_path / "two", "ray.num_workers=2")))
+    monkeypatch.setattr(rewards.driver, "REROLLOUT_CHUNK", 3)  # several chunks from this small job
+    rerolled = ("rewards.audit_pairs=64", "rewards.audit_rollouts=8")  # enough draws to tell seeds apart
+    run(compose(countdown_job(tmp_path / "two", "ray.num_workers=2", *rerolled)))
     two = records(tmp_path / "two")
     assert len(two["pairs"]) >= 3 and len(two["sft"]) >= 3, {k: len(v) for k, v in two.items()}
-    run(compose(countdown_job(tmp_path / "one", "ray.num_workers=1")))
+    run(compose(countdown_job(tmp_path / "one", "ray.num_workers=1", *rerolled)))
     assert records(tmp_path / "one") == two
+    audit = json.loads((tmp_path / "two" / "audit.json").read_text())
+    assert audit["pair_rerollout_gap"] is not None and audit["pairs_sampled"] > 3, "pairs were re-rolled"
+    assert json.loads((tmp_path / "one" / "audit.json").read_text()) == audit
 
     class Crash(RuntimeError):
         pass
@@ -159,6 +166,9 @@ def test_a_solving_policy_writes_the_same_records_with_one_worker_or_two(
             raise Crash(name)
 
     with pytest.raises(Crash):
-        run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2")), hooks=Hooks(on_shard=crash))
-    run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2")))
+        run(
+            compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2", *rerolled)),
+            hooks=Hooks(on_shard=crash),
+        )
+    run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2", *rerolled)))
     assert records(tmp_path / "resumed") == two
