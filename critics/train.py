@@ -37,6 +37,7 @@ from critics.base import KINDS
 from critics.labels import Labels, split_by_problem
 from critics.metrics import auroc, ece
 from critics.models import StepEncoder, init_from_policy, pad_right, save_critic, step_logits
+from mcts.aside import Aside, usable_cores
 from mcts.charlm import warmup_cosine
 from mcts.policy import resolve_device
 
@@ -300,16 +301,9 @@ def _train_kind(
     return report
 
 
-def _train_kind_aside(kind, labels, base_dir, sep, cfg, dest, meta, parent_pid: int) -> None:
-    """`_train_kind` in a second process, on one thread; quits if the process that started it dies
-    (a killed job must not leave a trainer behind)."""
-
-    def parent_alive(step: int) -> None:
-        if os.getppid() != parent_pid:
-            raise SystemExit(1)  # unwinds: the temporary directory goes too
-
-    torch.set_num_threads(1)
-    _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, parent_alive, quiet=True)
+def _train_kind_quietly(kind, labels, base_dir, sep, cfg, dest, meta, step_hook=None) -> None:
+    """`_train_kind` without its progress bar: what the second process runs (`mcts.aside`)."""
+    _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, step_hook, quiet=True)
 
 
 def _report_line(kind: str, report: dict) -> str:
@@ -330,8 +324,9 @@ def train_critics(
     returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash and the
     number of trees the rows came from).
 
-    `side_by_side`: the critic with the most steps trains in a second process on one core while
-    this process trains the others on the other, moving to `cfg.threads` once the second is done.
+    `side_by_side` (with two usable cores): the critic with the most steps trains in a second
+    process (`mcts.aside`) on one core while this process trains the others on the other, moving to
+    `cfg.threads` once the second is done; if the second fails, its critic is trained here after.
     Only for machines where the thread count leaves the floats as they are
     (`mcts.embedded.threads_agree`): each critic's weights are then the same as one after another."""
     cfg = cfg or TrainCriticsConfig()
@@ -343,28 +338,20 @@ def train_critics(
     aside, kinds = None, list(cfg.kinds)
     try:
         hook = None
-        if side_by_side and len(kinds) > 1:
-            import multiprocessing
-
+        if side_by_side and len(kinds) > 1 and usable_cores() >= 2:
             first = max(kinds, key=lambda k: steps_of(k, cfg))
             kinds.remove(first)
-            aside = multiprocessing.get_context("spawn").Process(
-                target=_train_kind_aside,
-                args=(first, labels[first], policy_dir, sep, cfg, tmp / first, meta, os.getpid()),
-                name=f"arborist-{first}-critic",
-                daemon=True,
-            )
-            aside.start()
+            args = (first, labels[first], policy_dir, sep, cfg, tmp / first, meta)
+            aside = Aside(_train_kind_quietly, args, f"arborist-{first}-critic")
             if cfg.progress:
                 print(
                     f"arborist: training the {first} critic in a second process beside the others",
                     file=sys.stderr,
                 )
-
             shared = [True]  # one core each until the second process is done
 
             def hook(step: int) -> None:
-                if shared[0] and not aside.is_alive():
+                if shared[0] and not aside.alive():
                     shared[0] = False
                     torch.set_num_threads(cfg.threads)
 
@@ -374,13 +361,16 @@ def train_critics(
             if cfg.progress:
                 print(_report_line(kind, reports[kind]), file=sys.stderr)
         if aside is not None:
-            aside.join()
-            if aside.exitcode != 0:
-                raise RuntimeError(
-                    f"training the {first} critic in a second process failed (exit code {aside.exitcode}); "
-                    "its error is printed above"
+            torch.set_num_threads(cfg.threads)
+            if aside.wait():
+                reports[first] = json.loads((tmp / first / "critic.json").read_text())["train"]
+            else:
+                print(
+                    f"arborist: the {first} critic failed in its second process (exit code "
+                    f"{aside.process.exitcode}; its error is above): training it here",
+                    file=sys.stderr,
                 )
-            reports[first] = json.loads((tmp / first / "critic.json").read_text())["train"]
+                reports[first] = _train_kind(first, labels[first], policy_dir, sep, cfg, tmp / first, meta)
             if cfg.progress:
                 print(_report_line(first, reports[first]), file=sys.stderr)
             reports = {k: reports[k] for k in cfg.kinds}
@@ -391,9 +381,8 @@ def train_critics(
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        if aside is not None and aside.is_alive():
-            aside.terminate()
-            aside.join()
+        if aside is not None:
+            aside.stop()
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return reports

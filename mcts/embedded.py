@@ -128,27 +128,34 @@ def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
     training sequences (11 s for the critics' trunk, which the job's audit asks for every run), so
     they are kept once drawn: `<cache>/default-v1-seed{seed}/trained-on/<recipe hash>.json`."""
     train = train or TrainConfig()
+    n = train.steps * train.batch_size
     recipe = {
+        "version": VERSION,
         "seed": seed,
-        "problems": train.steps * train.batch_size,
+        "problems": n,
         "difficulty": asdict(default_difficulty()),
+        "seeds": [TRAIN_SEED_BASE, EVAL_SEED, EVAL_EXCLUDE],
+        # the first training problem's key: a change to the generator or to the key's format shows
+        "first": _key(training_problems(1, seed, default_difficulty())[0]),
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"{VERSION}-seed{seed}" / "trained-on" / f"{digest}.json"
     try:
         kept = json.loads(path.read_text())
-        if kept.get("recipe") == recipe:
+        if isinstance(kept, dict) and kept.get("recipe") == recipe and isinstance(kept.get("keys"), list):
             return set(kept["keys"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         pass  # not kept yet, or unreadable: drawn again below
-    keys = {_key(p) for p in training_problems(recipe["problems"], seed, default_difficulty())}
+    keys = {_key(p) for p in training_problems(n, seed, default_difficulty())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"recipe": recipe, "keys": sorted(keys)}))
         os.replace(tmp, path)  # atomic: a reader sees the whole file or none
     except OSError:
         pass  # a read-only cache: the keys are drawn again next time
+    finally:
+        tmp.unlink(missing_ok=True)
     return keys
 
 
@@ -306,14 +313,15 @@ def threads_agree(train: TrainConfig, threads: int = 2, seed: int = 0) -> bool:
     ids, labels = _encode(training_texts(train.batch_size, seed, default_difficulty()), tok)
     before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    torch.manual_seed(seed)
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(
-        tiny_llama_config(
-            len(tok), train.d_model, train.n_layers, train.n_heads, max_len=ids.shape[1], tok=tok
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(
+            tiny_llama_config(
+                len(tok), train.d_model, train.n_layers, train.n_heads, max_len=ids.shape[1], tok=tok
+            )
         )
-    )
     runs = []
     try:
         for n in (1, threads):

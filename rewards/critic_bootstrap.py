@@ -29,13 +29,13 @@ instead of ~25.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from critics.train import TrainCriticsConfig
+from mcts.aside import Aside, usable_cores
 from mcts.base import SearchConfig
 from mcts.embedded import (
     TrainConfig,
@@ -105,7 +105,8 @@ class BootstrapCriticsConfig:
 
 def build_minutes(missing: list[str], cfg: BootstrapCriticsConfig | None = None) -> float:
     """Roughly how long building the `missing` embedded models takes here ("policy",
-    "critic-trunk", "critics"): side by side when the trunk and the critics are both missing."""
+    "critic-trunk", "critics"): side by side when the trunk and the critics are both missing (as on
+    this machine; one step after another, where `side_by_side_ok` says no, it is the sum)."""
     cfg = cfg or BootstrapCriticsConfig()
     if cfg.trunk is not None and {"critic-trunk", "critics"} <= set(missing):
         return SIDE_BY_SIDE_MINUTES - (0.0 if "policy" in missing else train_minutes(TrainConfig()))
@@ -136,85 +137,18 @@ def ensure_critic_trunk(
     )
 
 
-def _build_trunk_aside(seed, train, root, handover, steps_done, parent_pid: int) -> None:
-    """`ensure_critic_trunk` in a second process: one thread until `handover` is set (the first
-    process is done with the policy and the bootstrap search), `train.threads` after; quits if the
-    process that started it dies."""
-    import torch
-
-    threads = [0]
-
-    def hook(step: int) -> None:
-        steps_done.value = step
-        if os.getppid() != parent_pid:
-            raise SystemExit(1)  # unwinds: the temporary directory goes too
-        want = train.threads if handover.is_set() else 1
-        if want != threads[0]:
-            threads[0] = want
-            torch.set_num_threads(want)
-
-    torch.set_num_threads(1)
-    ensure_critic_trunk(seed, train, root, progress=False, step_hook=hook)
+def _build_trunk(seed: int, train: TrainConfig, root: Path, step_hook=None) -> None:
+    """`ensure_critic_trunk` without its progress bar: what the second process runs (`mcts.aside`)."""
+    ensure_critic_trunk(seed, train, root, progress=False, step_hook=step_hook)
 
 
-class _TrunkAside:
-    """The critics' trunk training in a second process while this one trains the policy and runs
-    the bootstrap search: one core each, then the trunk takes both (`handover`). Used only where
-    the thread count leaves the weights as they are (`mcts.embedded.threads_agree`), so the trunk
-    is the one a build on its own makes."""
-
-    def __init__(self, seed: int, train: TrainConfig, root: Path, progress: bool):
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.train, self.root, self.progress = train, root, progress
-        self.handover, self.steps_done = ctx.Event(), ctx.Value("i", 0)
-        self.process = ctx.Process(
-            target=_build_trunk_aside,
-            args=(seed, train, root, self.handover, self.steps_done, os.getpid()),
-            name="arborist-critic-trunk",
-            daemon=True,
-        )
-        self.process.start()
-        if progress:
-            print(
-                f"arborist: training the critics' trunk into {root / 'critic-trunk'} in a second process "
-                "(one core while the policy trains and the bootstrap search runs, both cores after)",
-                file=sys.stderr,
-            )
-
-    def finish(self) -> None:
-        """Give the trunk both cores and wait for it, showing its steps."""
-        from tqdm import tqdm
-
-        self.handover.set()
-        with tqdm(
-            total=self.train.steps,
-            desc="training the embedded critic-trunk",
-            disable=not self.progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
-            while self.process.is_alive():
-                self.process.join(timeout=1.0)
-                bar.update(self.steps_done.value + 1 - bar.n)
-        if self.process.exitcode != 0:
-            raise RuntimeError(
-                f"training the critics' trunk in a second process failed (exit code {self.process.exitcode}); "
-                "its error is printed above"
-            )
-        if self.progress:
-            report = json.loads((self.root / "critic-trunk" / "bootstrap.json").read_text())
-            figures = {k: report[k] for k in ("greedy_success", "pass@8") if k in report}
-            print(
-                f"arborist: critics' trunk ready ({report['train_seconds']} s of training, {figures})",
-                file=sys.stderr,
-            )
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join()
+def side_by_side_ok(cfg: BootstrapCriticsConfig) -> bool:
+    """Whether the build may put two cores side by side: two usable cores, and this machine's kernels
+    give the same floats on one thread as on each thread count the build switches to (checked on a
+    training step and a forward pass of the trunk's shape: `mcts.embedded.threads_agree`)."""
+    counts = {cfg.threads, cfg.train.threads, *([cfg.trunk.threads] if cfg.trunk is not None else [])}
+    shape = cfg.trunk or TrainConfig()
+    return usable_cores() >= 2 and all(threads_agree(shape, n) for n in sorted(counts) if n > 1)
 
 
 def training_problems(n: int, seed: int) -> list[Problem]:
@@ -277,11 +211,12 @@ def ensure_default_critics(
     built first when missing or stale (the policy too, when `policy_dir` is None and it is not
     cached). `cfg` and `root` are for tests and experiments.
 
-    Where the trunk and the critics are both to be built and this machine's kernels give the same
-    floats on one thread as on two (`mcts.embedded.threads_agree`), the two cores work side by side:
-    the trunk trains in a second process while this one trains the policy and runs the bootstrap
-    search, and the critic with the most steps trains in a second process beside the others. The
-    weights are those of a build one step after another (sha256 checked: docs/measurements.md)."""
+    Where two cores are usable and this machine's kernels give the same floats on one thread as on
+    two (`side_by_side_ok`), they work side by side (`mcts.aside`): when the trunk is built too, it
+    trains in a second process while this one trains the policy and runs the bootstrap search
+    (and is trained here after, should that process fail); the critic with the most steps trains in
+    a second process beside the others. The weights are those of a build one step after another
+    (tests; the whole build's sha256: docs/measurements.md)."""
     import torch
 
     cfg = cfg or BootstrapCriticsConfig()
@@ -289,13 +224,18 @@ def ensure_default_critics(
     side_by_side = None  # decided when a build is due (the check takes a few seconds)
     trunk_aside = None
     build_all = cfg.trunk is not None and not _trunk_ready(cfg.trunk, final.parent)
-    if (
-        build_all
-        and (force or not (final / "report.json").is_file())
-        and threads_agree(cfg.trunk, cfg.threads)
-    ):
-        side_by_side = True
-        trunk_aside = _TrunkAside(seed, cfg.trunk, final.parent, progress)
+    if build_all and (force or not (final / "report.json").is_file()):
+        side_by_side = side_by_side_ok(cfg)
+        if side_by_side:
+            trunk_aside = Aside(
+                _build_trunk, (seed, cfg.trunk, final.parent), "arborist-critic-trunk", cfg.trunk.threads
+            )
+            if progress:
+                print(
+                    f"arborist: training the critics' trunk into {final.parent / 'critic-trunk'} in a second "
+                    "process (one core while the policy trains and the bootstrap search runs, both after)",
+                    file=sys.stderr,
+                )
     try:
         policy_dir = Path(policy_dir) if policy_dir is not None else bootstrap_policy(seed, progress=progress)
         sha = weights_hash(policy_dir)
@@ -309,7 +249,7 @@ def ensure_default_critics(
             if not force and _fresh(final, sha, base_sha, cfg):
                 return final
         if side_by_side is None:
-            side_by_side = threads_agree(cfg.trunk or TrainConfig(), cfg.threads)
+            side_by_side = side_by_side_ok(cfg)
         if progress:
             print(
                 f"arborist: training the default critics into {final} (once, ~{BUILD_MINUTES:.0f} min)",
@@ -333,9 +273,22 @@ def ensure_default_critics(
             torch.set_num_threads(threads)
         search_s = time.perf_counter() - t0
         if trunk_aside is not None:
-            trunk_aside.finish()
+            trunk_aside.more_threads()
+            if not trunk_aside.wait(cfg.trunk.steps, "training the embedded critic-trunk", progress):
+                print(
+                    f"arborist: the critics' trunk failed in its second process (exit code "
+                    f"{trunk_aside.process.exitcode}; its error is above): training it here",
+                    file=sys.stderr,
+                )
             base = ensure_critic_trunk(seed, cfg.trunk, final.parent, progress)
             base_sha = weights_hash(base)
+            if progress:
+                report = json.loads((base / "bootstrap.json").read_text())
+                figures = {k: report[k] for k in ("greedy_success", "pass@8") if k in report}
+                print(
+                    f"arborist: critics' trunk ready ({report['train_seconds']} s of training, {figures})",
+                    file=sys.stderr,
+                )
     finally:
         if trunk_aside is not None:
             trunk_aside.stop()

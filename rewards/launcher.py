@@ -229,15 +229,16 @@ def stream_batches(
     resting: list[tuple[int, float]] = []  # (worker, monotonic time) a slot of it may take work again
     unavailable_since: dict[int, float] = {}
     submitted = 0
+    what = "batch" if method == "run_batch" else f"{method} chunk"  # for the messages
 
     def count_death(w: int, batch: int, e: BaseException, why: str) -> None:
         failures[batch] += 1
         if failures[batch] > max_retries:
             raise JobError(
-                f"batch {batch} lost its worker {failures[batch]} times (ray.max_retries={max_retries}): "
+                f"{what} {batch} lost its worker {failures[batch]} times (ray.max_retries={max_retries}): "
                 f"{_first_error_line(e)}"
             ) from None
-        log.warning("worker %d died on batch %d; resubmitting it (%s)", w, batch, why)
+        log.warning("worker %d died on %s %d; resubmitting it (%s)", w, what, batch, why)
 
     while queue or inflight:
         now = time.monotonic()
@@ -275,7 +276,7 @@ def stream_batches(
                 queue.appendleft(item)
                 continue
             except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
-                raise JobError(f"batch {item[0]} failed on a worker: {_first_error_line(e)}") from None
+                raise JobError(f"{what} {item[0]} failed on a worker: {_first_error_line(e)}") from None
             free.append(w)
             unavailable_since.pop(w, None)
             by_worker[stats["pid"]] += 1

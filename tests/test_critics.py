@@ -456,6 +456,14 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _running(pid: int) -> bool:
     """The process exists and is not a zombie (an exited child its new parent has not reaped)."""
     try:
@@ -475,12 +483,14 @@ def test_a_killed_build_leaves_no_trainer_behind(policy_dir, tmp_path):
     import sys
     import time
 
-    from mcts.embedded import TrainConfig, threads_agree
+    from mcts.embedded import TrainConfig
+    from rewards.critic_bootstrap import BootstrapCriticsConfig, side_by_side_ok
 
     if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
         pytest.skip("needs Linux's /proc to find the build's second process")
-    if not threads_agree(TrainConfig()):
-        pytest.skip("this machine's kernels give other floats on two threads: no second process here")
+    trunk = TrainConfig(steps=20000, batch_size=2, d_model=32, n_layers=1, n_heads=2, eval_problems=0)
+    if not side_by_side_ok(BootstrapCriticsConfig(trunk=trunk)):
+        pytest.skip("one core, or kernels that give other floats on two threads: no second process here")
     root = tmp_path / "default" / "critics"
     script = f"""
 from critics.train import TrainCriticsConfig
@@ -498,8 +508,8 @@ ensure_default_critics(0, {str(policy_dir)!r}, progress=False, cfg=cfg, root={st
         while not list(root.parent.glob(".critic-trunk-tmp-*")):  # the trunk is training
             assert build.poll() is None and time.monotonic() < deadline, "the trunk never started"
             time.sleep(0.2)
-        helpers = _children(build.pid)
-        assert helpers, "the trunk trains in a second process"
+        helpers = [c for c in _children(build.pid) if "spawn_main" in _cmdline(c)]  # not the resource tracker
+        assert len(helpers) == 1, "the trunk trains in a second process"
     finally:
         build.send_signal(signal.SIGKILL)
         build.wait()
@@ -509,8 +519,9 @@ ensure_default_critics(0, {str(policy_dir)!r}, progress=False, cfg=cfg, root={st
             assert time.monotonic() < deadline, "the trunk's process outlived the build by 30 s"
             time.sleep(0.2)
     finally:
-        for c in filter(_running, helpers):  # a failed check leaves no trainer running either
-            os.kill(c, signal.SIGKILL)
+        for c in helpers:  # a failed check leaves no trainer running either
+            if _running(c) and "spawn_main" in _cmdline(c):
+                os.kill(c, signal.SIGKILL)
     assert not list(root.parent.glob(".critic-trunk-tmp-*")), "its temporary directory went with it"
     assert not (root.parent / "critic-trunk").exists(), "no trunk is left as if finished"
 

@@ -59,3 +59,23 @@ def test_training_data_is_held_out_and_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("ARBORIST_CACHE", str(tmp_path))
     assert default_policy_dir(5) == tmp_path / "default-v1-seed5" / "policy"
     assert task.prompt(generate_problems(1, 0, diff)[0]).endswith("\n")
+
+
+def test_trained_on_keeps_its_keys_once_drawn(monkeypatch, tmp_path):
+    """The content keys of a recipe's training set are drawn once and kept in the cache; a kept file
+    that is unreadable, of another recipe or of another shape is drawn again, never trusted."""
+    monkeypatch.setenv("ARBORIST_CACHE", str(tmp_path))
+    small = TrainConfig(steps=3, batch_size=16)
+    keys = embedded.trained_on(0, small)
+    assert keys == {
+        embedded._key(p) for p in embedded.training_problems(48, 0, embedded.default_difficulty())
+    }
+    [kept] = (tmp_path / "default-v1-seed0" / "trained-on").glob("*.json")
+    assert set(json.loads(kept.read_text())["keys"]) == keys
+    assert not list(kept.parent.glob(".*")), "no temporary file left"
+    assert embedded.trained_on(0, TrainConfig(steps=4, batch_size=16)) > keys, "another recipe, its own set"
+    for broken in ("null", "[]", "{", json.dumps({"recipe": {}, "keys": ["x"]}), json.dumps({"keys": 3})):
+        kept.write_text(broken)
+        assert embedded.trained_on(0, small) == keys, broken
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "keys": ["planted"]}))
+    assert embedded.trained_on(0, small) == {"planted"}, "a kept file of this recipe is what is read"
