@@ -113,40 +113,36 @@ def training_problems(n: int, seed: int, difficulty: CountdownDifficulty) -> lis
     return out[:n]
 
 
-def training_texts(n: int, seed: int, difficulty: CountdownDifficulty) -> list[tuple[str, str]]:
-    """`n` (prompt, solution) pairs from solver traces; solution = steps + "\\n" each, no EOS."""
+def training_texts(
+    n: int, seed: int, difficulty: CountdownDifficulty, problems: list | None = None
+) -> list[tuple[str, str]]:
+    """`n` (prompt, solution) pairs from solver traces; solution = steps + "\\n" each, no EOS
+    (of `problems` when given: `training_problems(n, seed, difficulty)` drawn already)."""
     task = CountdownTask()
     return [
         (task.prompt(p), "".join(s + "\n" for s in solve(p.meta["numbers"], p.meta["target"])))
-        for p in training_problems(n, seed, difficulty)
+        for p in (problems if problems is not None else training_problems(n, seed, difficulty))
     ]
 
 
-def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
-    """Content keys (`mcts.tasks.base.content_key`) of every problem a model built by
-    `bootstrap_policy(seed, train=train)` saw in training. Drawing them again takes ~1 s per 40k
-    training sequences (11 s for the critics' trunk, which the job's audit asks for every run), so
-    they are kept once drawn: `<cache>/default-v1-seed{seed}/trained-on/<recipe hash>.json`."""
-    train = train or TrainConfig()
-    n = train.steps * train.batch_size
+def _trained_on_file(seed: int, train: TrainConfig, root: Path | None = None) -> tuple[Path, dict]:
+    """Where the keys of `train`'s training set are kept (`root/trained-on/`, `root` by default the
+    embedded models' `<cache>/default-v1-seed{seed}`), and the recipe they belong to."""
     recipe = {
         "version": VERSION,
         "seed": seed,
-        "problems": n,
+        "problems": train.steps * train.batch_size,
         "difficulty": asdict(default_difficulty()),
         "seeds": [TRAIN_SEED_BASE, EVAL_SEED, EVAL_EXCLUDE],
         # the first training problem's key: a change to the generator or to the key's format shows
         "first": _key(training_problems(1, seed, default_difficulty())[0]),
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{VERSION}-seed{seed}" / "trained-on" / f"{digest}.json"
-    try:
-        kept = json.loads(path.read_text())
-        if isinstance(kept, dict) and kept.get("recipe") == recipe and isinstance(kept.get("keys"), list):
-            return set(kept["keys"])
-    except (OSError, ValueError):
-        pass  # not kept yet, or unreadable: drawn again below
-    keys = {_key(p) for p in training_problems(n, seed, default_difficulty())}
+    root = root if root is not None else cache_dir() / f"{VERSION}-seed{seed}"
+    return root / "trained-on" / f"{digest}.json", recipe
+
+
+def _keep_trained_on(path: Path, recipe: dict, keys: set[str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +152,24 @@ def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
         pass  # a read-only cache: the keys are drawn again next time
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def trained_on(seed: int = 0, train: TrainConfig | None = None) -> set[str]:
+    """Content keys (`mcts.tasks.base.content_key`) of every problem a model built by
+    `bootstrap_policy(seed, train=train)` saw in training. Drawing them again takes ~1 s per 40k
+    training sequences (11 s for the critics' trunk, which the job's audit asks for every run), so
+    they are kept (`<cache>/default-v1-seed{seed}/trained-on/<recipe hash>.json`), by the build
+    itself or once drawn here."""
+    train = train or TrainConfig()
+    path, recipe = _trained_on_file(seed, train)
+    try:
+        kept = json.loads(path.read_text())
+        if isinstance(kept, dict) and kept.get("recipe") == recipe and isinstance(kept.get("keys"), list):
+            return set(kept["keys"])
+    except (OSError, ValueError):
+        pass  # not kept yet, or unreadable: drawn again below
+    keys = {_key(p) for p in training_problems(recipe["problems"], seed, default_difficulty())}
+    _keep_trained_on(path, recipe, keys)
     return keys
 
 
@@ -211,8 +225,10 @@ def train_policy(
     progress: bool = True,
     name: str = "policy",
     step_hook: Callable[[int], None] | None = None,
+    seen: set[str] | None = None,
 ) -> dict:
     """Train the model from scratch into `out_dir` (safetensors + tokenizer); return a report.
+    `seen` receives the training problems' content keys.
     `step_hook(step)` runs before each step (`rewards.critic_bootstrap` moves a build running beside
     another onto more threads with it, where that leaves the weights as they are)."""
     from tqdm import tqdm
@@ -220,7 +236,10 @@ def train_policy(
 
     t0, c0 = time.perf_counter(), time.process_time()
     tok = build_char_tokenizer()
-    ids, labels = _encode(training_texts(cfg.steps * cfg.batch_size, seed, difficulty), tok)
+    problems = training_problems(cfg.steps * cfg.batch_size, seed, difficulty)
+    if seen is not None:
+        seen.update(_key(p) for p in problems)
+    ids, labels = _encode(training_texts(len(problems), seed, difficulty, problems), tok)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -376,7 +395,10 @@ def bootstrap_policy(
                 f"arborist: training the embedded {name} into {final} (once, ~{minutes} min)", file=sys.stderr
             )
         t0 = time.perf_counter()
-        report = train_policy(tmp, seed, train, difficulty, progress=progress, name=name, step_hook=step_hook)
+        seen: set[str] = set()
+        report = train_policy(
+            tmp, seed, train, difficulty, progress=progress, name=name, step_hook=step_hook, seen=seen
+        )
         if report["time_cap_hit"]:
             print(
                 f"arborist: training hit its {train.time_cap_s:.0f} s safety cap at step "
@@ -410,6 +432,8 @@ def bootstrap_policy(
             # directory): theirs is complete and equivalent, keep it.
             if not (final / "bootstrap.json").is_file():
                 raise
+        if difficulty == default_difficulty():  # what `trained_on` would draw again (the job's audit)
+            _keep_trained_on(*_trained_on_file(seed, train, root), seen)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,10 @@ def test_tiny_bootstrap_is_reproducible_and_loads(tmp_path):
     assert len(opts) == 4
     # Cached: a second call returns at once without retraining.
     assert bootstrap_policy(seed=3, train=TINY, root=tmp_path / "a", progress=False) == a
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy", "trained-on"]
+    [kept] = (tmp_path / "a" / "trained-on").glob("*.json")  # the build keeps what `trained_on` asks
+    problems = embedded.training_problems(30 * 16, 3, embedded.default_difficulty())
+    assert set(json.loads(kept.read_text())["keys"]) == {embedded._key(p) for p in problems}
 
 
 def test_killed_bootstrap_leaves_no_model(tmp_path, monkeypatch):
