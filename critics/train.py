@@ -92,7 +92,7 @@ class TrainCriticsConfig:
     device: str = "cpu"
     threads: int = 2
     """torch threads while training (fixed where float reductions differ across thread counts;
-    see `mcts.embedded.threads_agree` and `train_critics(side_by_side=...)`)."""
+    see `mcts.aside.threads_agree` and `train_critics(side_by_side=...)`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -328,7 +328,7 @@ def train_critics(
     process (`mcts.aside`) on one core while this process trains the others on the other, moving to
     `cfg.threads` once the second is done; if the second fails, its critic is trained here after.
     Only for machines where the thread count leaves the floats as they are
-    (`mcts.embedded.threads_agree`): each critic's weights are then the same as one after another."""
+    (`mcts.aside.threads_agree`): each critic's weights are then the same as one after another."""
     cfg = cfg or TrainCriticsConfig()
     out = Path(out_dir)
     threads = torch.get_num_threads()

@@ -2,11 +2,13 @@
 `rewards.critic_bootstrap`, a critic in `critics.train`), so the two cores of a small machine
 each train something where two torch threads on one model buy only ~1.4x.
 
-The second process is spawned (not forked from a process that already runs OpenMP threads), runs
-on one torch thread until `more_threads()` lets it use its own count, and quits at its next step
-(`SystemExit`, so the `finally` of what it runs removes its temporary directory) when `stop()`
-asks it to or when the process that started it is gone (a SIGKILLed job leaves no trainer behind).
-What it runs takes a `step_hook(step)` keyword and calls it before every optimizer step.
+`threads_agree` says whether moving a build between thread counts may change any weight on this
+machine. The second process is spawned (not forked from a process that already runs OpenMP
+threads), runs on one torch thread until `more_threads()` lets it use its own count, and quits at
+its next step (`SystemExit`, so the `finally` of what it runs removes its temporary directory)
+when `stop()` asks it to or when the process that started it is gone (a SIGKILLed job leaves no
+trainer behind). What it runs takes a `step_hook(step)` keyword and calls it before every
+optimizer step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+from mcts.charlm import build_char_tokenizer, tiny_llama_config
+from mcts.embedded import TrainConfig, default_difficulty, encode_pairs, training_texts
 
 
 def usable_cores() -> int:
@@ -31,9 +38,43 @@ def usable_cores() -> int:
     return cores
 
 
-def _run(target: Callable, args: tuple, threads: int, more, quit_, steps, parent_pid: int) -> None:
-    import torch
+def threads_agree(train: TrainConfig, threads: int = 2, seed: int = 0) -> bool:
+    """Whether this machine's kernels give the embedded model the same floats on one thread and on
+    `threads`: the gradients of a training step of `train`'s shape and the logits of a forward pass
+    without gradients, compared bit for bit. Where they agree, a build may change its thread count
+    while it runs (`rewards.critic_bootstrap` runs two builds side by side, one core each) without
+    changing the weights it ends with; where they do not, builds keep their recipe's count.
+    A check on these shapes, not a proof for all: the builds' sha256 say the rest (docs)."""
+    from transformers import LlamaForCausalLM
 
+    tok = build_char_tokenizer()
+    ids, labels = encode_pairs(training_texts(train.batch_size, seed, default_difficulty()), tok)
+    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(
+            tiny_llama_config(
+                len(tok), train.d_model, train.n_layers, train.n_heads, max_len=ids.shape[1], tok=tok
+            )
+        )
+    runs = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=labels).loss.backward()
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            runs.append([logits] + [p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(det)
+    return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def _run(target: Callable, args: tuple, threads: int, more, quit_, steps, parent_pid: int) -> None:
     now = [0]
 
     def step_hook(step: int) -> None:

@@ -87,7 +87,7 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     time_cap_s: float = 300.0  # safety net for an overloaded machine; a hit is reported
-    threads: int = 1  # fixed where float reductions differ across thread counts (`threads_agree`),
+    threads: int = 1  # fixed where float reductions differ across thread counts (`mcts.aside.threads_agree`),
     # and 2 threads crawl when other processes share the cores (OpenMP spin-waits)
     eval_problems: int = 200  # held-out problems for the greedy / pass@8 figures (0: skip)
     eval_samples: int = 8
@@ -203,7 +203,7 @@ def _key(p) -> str:
     return content_key(p.question, p.meta)
 
 
-def _encode(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pairs(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [n, width] and labels [n, width] (-100 on prompt and padding)."""
     prompts = tok([p for p, _ in pairs])["input_ids"]  # each starts with <s>
     sols = tok([s for _, s in pairs], add_special_tokens=False)["input_ids"]
@@ -239,7 +239,7 @@ def train_policy(
     problems = training_problems(cfg.steps * cfg.batch_size, seed, difficulty)
     if seen is not None:
         seen.update(_key(p) for p in problems)
-    ids, labels = _encode(training_texts(len(problems), seed, difficulty, problems), tok)
+    ids, labels = encode_pairs(training_texts(len(problems), seed, difficulty, problems), tok)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -321,41 +321,6 @@ def evaluate_policy(
     }
 
 
-def threads_agree(train: TrainConfig, threads: int = 2, seed: int = 0) -> bool:
-    """Whether this machine's kernels give the embedded model the same floats on one thread and on
-    `threads`: the gradients of a training step of `train`'s shape and the logits of a forward pass
-    without gradients, compared bit for bit. Where they agree, a build may change its thread count
-    while it runs (`rewards.critic_bootstrap` runs two builds side by side, one core each) without
-    changing the weights it ends with; where they do not, builds keep their recipe's count.
-    A check on these shapes, not a proof for all: the builds' sha256 say the rest (docs)."""
-    tok = build_char_tokenizer()
-    ids, labels = _encode(training_texts(train.batch_size, seed, default_difficulty()), tok)
-    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    from transformers import LlamaForCausalLM
-
-    with torch.random.fork_rng():  # the caller's random state is left as it was
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(
-            tiny_llama_config(
-                len(tok), train.d_model, train.n_layers, train.n_heads, max_len=ids.shape[1], tok=tok
-            )
-        )
-    runs = []
-    try:
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=labels).loss.backward()
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits
-            runs.append([logits] + [p.grad.clone() for p in model.parameters()])
-    finally:
-        torch.set_num_threads(before)
-        torch.use_deterministic_algorithms(det)
-    return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
-
-
 def train_minutes(train: TrainConfig) -> float:
     """Roughly how long `train_policy` takes here: ~0.3 s a step on one thread, half on two."""
     return train.steps * 0.3 / train.threads / 60
@@ -432,8 +397,7 @@ def bootstrap_policy(
             # directory): theirs is complete and equivalent, keep it.
             if not (final / "bootstrap.json").is_file():
                 raise
-        if difficulty == default_difficulty():  # what `trained_on` would draw again (the job's audit)
-            _keep_trained_on(*_trained_on_file(seed, train, root), seen)
+        _keep_trained_on(*_trained_on_file(seed, train, root), seen)  # what `trained_on` would draw again
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

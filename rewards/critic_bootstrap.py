@@ -19,7 +19,7 @@ The labels are the default policy's (its trees, its success rates); only the wei
 start from are the trunk's. The whole run is seeded; each directory appears atomically.
 
 From an empty cache the two cores work side by side where this machine's kernels give the same
-floats on one thread as on two (`mcts.embedded.threads_agree`; they do here): the trunk trains in
+floats on one thread as on two (`mcts.aside.threads_agree`; they do here): the trunk trains in
 a second process, on one core while this one trains the policy and runs step 2, on both after;
 in step 3 the value function trains in a second process beside the PRM and the ORM. The weights
 are those of a build one step after another (sha256), and the first command takes ~20 min
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from critics.train import TrainCriticsConfig
-from mcts.aside import Aside, usable_cores
+from mcts.aside import Aside, threads_agree, usable_cores
 from mcts.base import SearchConfig
 from mcts.embedded import (
     TrainConfig,
@@ -43,7 +43,6 @@ from mcts.embedded import (
     default_difficulty,
     default_policy_dir,
     held_out_keys,
-    threads_agree,
     train_minutes,
     trained_on,
     weights_hash,
@@ -145,7 +144,7 @@ def _build_trunk(seed: int, train: TrainConfig, root: Path, step_hook=None) -> N
 def side_by_side_ok(cfg: BootstrapCriticsConfig) -> bool:
     """Whether the build may put two cores side by side: two usable cores, and this machine's kernels
     give the same floats on one thread as on each thread count the build switches to (checked on a
-    training step and a forward pass of the trunk's shape: `mcts.embedded.threads_agree`)."""
+    training step and a forward pass of the trunk's shape: `mcts.aside.threads_agree`)."""
     counts = {cfg.threads, cfg.train.threads, *([cfg.trunk.threads] if cfg.trunk is not None else [])}
     shape = cfg.trunk or TrainConfig()
     return usable_cores() >= 2 and all(threads_agree(shape, n) for n in sorted(counts) if n > 1)

@@ -228,11 +228,12 @@ class SearchWorker:
                     answer(batch, error=e)
             raise
 
-    def audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
+    def audit_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
         """Rollout-valued trees of `problems` with every critic's score recorded: value and PRM at
-        the nodes they scored during the search, the ORM at every verified terminal afterwards."""
+        the nodes they scored during the search, the ORM at every verified terminal afterwards; a
+        batch of the driver's stream (`launcher.stream_batches`)."""
         with self._models:
-            return self._audit_search(problems, search_seed)
+            return self._audit_search(problems, search_seed), {"pid": os.getpid()}
 
     def _audit_search(self, problems: list[Problem], search_seed: int) -> list[FinishedTree]:
         from mcts.search import run_search
@@ -254,21 +255,14 @@ class SearchWorker:
                 t.nodes["orm"][i] = score
         return trees
 
-    def audit_batch(self, problems: list[Problem], search_seed: int) -> tuple[list[FinishedTree], dict]:
-        """`audit_search` as a batch of the driver's stream (`launcher.stream_batches`)."""
-        return self.audit_search(problems, search_seed), {"pid": os.getpid()}
-
     def rerollout_batch(
         self, items: list[tuple[Problem, list[str]]], seed: int, n: int
     ) -> tuple[list[float], dict]:
-        """`rerollout` as a batch of the driver's stream, seeded by `seed` and the items' content
-        (problem ids and prefixes), so its draws depend on neither where nor beside what it ran."""
-        content = "|".join(f"{p.id}:{self.task.step_separator.join(steps)}" for p, steps in items)
-        return self.rerollout(items, n, problem_seed(seed, content)), {"pid": os.getpid()}
-
-    def rerollout(self, items: list[tuple[Problem, list[str]]], n: int, rollout_seed: int) -> list[float]:
-        """Success rate of `n` fresh verified rollouts from each (problem, prefix steps)."""
+        """Success rate of `n` fresh verified rollouts from each (problem, prefix steps); a batch of
+        the driver's stream, seeded by `seed` and the items' content (problem ids and prefixes), so
+        its draws depend on neither where nor beside what it ran."""
         sep = self.task.step_separator
+        rollout_seed = problem_seed(seed, "|".join(f"{p.id}:{sep.join(steps)}" for p, steps in items))
         prompts = [self.expander.prompt(p, steps) for p, steps in items for _ in range(n)]
         # as a search batch: nothing carried over from other work
         with self._models, self.expander.fresh_caches():
@@ -277,7 +271,7 @@ class SearchWorker:
             self.task.check(items[j // n][0], [*items[j // n][1], *r.steps]).success is True
             for j, r in enumerate(outs)
         ]
-        return [sum(hits[i * n : (i + 1) * n]) / n for i in range(len(items))]
+        return [sum(hits[i * n : (i + 1) * n]) / n for i in range(len(items))], {"pid": os.getpid()}
 
     def greedy_success(self, problems: list[Problem]) -> list[bool]:
         """Greedy decoding of each problem, verified."""

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from critics.train import TrainCriticsConfig, train_one
-from mcts.aside import Aside, usable_cores
-from mcts.embedded import TrainConfig, default_difficulty, threads_agree, train_policy, weights_hash
+from mcts.aside import Aside, threads_agree, usable_cores
+from mcts.embedded import TrainConfig, default_difficulty, train_policy, weights_hash
 
 TINY = TrainConfig(steps=12, batch_size=8, d_model=32, n_layers=2, n_heads=2, eval_problems=0, threads=2)
 

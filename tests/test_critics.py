@@ -352,7 +352,8 @@ def test_critics_side_by_side_are_the_critics_one_after_another(policy_dir, tmp_
     """`train_critics(side_by_side=True)` trains the critic with the most steps in a second process
     (one thread; this process moves from one thread to two once it is done): the same weights and
     figures as one critic after another."""
-    from mcts.embedded import TrainConfig, threads_agree, weights_hash
+    from mcts.aside import threads_agree
+    from mcts.embedded import TrainConfig, weights_hash
 
     if not threads_agree(TrainConfig()):
         pytest.skip("this machine's kernels give other floats on two threads: side by side is not used here")
@@ -410,8 +411,13 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     """With `trunk` set, the critics are fine-tuned from a model trained beside them
     (`critic-trunk/`), not from the policy; a changed trunk recipe rebuilds the trunk and the
     critics, the same one reuses both."""
-    from mcts.embedded import TrainConfig, threads_agree, weights_hash
-    from rewards.critic_bootstrap import BootstrapCriticsConfig, ensure_critic_trunk, ensure_default_critics
+    from mcts.embedded import TrainConfig, weights_hash
+    from rewards.critic_bootstrap import (
+        BootstrapCriticsConfig,
+        ensure_critic_trunk,
+        ensure_default_critics,
+        side_by_side_ok,
+    )
 
     def cfg(trunk_steps):
         trunk = TrainConfig(
@@ -433,7 +439,9 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     meta, first = build(cfg(3))
     alone = ensure_critic_trunk(0, cfg(3).trunk, tmp_path / "alone", progress=False)
     side_by_side = json.loads((root / "bootstrap.json").read_text())["side_by_side"]
-    assert side_by_side == threads_agree(cfg(3).trunk), "trunk and critics side by side where floats allow"
+    assert side_by_side == side_by_side_ok(cfg(3)), (
+        "trunk and critics side by side where cores and floats allow"
+    )
     assert weights_hash(trunk_dir) == weights_hash(alone), "built beside the search, the trunk is the same"
     trunk_report = json.loads((trunk_dir / "bootstrap.json").read_text())
     assert trunk_report["train"]["steps"] == 3 and trunk_report["steps_done"] == 3
