@@ -42,10 +42,13 @@ def environment() -> dict[str, Any]:
         mod = sys.modules.get(module)
         if mod is not None:
             env[module] = getattr(mod, "__version__", "?")
+    if "torch" in sys.modules:  # the vector width of torch's kernels: their floats differ across it
+        env["torch_cpu_capability"] = sys.modules["torch"].backends.cpu.get_cpu_capability()
     return env
 
 
 def _cpu_name() -> str:
+    # as `mcts.embedded.built_on` reads it; this light module does not import torch (the tree core)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

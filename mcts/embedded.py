@@ -14,7 +14,9 @@ a 4-layer, d=128 Llama with tied embeddings (~0.78M parameters) over the charact
 `mcts.charlm`; plain next-token training on solver traces `prompt + steps joined by "\\n" + "\\n" +
 </s>`, with the loss on the solution only (the prompt's random numbers are not worth modelling);
 650 AdamW steps of 64 sequences (lr 3e-3, 20 warmup steps, cosine decay to 5 %), one torch thread
-with deterministic algorithms, so the same seed gives the same weights bit for bit on a machine.
+with deterministic algorithms, so the same seed gives the same weights bit for bit on one kind of
+CPU (another kind's kernels round differently and build other weights: `built_on` in
+`bootstrap.json` says where a build was made; docs/measurements.md, "A second machine").
 The step count is fixed so the result is reproducible; a 5-minute wall-clock cap is a safety net
 for an overloaded machine, and `bootstrap.json` records when it was hit (the model is then weaker
 and not the reproducible one). One thread, not two: OpenMP threads spin-wait when other processes
@@ -386,6 +388,7 @@ def bootstrap_policy(
             wall_seconds=round(time.perf_counter() - t0, 1),
             weights_sha256=weights_hash(tmp),
             torch=torch.__version__,
+            built_on=built_on(),
         )
         (tmp / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
         if force and final.exists():
@@ -405,6 +408,17 @@ def bootstrap_policy(
         figures = {k: report[k] for k in ("greedy_success", "pass@8") if k in report}
         print(f"arborist: embedded {name} ready ({report['params']} params, {figures})", file=sys.stderr)
     return final
+
+
+def built_on() -> dict:
+    """Where a model is built: the same recipe and seed give the same weights only on the same kind
+    of CPU, whose kernels (torch's vector width, MKL's matrix products) fix the rounding."""
+    try:
+        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
+    except OSError:
+        names = []
+    cpu = names[0].split(":", 1)[1].strip() if names else os.uname().machine
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def _remove_stale_temps(root: Path, name: str, older_than_s: float = 3600.0) -> None:

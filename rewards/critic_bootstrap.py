@@ -40,6 +40,7 @@ from mcts.base import SearchConfig
 from mcts.embedded import (
     TrainConfig,
     bootstrap_policy,
+    built_on,
     default_difficulty,
     default_policy_dir,
     held_out_keys,
@@ -312,6 +313,7 @@ def ensure_default_critics(
     summary = {
         **meta["bootstrap"],
         "side_by_side": bool(side_by_side),  # the trunk (when built here) and the critics, two cores
+        "built_on": built_on(),  # these weights come back from this seed on this kind of CPU only
         "trunk_wait_seconds": round(wait_s, 1),
         "train_seconds": round(total - search_s - wait_s, 1),
         "seconds": round(total, 1),

@@ -411,7 +411,7 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
     """With `trunk` set, the critics are fine-tuned from a model trained beside them
     (`critic-trunk/`), not from the policy; a changed trunk recipe rebuilds the trunk and the
     critics, the same one reuses both."""
-    from mcts.embedded import TrainConfig, weights_hash
+    from mcts.embedded import TrainConfig, built_on, weights_hash
     from rewards.critic_bootstrap import (
         BootstrapCriticsConfig,
         ensure_critic_trunk,
@@ -438,10 +438,11 @@ def test_default_critics_start_from_their_own_trunk(policy_dir, tmp_path):
 
     meta, first = build(cfg(3))
     alone = ensure_critic_trunk(0, cfg(3).trunk, tmp_path / "alone", progress=False)
-    side_by_side = json.loads((root / "bootstrap.json").read_text())["side_by_side"]
-    assert side_by_side == side_by_side_ok(cfg(3)), (
+    summary = json.loads((root / "bootstrap.json").read_text())
+    assert summary["side_by_side"] == side_by_side_ok(cfg(3)), (
         "trunk and critics side by side where cores and floats allow"
     )
+    assert summary["built_on"] == built_on(), "where the weights were built: they come back on that CPU only"
     assert weights_hash(trunk_dir) == weights_hash(alone), "built beside the search, the trunk is the same"
     trunk_report = json.loads((trunk_dir / "bootstrap.json").read_text())
     assert trunk_report["train"]["steps"] == 3 and trunk_report["steps_done"] == 3

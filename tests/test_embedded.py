@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import mcts.embedded as embedded
 from mcts.embedded import TrainConfig, bootstrap_policy, default_policy_dir, training_texts, weights_hash
@@ -25,6 +26,10 @@ def test_tiny_bootstrap_is_reproducible_and_loads(tmp_path):
     assert report["steps_done"] == 30 and not report["time_cap_hit"]
     assert report["weights_sha256"] == weights_hash(a)
     assert {"greedy_success", "pass@2", "params", "wall_seconds", "difficulty"} <= report.keys()
+    # where it was built: the same seed gives these weights on this kind of CPU only
+    assert report["built_on"] == embedded.built_on()
+    assert report["built_on"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["built_on"]["cpu"] not in ("", "unknown")
     policy = Policy.load(PolicyConfig(path=str(a), device="cpu", max_step_tokens=8))
     task = CountdownTask()
     [opts] = policy.propose([task.prompt(generate_problems(1, 0)[0])], [4], seed=0)
