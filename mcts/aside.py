@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mcts.charlm import build_char_tokenizer, tiny_llama_config
-from mcts.embedded import TrainConfig, default_difficulty, encode_pairs, training_texts
+from mcts.charlm import build_char_tokenizer, encode_pairs, tiny_llama_config
+from mcts.embedded import TrainConfig, default_difficulty, training_texts
 
 
 def usable_cores() -> int:

@@ -51,7 +51,15 @@ from pathlib import Path
 
 import torch
 
-from mcts.charlm import build_char_tokenizer, num_params, save_model_dir, tiny_llama_config, warmup_cosine
+from mcts.charlm import (
+    build_char_tokenizer,
+    encode_pairs,
+    length_grouped,
+    num_params,
+    save_model_dir,
+    tiny_llama_config,
+    warmup_cosine,
+)
 from mcts.policy import Policy, PolicyConfig
 from mcts.tasks.base import content_key
 from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, solve
@@ -91,6 +99,7 @@ class TrainConfig:
     time_cap_s: float = 300.0  # safety net for an overloaded machine; a hit is reported
     threads: int = 1  # fixed where float reductions differ across thread counts (`mcts.aside.threads_agree`),
     # and 2 threads crawl when other processes share the cores (OpenMP spin-waits)
+    length_groups: int = 0  # batches sorted by length together (`charlm.length_grouped`; 0: as drawn)
     eval_problems: int = 200  # held-out problems for the greedy / pass@8 figures (0: skip)
     eval_samples: int = 8
 
@@ -205,20 +214,6 @@ def _key(p) -> str:
     return content_key(p.question, p.meta)
 
 
-def encode_pairs(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [n, width] and labels [n, width] (-100 on prompt and padding)."""
-    prompts = tok([p for p, _ in pairs])["input_ids"]  # each starts with <s>
-    sols = tok([s for _, s in pairs], add_special_tokens=False)["input_ids"]
-    rows = [(p, s + [tok.eos_token_id]) for p, s in zip(prompts, sols, strict=True)]
-    width = max(len(p) + len(s) for p, s in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(rows):
-        ids[i, : len(p) + len(s)] = torch.tensor(p + s)
-        labels[i, len(p) : len(p) + len(s)] = torch.tensor(s)
-    return ids, labels
-
-
 def train_policy(
     out_dir: Path,
     seed: int,
@@ -257,6 +252,8 @@ def train_policy(
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
         order = torch.randperm(len(ids), generator=gen)
+        lengths = torch.where(labels != -100, torch.arange(labels.shape[1]), -1).amax(1)
+        order = length_grouped(order, lengths, cfg.batch_size, cfg.length_groups, gen)
         capped_at = None
         bar = tqdm(
             range(cfg.steps),
@@ -324,8 +321,9 @@ def evaluate_policy(
 
 
 def train_minutes(train: TrainConfig) -> float:
-    """Roughly how long `train_policy` takes here: ~0.3 s a step on one thread, half on two."""
-    return train.steps * 0.3 / train.threads / 60
+    """Roughly how long `train_policy` takes on a slow 2-core machine (the EPYC): ~0.3 s a step on one
+    thread, half on two; a fifth less with `length_groups` (measured -18 % on a Xeon)."""
+    return train.steps * 0.3 / train.threads / 60 * (0.82 if train.length_groups > 1 else 1.0)
 
 
 def bootstrap_policy(
