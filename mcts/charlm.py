@@ -132,24 +132,6 @@ def warmup_cosine(i: int, steps: int, warmup: int, floor: float = 0.05) -> float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def length_grouped(order, lengths, batch_size: int, group: int, gen):
-    """`order` (a permutation of row indices) rearranged so that each batch of `batch_size` holds rows
-    of similar length: every run of `group` batches is sorted by length, cut into batches, and the
-    batches put in a random order (`gen`). Little of a step's compute goes to padding, while which
-    rows meet in a step stays random at the scale of `group` batches. `group` < 2: `order` as is."""
-    import torch
-
-    if group < 2:
-        return order
-    span, out = batch_size * group, []
-    for lo in range(0, len(order), span):
-        chunk = order[lo : lo + span]
-        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-        batches = list(chunk.split(batch_size))
-        out += [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-    return torch.cat(out) if out else order
-
-
 def encode_pairs(pairs: list[tuple[str, str]], tok) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [n, width] and labels [n, width] (-100 on prompt and padding): the embedded
     models' training rows, `prompt + solution + </s>` with the loss on the solution."""

@@ -54,7 +54,6 @@ import torch
 from mcts.charlm import (
     build_char_tokenizer,
     encode_pairs,
-    length_grouped,
     num_params,
     save_model_dir,
     tiny_llama_config,
@@ -99,7 +98,6 @@ class TrainConfig:
     time_cap_s: float = 300.0  # safety net for an overloaded machine; a hit is reported
     threads: int = 1  # fixed where float reductions differ across thread counts (`mcts.aside.threads_agree`),
     # and 2 threads crawl when other processes share the cores (OpenMP spin-waits)
-    length_groups: int = 0  # batches sorted by length together (`charlm.length_grouped`; 0: as drawn)
     eval_problems: int = 200  # held-out problems for the greedy / pass@8 figures (0: skip)
     eval_samples: int = 8
 
@@ -252,8 +250,6 @@ def train_policy(
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
         order = torch.randperm(len(ids), generator=gen)
-        lengths = torch.where(labels != -100, torch.arange(labels.shape[1]), -1).amax(1)
-        order = length_grouped(order, lengths, cfg.batch_size, cfg.length_groups, gen)
         capped_at = None
         bar = tqdm(
             range(cfg.steps),
@@ -321,9 +317,8 @@ def evaluate_policy(
 
 
 def train_minutes(train: TrainConfig) -> float:
-    """Roughly how long `train_policy` takes on a slow 2-core machine (the EPYC): ~0.3 s a step on one
-    thread, half on two; a fifth less with `length_groups` (measured -18 % on a Xeon)."""
-    return train.steps * 0.3 / train.threads / 60 * (0.82 if train.length_groups > 1 else 1.0)
+    """Roughly how long `train_policy` takes here: ~0.3 s a step on one thread, half on two."""
+    return train.steps * 0.3 / train.threads / 60
 
 
 def bootstrap_policy(

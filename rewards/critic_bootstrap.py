@@ -61,8 +61,8 @@ CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BA
 # heads trained on cached trunk inputs (`critics.features`: the heads 250 -> 175-190 s on a Xeon).
 BUILD_MINUTES = 7.5
 # Policy, trunk and critics from an empty cache, side by side: 1,133 s measured on the EPYC
-# (2026-12-05) before the trunk's length groups and the heads' cache; less by their measured shares.
-SIDE_BY_SIDE_MINUTES = 16
+# (2026-12-05) before the heads' cache, which takes ~1 min off.
+SIDE_BY_SIDE_MINUTES = 18
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,10 @@ class BootstrapCriticsConfig:
     """Verified rollouts per new node of the bootstrap search: a value target is a success rate
     over distinct samples, and with one rollout a node's rate rests on one or two of them."""
     trunk: TrainConfig | None = field(
-        default_factory=lambda: TrainConfig(steps=5200, threads=2, time_cap_s=3600.0, length_groups=64)
+        default_factory=lambda: TrainConfig(steps=5200, threads=2, time_cap_s=3600.0)
     )
     """The critics' own trunk: the embedded policy's model and data, trained 8x longer (built once
-    beside the policy, `critic-trunk/`), each step's rows of similar lengths (`length_groups`: 18 %
-    less time, 517 -> 425 s on a Xeon's two cores; greedy 0.485 / pass@8 0.75 against 0.47 / 0.755,
-    and the critics' validation AUROC 0.786 / 0.795 / 0.918 against 0.786 / 0.803 / 0.921). The 650-step policy is kept weak on purpose (search must
+    beside the policy, `critic-trunk/`). The 650-step policy is kept weak on purpose (search must
     have room to work), but a critic must know the arithmetic that decides whether a state can
     still reach the target: 40 % of the policy's wrong answers have wrong arithmetic. None: start
     from the policy's own trunk (held-out AUROC value / PRM / ORM 0.630 / 0.708 / 0.855)."""
