@@ -25,6 +25,8 @@ model's logits from it (`TopBlocks.build`): a model whose embedding does more th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from critics.models import pad_right, step_logits
@@ -73,7 +75,8 @@ class TopBlocks:
         size = (tokens + 1) * hidden * torch.finfo(model.dtype).bits / 8 / 2**20
         if size > budget_mb:
             return None
-        flat = torch.zeros(tokens + 1, hidden, dtype=model.dtype)  # in host memory, a batch at a time to `device`
+        # in host memory, a batch at a time to `device`
+        flat = torch.zeros(tokens + 1, hidden, dtype=model.dtype)
         offsets, at = [], 0
         for r in ids:
             offsets.append(at)
@@ -102,10 +105,8 @@ class TopBlocks:
             for lo in range(0, len(order), batch):
                 chunk = order[lo : lo + batch]
                 x, mask = pad_right([ids[i] for i in chunk], pad_id)
-                try:
+                with contextlib.suppress(_Captured):  # the hook stops the pass at the first trained block
                     model.model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _Captured:
-                    pass
                 h = seen.pop("h")
                 for j, i in enumerate(chunk):
                     flat[offsets[i] : offsets[i] + len(ids[i])] = h[j, : len(ids[i])].cpu()
@@ -113,7 +114,9 @@ class TopBlocks:
             hook.remove()
             torch.set_num_threads(threads)
 
-    def _agrees(self, kind: str, rows: list[int], x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> bool:
+    def _agrees(
+        self, kind: str, rows: list[int], x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> bool:
         training = self.model.training
         self.model.eval()  # no dropout draws: the two must see the same numbers
         try:

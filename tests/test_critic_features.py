@@ -78,7 +78,10 @@ def test_the_cache_stands_aside_where_it_does_not_apply(base_dir, tmp_path):
     for layers, budget in ((-1, 64.0), (0, 64.0), (3, 64.0), (1, 1e-4)):  # nothing frozen / too big
         model, tok = init_from_policy(base_dir, "value", seed=0)
         ids, *check = _batch(tok, labels, "value", [0, 1])
-        assert TopBlocks.build(model, "value", ids, layers, tok.pad_token_id, "cpu", budget, ([0, 1], *check)) is None
+        assert (
+            TopBlocks.build(model, "value", ids, layers, tok.pad_token_id, "cpu", budget, ([0, 1], *check))
+            is None
+        )
     gpt2 = save_tiny_gpt2(tmp_path / "gpt2", n_layers=3)  # its stack is `transformer.h`
     model, tok = init_from_policy(gpt2, "value", seed=0)
     ids, *check = _batch(tok, labels, "value", [0, 1])
@@ -92,7 +95,9 @@ def test_training_with_the_cache_follows_training_without(base_dir, kind):
     labels = _labels(48, kind)
     runs = {}
     for mb in (64.0, 0.0):
-        cfg = TrainCriticsConfig(steps=12, batch_size=8, lr=3e-3, feature_cache_mb=mb, val_fraction=0.0, progress=False)
+        cfg = TrainCriticsConfig(
+            steps=12, batch_size=8, lr=3e-3, feature_cache_mb=mb, val_fraction=0.0, progress=False
+        )
         model, _, report = train_one(kind, labels, Labels(kind), base_dir, "\n", cfg)
         runs[mb] = (model.state_dict(), report)
     (cached, with_cache), (plain, without) = runs[64.0], runs[0.0]
