@@ -157,9 +157,6 @@ def _search_rows(labels: Labels) -> Labels:
     return labels.subset(i for i, solved in enumerate(labels.from_solver()) if not solved)
 
 
-CALIBRATION_ROWS = 8192  # one parameter: the mean it matches is known to ~0.002 from 8,192 value rows
-
-
 def _calibrated_offset(model, tok, kind: str, labels: Labels, sep: str, device, cfg) -> float:
     """The logit offset that makes the critic's mean probability right on the search's own rows
     (Newton's method on their mean cross-entropy, one parameter). Rows labelled by a solver come
@@ -276,13 +273,7 @@ def train_one(
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
     if any(train.from_solver()):
-        search = _search_rows(train)
-        sample = torch.randperm(len(search), generator=torch.Generator().manual_seed(cfg.seed))[
-            :CALIBRATION_ROWS
-        ]
-        offset = _calibrated_offset(
-            model, tok, kind, search.subset(sorted(sample.tolist())), sep, device, cfg
-        )
+        offset = _calibrated_offset(model, tok, kind, _search_rows(train), sep, device, cfg)
     report = {
         "train_rows": len(train),
         "solver_rows": sum(train.from_solver()),

@@ -21,7 +21,7 @@ import numpy as np
 
 from critics.labels import Labels, split_by_problem
 from mcts.tasks.base import Problem, content_key
-from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems, parse_step
+from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, parse_step
 from mcts.tasks.countdown_states import SolvedPath, reachable, solver_paths, solver_states
 
 SOLVER_SEED_BASE = 3_000_000  # problems of the solver's rows: seed SOLVER_SEED_BASE + 3 * seed + kind
@@ -45,15 +45,9 @@ def solver_seeds(seed: int) -> dict[str, int]:
 
 
 def solver_problem_keys(cfg: SolverRowsConfig, seed: int, difficulty, exclude: Iterable[str]) -> set[str]:
-    """Content keys of every problem the solver's rows may come from (those drawn, less `exclude`)."""
-    seeds, held = solver_seeds(seed), set(exclude)
-    drawn = {"value": cfg.states, "prm": cfg.paths, "orm": cfg.paths}
-    keys = {
-        content_key(p.question, p.meta)
-        for k, n in drawn.items()
-        for p in generate_problems(n, seeds[k], difficulty)
-    }
-    return keys - held
+    """Content keys of every problem the solver's rows come from."""
+    rows = _solved(cfg, seed, difficulty, set(exclude))
+    return {content_key(r.problem.question, r.problem.meta) for paths in rows.values() for r in paths}
 
 
 def _solved(cfg: SolverRowsConfig, seed: int, difficulty, exclude: set[str]) -> dict[str, list[SolvedPath]]:

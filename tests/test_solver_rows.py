@@ -203,14 +203,3 @@ def test_the_offset_makes_the_mean_probability_right_on_the_search_rows(tmp_path
     assert calibrated.mean() == pytest.approx(soft.mean(), abs=1e-6)
     assert torch.sigmoid(torch.from_numpy(z).double()).numpy().mean() > soft.mean() + 0.1  # canary: pulled up
     assert report["solver_rows"] == 40
-
-
-def test_the_problem_keys_cover_every_solver_row_and_no_excluded_problem():
-    cfg = SolverRowsConfig(states=150, paths=100)
-    held = {content_key(p.question, p.meta) for p in generate_problems(300, seed=1)}
-    from rewards.solver_rows import _solved, solver_problem_keys
-
-    keys = solver_problem_keys(cfg, seed=4, difficulty=None, exclude=held)
-    rows = [r for paths in _solved(cfg, 4, None, held).values() for r in paths]
-    assert rows and {content_key(r.problem.question, r.problem.meta) for r in rows} <= keys
-    assert not keys & held
