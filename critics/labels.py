@@ -29,9 +29,6 @@ class Labels:
     soft: list[list[float]] = field(default_factory=list)  # S / V (value, prm) or the outcome (orm)
     hard: list[list[bool]] = field(default_factory=list)
     nodes: list[list[tuple[str, int]]] = field(default_factory=list)  # (tree id, node) per position
-    solver: list[bool] = field(default_factory=list)
-    """Per row: labelled by the task's solver, not by a search (`rewards.solver_rows`). Such a row
-    trains on its `soft` targets and counts in no validation or calibration figure. Empty: none is."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -44,32 +41,12 @@ class Labels:
         self.soft.append([float(s) for s in soft])
         self.hard.append([bool(h) for h in hard])
         self.nodes.append([(f"{tree.problem_id}/{tree.seed}", int(i)) for i in nodes])
-        if self.solver:
-            self.solver.append(False)
-
-    def add_solved(self, problem_id: str, key: str, prompt: str, steps, soft, hard) -> None:
-        """A row labelled by the task's solver (no tree, no node)."""
-        self.solver = self.from_solver() + [True]
-        self.problem_ids.append(problem_id)
-        self.keys.append(key)
-        self.prompts.append(prompt)
-        self.steps.append(list(steps))
-        self.soft.append([float(s) for s in soft])
-        self.hard.append([bool(h) for h in hard])
-        self.nodes.append([])
-
-    def from_solver(self) -> list[bool]:
-        """`solver`, one flag per row."""
-        return self.solver if len(self.solver) == len(self) else [False] * len(self)
 
     def subset(self, keep: Iterable[int]) -> Labels:
         keep = list(keep)
         out = Labels(self.kind)
         for name in ("problem_ids", "keys", "prompts", "steps", "soft", "hard", "nodes"):
             setattr(out, name, [getattr(self, name)[i] for i in keep])
-        if any(self.solver):
-            flags = self.from_solver()
-            out.solver = [flags[i] for i in keep]
         return out
 
     def positions(self) -> int:

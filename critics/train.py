@@ -60,14 +60,20 @@ class TrainCriticsConfig:
     orm_steps: int | None = None
     """The ORM's steps when they differ (None: `steps`); the embedded critics give it 2,000
     (validation AUROC 0.909 at 1,000, 0.916 at 2,000; tune slice 0.934 -> 0.937)."""
-    value_layers: int | None = None
-    """The value function's trained blocks when they differ (None: `train_layers`)."""
     train_layers: int = 1
     """Transformer blocks trained, counted from the top, with what follows them (the final norm)
     and the head; the embeddings and the blocks below keep the base checkpoint's weights.
     0: the head only; -1: the whole model. Fine-tuning the whole trunk on these noisy labels
-    wears away what it already reads (docs/critics-history.md: one block, two and all, from the
-    policy and from the critics' trunk)."""
+    wears away what it already reads. Held-out AUROC value / PRM / ORM on the trees of
+    `benchmarks.critics`, one run each, 1,000 steps unless said (PRM here counted per path
+    position as `evaluate` does; the benchmark counts each node once, which put the shipped PRM
+    at 0.832 against 0.779 per position). From the critics' own trunk (`rewards.critic_bootstrap`, 5,200
+    steps), 3,200 bootstrap problems' trees: top block (this default) 0.732 / 0.766 / -, 2,000
+    steps 0.740 / - / -; top two blocks 0.710 / 0.748 / 0.913, 2,000 steps 0.717 / 0.711 / -;
+    whole model 0.667 / - / -; head only (500 steps) 0.584; 6,400 problems' trees, top block
+    (the shipped recipe): 0.756 / 0.779 / 0.923. From the 650-step policy's own trunk: top two
+    blocks 0.630 / - / 0.855 (benchmark: PRM 0.708), top block 0.659 / 0.691 / 0.830, whole
+    model 0.602 / 0.668 / 0.793 (250 steps), head only (500 steps) 0.596 / 0.632 / -."""
     batch_size: int = 64
     """Rows per step."""
     feature_cache_mb: float = 4096.0
@@ -95,11 +101,10 @@ class TrainCriticsConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("train_layers", "value_layers"):
-            if (getattr(self, name) or 0) < -1:
-                raise ValueError(
-                    f"{name}={getattr(self, name)}: use -1 (whole model), 0 (head only) or a block count"
-                )
+        if self.train_layers < -1:
+            raise ValueError(
+                f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
+            )
         for name in ("steps", "value_steps", "orm_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -135,8 +140,8 @@ def _targets(kind: str, labels: Labels, cfg: TrainCriticsConfig):
     both classes are equally likely: log(r / (1 - r)) added back at scoring time (the offset, kept
     in critic.json) restores the probability of the real positive rate r. A constant shift, so the
     ranking (AUROC) is the same; measured on the held-out ORM: ECE 0.263 -> 0.031."""
-    if kind == "prm" and not cfg.prm_soft:  # a solver's row brings its own target (`Labels.solver`)
-        targets = [s if solved else [float(h) for h in row] for s, row, solved in _rows_of(labels)]
+    if kind == "prm" and not cfg.prm_soft:
+        targets = [[float(h) for h in row] for row in labels.hard]
     else:
         targets = labels.soft
     weights, offset = None, 0.0
@@ -146,33 +151,6 @@ def _targets(kind: str, labels: Labels, cfg: TrainCriticsConfig):
             weights = [[0.5 / rate if h else 0.5 / (1 - rate) for h in row] for row in labels.hard]
             offset = math.log(rate / (1 - rate))
     return targets, weights, offset
-
-
-def _rows_of(labels: Labels):
-    return zip(labels.soft, labels.hard, labels.from_solver(), strict=True)
-
-
-def _search_rows(labels: Labels) -> Labels:
-    """The rows a search labelled (solver-labelled ones left out)."""
-    return labels.subset(i for i, solved in enumerate(labels.from_solver()) if not solved)
-
-
-def _calibrated_offset(model, tok, kind: str, labels: Labels, sep: str, device, cfg) -> float:
-    """The logit offset that makes the critic's mean probability right on the search's own rows
-    (Newton's method on their mean cross-entropy, one parameter). Rows labelled by a solver come
-    from other states (half of them reachable, a quarter of the search's), and pull the critic's
-    probabilities off that mean; the offset takes them back without touching the ranking."""
-    logits, hard, soft = _scores(model, tok, kind, labels, sep, device)
-    z = logits.astype(np.float64)
-    y = (hard if kind == "prm" and not cfg.prm_soft else soft).astype(np.float64)
-    b = 0.0
-    for _ in range(50):
-        q = 1.0 / (1.0 + np.exp(-(z + b)))
-        step = (q - y).mean() / max((q * (1.0 - q)).mean(), 1e-12)
-        b -= step
-        if abs(step) < 1e-9:
-            break
-    return float(b)
 
 
 def _blocks(model) -> torch.nn.ModuleList:
@@ -212,11 +190,6 @@ def steps_of(kind: str, cfg: TrainCriticsConfig) -> int:
     return own if own is not None else cfg.steps
 
 
-def layers_of(kind: str, cfg: TrainCriticsConfig) -> int:
-    """Trained blocks of one critic (`value_layers` for the value function where set, else `train_layers`)."""
-    return cfg.value_layers if kind == "value" and cfg.value_layers is not None else cfg.train_layers
-
-
 def train_one(
     kind: str,
     train: Labels,
@@ -229,7 +202,7 @@ def train_one(
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
     runs before each optimizer step."""
     t0 = time.perf_counter()
-    cfg = replace(cfg, steps=steps_of(kind, cfg), train_layers=layers_of(kind, cfg))
+    cfg = replace(cfg, steps=steps_of(kind, cfg))
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
     device = resolve_device(cfg.device)
     model, tok = init_from_policy(base_dir, kind, cfg.seed)
@@ -272,11 +245,8 @@ def train_one(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
-    if any(train.from_solver()):
-        offset = _calibrated_offset(model, tok, kind, _search_rows(train), sep, device, cfg)
     report = {
         "train_rows": len(train),
-        "solver_rows": sum(train.from_solver()),
         "train_positions": train.positions(),
         "train_positive_rate": train.positive_rate(),
         "steps": cfg.steps,
@@ -300,28 +270,22 @@ def evaluate(
     rows or one class only."""
     if not len(labels):
         return {"val_rows": 0, "val_auroc": float("nan"), "val_ece": float("nan")}
-    logits, hard, soft = _scores(model, tok, kind, labels, sep, device, batch_size)
-    probs = (torch.from_numpy(logits) + logit_offset).sigmoid().numpy()  # as `critics.models` reads them
-    return {
-        "val_rows": len(labels),
-        "val_auroc": auroc(probs, hard),
-        "val_ece": ece(probs, soft),
-    }
-
-
-@torch.inference_mode()
-def _scores(model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256):
-    """(logits, hard labels, soft targets) at every labelled position of `labels`, row by row."""
     rows = _Rows(labels, StepEncoder(tok, sep), kind, labels.soft)
-    logits, hard, soft = [], [], []
+    probs, hard, soft = [], [], []
     for lo in range(0, len(labels), batch_size):
         idx = list(range(lo, min(lo + batch_size, len(labels))))
         x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
+        p = (step_logits(model, kind, x, mask, pos) + logit_offset).sigmoid()
         keep = (w > 0).cpu().numpy()
-        logits.append(step_logits(model, kind, x, mask, pos).float().cpu().numpy()[keep])
+        probs.append(p.cpu().numpy()[keep])
         soft.append(tgt.cpu().numpy()[keep])
         hard += [h for i in idx for h in labels.hard[i]]
-    return np.concatenate(logits), np.array(hard), np.concatenate(soft)
+    probs, soft = np.concatenate(probs), np.concatenate(soft)
+    return {
+        "val_rows": len(labels),
+        "val_auroc": auroc(probs, np.array(hard)),
+        "val_ece": ece(probs, soft),
+    }
 
 
 def _train_kind(
@@ -337,7 +301,6 @@ def _train_kind(
 ) -> dict:
     """Split, train and save one critic into `dest`; returns its report (`quiet`: no progress bar)."""
     train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
-    val = _search_rows(val)  # a solver's rows of a validation problem are dropped, not trained on
     model, tok, report = train_one(
         kind, train, val, base_dir, sep, replace(cfg, progress=cfg.progress and not quiet), step_hook
     )

@@ -7,14 +7,13 @@ policy weights or from another trunk (each `critic.json` records both weights ha
 another recipe (`bootstrap.json` records it), or before critic.json carried the `logit_offset`:
 
 1. the critics' trunk, `<cache>/default-v1-seed{seed}/critic-trunk` (`BootstrapCriticsConfig.trunk`):
-   the embedded policy's model and training data, trained 4x longer, so it knows the arithmetic
-   the 650-step policy gets wrong (built once, ~5 min on 2 cores; rebuilt when its recipe changes);
+   the embedded policy's model and training data, trained 8x longer, so it knows the arithmetic
+   the 650-step policy gets wrong (built once, ~12 min on 2 cores; rebuilt when its recipe changes);
 2. search `BootstrapCriticsConfig.problems` Countdown problems with the default policy, every new
    node valued by one verified fast rollout (no critics: the labels must come from the verifier);
    the problems are drawn with seed `CRITICS_SEED_BASE + seed`, and every (numbers, target) of the
    held-out evaluation problems (`mcts.embedded.EVAL_SEED`, first `EVAL_EXCLUDE`) is removed;
-3. train the three critics from those trees' rows and from rows the Countdown solver labels
-   (`rewards.solver_rows`: whether a state can still reach its target), each from the trunk.
+3. train the three critics from those trees (`rewards.train_critics`), each starting from the trunk.
 
 The labels are the default policy's (its trees, its success rates); only the weights the critics
 start from are the trunk's. The whole run is seeded; each directory appears atomically.
@@ -35,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from critics.train import TrainCriticsConfig, train_critics
+from critics.train import TrainCriticsConfig
 from mcts.aside import Aside, threads_agree, usable_cores
 from mcts.base import SearchConfig
 from mcts.embedded import (
@@ -55,17 +54,15 @@ from mcts.policy import Policy, PolicyConfig
 from mcts.search import run_search
 from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, distinct_problems
-from rewards.critic_data import all_labels
-from rewards.solver_rows import SolverRowsConfig, solver_problem_keys, with_solver_rows
+from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
-# The bootstrap search and the three heads on 2 cores: 480-590 s measured on the EPYC with the
-# 5,200-step trunk's one-block heads; the solver's rows and the two-block PRM and ORM add ~1.5 min
-# (on a Xeon, one after another). Estimates, not measured on the EPYC with this recipe.
-BUILD_MINUTES = 9
+# The bootstrap search and the three heads on 2 cores: 480-590 s measured on the EPYC before the
+# heads trained on cached trunk inputs (`critics.features`: the heads 250 -> 175-190 s on a Xeon).
+BUILD_MINUTES = 7.5
 # Policy, trunk and critics from an empty cache, side by side: 1,133 s measured on the EPYC
-# (2026-12-05) with the 5,200-step trunk; this one has half its steps.
-SIDE_BY_SIDE_MINUTES = 14
+# (2026-12-05) before the heads' cache, which takes ~1 min off.
+SIDE_BY_SIDE_MINUTES = 18
 
 
 @dataclass(frozen=True)
@@ -86,22 +83,18 @@ class BootstrapCriticsConfig:
     """Verified rollouts per new node of the bootstrap search: a value target is a success rate
     over distinct samples, and with one rollout a node's rate rests on one or two of them."""
     trunk: TrainConfig | None = field(
-        default_factory=lambda: TrainConfig(steps=2600, threads=2, time_cap_s=3600.0)
+        default_factory=lambda: TrainConfig(steps=5200, threads=2, time_cap_s=3600.0)
     )
-    """The critics' own trunk: the embedded policy's model and data, trained 4x longer (built once
+    """The critics' own trunk: the embedded policy's model and data, trained 8x longer (built once
     beside the policy, `critic-trunk/`). The 650-step policy is kept weak on purpose (search must
     have room to work), but a critic must know the arithmetic that decides whether a state can
-    still reach the target: 40 % of the policy's wrong answers have wrong arithmetic. 5,200 steps
-    before the solver's rows (`solver_rows`) made up for half of them; 1,300 left the value
-    function under its target on the tune slice (docs/critics-history.md). None: start from the
-    policy's own trunk (held-out AUROC value / PRM / ORM 0.630 / 0.708 / 0.855, without the
-    solver's rows)."""
+    still reach the target: 40 % of the policy's wrong answers have wrong arithmetic. None: start
+    from the policy's own trunk (held-out AUROC value / PRM / ORM 0.630 / 0.708 / 0.855)."""
     train: TrainCriticsConfig = field(
-        default_factory=lambda: TrainCriticsConfig(value_steps=3000, train_layers=2, value_layers=1)
+        default_factory=lambda: TrainCriticsConfig(value_steps=3000, orm_steps=2000)
     )
-    """Fine-tuning: the top two blocks and the head, 1,000 steps, for the PRM and the ORM; the top
-    block, 3,000 steps, for the value function (chosen on the bootstrap's validation split and the
-    held-out pool's tune slice: docs/critics-history.md)."""
+    """Fine-tuning: the top block and the head, 1,000 steps (the value function 3,000, the ORM
+    2,000: chosen on the bootstrap's validation split and the held-out pool's tune slice)."""
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
     labels: str = "trials-v3"
@@ -110,10 +103,6 @@ class BootstrapCriticsConfig:
     a validation split by content (not by id); "trials-v3": options the width leaves out keep their
     verified samples (mcts.search)."""
     max_rollout_tokens: int = 48
-    solver_rows: SolverRowsConfig | None = field(default_factory=SolverRowsConfig)
-    """Rows labelled by the Countdown solver beside the search's (`rewards.solver_rows`): whether a
-    state can still reach its target, which the critics learn from the search's rows only in part.
-    None: the search's rows alone."""
     threads: int = 2
 
 
@@ -175,10 +164,7 @@ def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None)
     and the bootstrap search problems."""
     cfg = cfg or BootstrapCriticsConfig()
     keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
-    keys |= {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
-    if cfg.solver_rows is not None:
-        keys |= solver_problem_keys(cfg.solver_rows, seed, default_difficulty(), held_out_keys())
-    return keys
+    return keys | {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
 
 
 def rollout_trees(
@@ -325,15 +311,7 @@ def ensure_default_critics(
             "config": asdict(cfg),
         },
     }
-    labels = all_labels(trees, cfg.train.min_verified)
-    if cfg.solver_rows is not None:
-        labels, rates = with_solver_rows(
-            labels, {p.id: p for p in problems}, cfg.solver_rows, seed, default_difficulty(),
-            held_out_keys(), cfg.train.val_fraction, cfg.train.seed,
-        )  # fmt: skip
-        meta["bootstrap"]["solver_rates"] = rates
-    meta = {"trees": len(trees), **meta}
-    reports = train_critics(labels, final, base, cfg.train, meta=meta, side_by_side=side_by_side)
+    reports = train_critics_on_trees(trees, final, base, cfg.train, meta=meta, side_by_side=side_by_side)
     total = time.perf_counter() - t0
     summary = {
         **meta["bootstrap"],
