@@ -380,8 +380,7 @@ def bootstrap_policy(
             difficulty=asdict(difficulty),
             wall_seconds=round(time.perf_counter() - t0, 1),
             weights_sha256=weights_hash(tmp),
-            torch=torch.__version__,
-            built_on=built_on(),
+            built_on=built_on(),  # the CPU and torch the weights were built with
         )
         (tmp / "bootstrap.json").write_text(json.dumps(report, indent=2) + "\n")
         if force and final.exists():
