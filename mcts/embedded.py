@@ -317,7 +317,8 @@ def evaluate_policy(
 
 
 def train_minutes(train: TrainConfig) -> float:
-    """Roughly how long `train_policy` takes here: ~0.3 s a step on one thread, half on two."""
+    """Roughly how long `train_policy` takes on a slow 2-core machine (the EPYC): ~0.3 s a step on one
+    thread, half on two."""
     return train.steps * 0.3 / train.threads / 60
 
 
