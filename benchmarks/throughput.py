@@ -21,6 +21,11 @@ Reported (under the model's name; the embedded policy's also at the top level):
 - `model_share`: share of the search's wall time spent inside model forwards, policy and critics
   (goal >= 0.95);
 - `batched_vs_one_leaf`: nodes per second of the batched search / of the one-leaf search (goal >= 5);
+- `decode_rows_per_forward`, `decode_us_per_row` (search, plain, one_leaf): the policy's decode
+  steps, their mean batch and their cost a row; and `tokens_per_s_ratio_decode_only`, the ratio
+  the search would reach if its wall time were its decode forwards alone. Where a small forward
+  costs more a row than a full one (a CPU), these bound the ratio and batched_vs_one_leaf from
+  the batches the search's own structure makes (docs/measurements.md);
 - `shared_prefill_speedup`: the search's wall time with every row prefilling its own prompt / with
   one prefill per distinct prompt (`Policy.share_prefill`), same seed, same trees;
 - `prefix_cache_speedup`: the search's wall time with every prompt prefilled whole / with the
@@ -61,25 +66,36 @@ YARDSTICK_RUNS, YARDSTICK_S = 5, 3.0
 class ModelMeter:
     """Seconds spent inside a module's forward (forward hooks). On a GPU the hooks wait for the
     device first: kernels run after their launch returns, so without the waits a forward's time
-    would land in whatever reads its result next (the search's own code)."""
+    would land in whatever reads its result next (the search's own code). Decode steps (one new
+    position a row) are also counted apart: their seconds and rows, so a run's per-row cost and
+    batch sizes can be read next to plain sampling's."""
 
     def __init__(self, module):
         import torch
 
         self.seconds, self._t0, self.calls = 0.0, 0.0, 0
+        self.decode_seconds, self.decode_rows, self.decode_calls = 0.0, 0, 0
+        self._rows = 0  # rows of the forward running now; 0 when it is not a decode step
         device = next(module.parameters()).device
         self._wait = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
+        module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        module.register_forward_hook(self._post, with_kwargs=True)
 
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._rows = ids.shape[0] if ids is not None and ids.dim() == 2 and ids.shape[1] == 1 else 0
         self._wait()
         self._t0 = time.perf_counter()
 
-    def _post(self, module, args, output):
+    def _post(self, module, args, kwargs, output):
         self._wait()
-        self.seconds += time.perf_counter() - self._t0
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
         self.calls += 1
+        if self._rows:
+            self.decode_seconds += seconds
+            self.decode_rows += self._rows
+            self.decode_calls += 1
 
 
 def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
@@ -221,6 +237,7 @@ def measure(
 
     def timed(fn):
         model0, pos0 = sum(m.seconds for m in meters), policy.positions_run
+        dec0 = (meters[0].decode_seconds, meters[0].decode_rows, meters[0].decode_calls)
         tok0, t0 = policy.tokens_generated, time.perf_counter()
         result = fn()
         wall = time.perf_counter() - t0
@@ -229,8 +246,35 @@ def measure(
             "tokens": policy.tokens_generated - tok0,
             "positions": policy.positions_run - pos0,
             "model_s": sum(m.seconds for m in meters) - model0,
+            # the policy's decode steps: seconds, rows summed over them, how many
+            "decode": [
+                now - before
+                for now, before in zip(
+                    (meters[0].decode_seconds, meters[0].decode_rows, meters[0].decode_calls),
+                    dec0,
+                    strict=True,
+                )
+            ],
             "result": result,
         }
+
+    def decode_figures(runs: dict) -> dict:
+        """Per run: the policy's rows per decode forward and microseconds a row of it (what a batch's
+        size buys on this device), and the tokens/s ratio the search would have if its wall time
+        were its decode forwards alone (no prefill, critics or Python): what batching leaves."""
+        out = {
+            "decode_rows_per_forward": {
+                k: round(r["decode"][1] / max(1, r["decode"][2]), 1) for k, r in runs.items()
+            },
+            "decode_us_per_row": {
+                k: round(1e6 * r["decode"][0] / max(1, r["decode"][1]), 1) for k, r in runs.items()
+            },
+        }
+        search = runs["search"]
+        out["tokens_per_s_ratio_decode_only"] = round(
+            search["tokens"] / search["decode"][0] / (runs["plain"]["tokens"] / runs["plain"]["wall_s"]), 3
+        )
+        return out
 
     def median_rate(fn, tokens_of) -> dict:
         """The run of median tokens/s, timed until YARDSTICK_RUNS runs or YARDSTICK_S seconds: one
@@ -312,6 +356,7 @@ def measure(
         "policy_forwards_side_by_side": round(forwards[1] / max(1, forwards[0]), 3),
         "same_steps_side_by_side": _same_trees(*stream_trees),
         "generate_calls": policy.generate_calls,
+        **decode_figures({"search": batched, "plain": plain, "one_leaf": single}),
     }
 
 
@@ -373,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         ("tokens_per_s_ratio_vs_generate", "vs generate", ".3f"),
         ("positions_per_token", "positions/token (<=3)", ".2f"),
         ("positions_per_token_plain", "plain", ".2f"),
+        ("tokens_per_s_ratio_decode_only", "ratio, decode only", ".3f"),
         ("model_share", "model share (>=0.95)", ".3f"),
         ("batched_vs_one_leaf", "batched/one-leaf (>=5)", ".2f"),
         ("search_wall_s", "search s", ".1f"),
