@@ -250,13 +250,26 @@ def decode(
     device = logits.device
     if rows.numel() != len(prompts) or not torch.equal(rows, torch.arange(len(prompts), device=device)):
         select_rows(cache, rows)
-    logits, mask, next_pos = logits[rows], mask[rows], last_pos[rows] + 1
+    logits, next_pos = logits[rows], last_pos[rows] + 1
     b = rows.numel()
+    # every step's attention mask is a view of this one (a step adds a column of ones), not a new cat
+    width = mask.shape[1]
+    mask = torch.cat([mask[rows], mask.new_ones((b, max_new))], dim=1)
     tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=device)
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    active = torch.arange(b, device=device)  # rows in the forward batch
+    lengths = torch.full((b,), -1, dtype=torch.long, device=device)  # set as a row finishes
+    # a token that ends its row: EOS or a stop token, looked up in one gather
+    vocab = max(
+        [logits.shape[-1], int(eos_ids.max()) + 1 if eos_ids.numel() else 0]
+        + ([int(stop_ids.max()) + 1] if stop_ids is not None and stop_ids.numel() else [])
+    )
+    ends = torch.zeros(vocab, dtype=torch.bool, device=device)
+    ends[eos_ids] = True
+    if stop_ids is not None and stop_ids.numel():
+        ends[stop_ids] = True
+    active = torch.arange(b, device=device)  # rows in the forward batch (ascending)
     alive = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
+    finished_in_batch = 0  # rows of the forward batch that have finished (`alive` False)
     warpers = _warpers(temperature, top_k, top_p) if sample else []
     draw = None  # every row's distribution for this step's multinomial, finished rows included
     bounds, lo = [], 0  # (first row, end row, generator) of each group
@@ -265,56 +278,79 @@ def decode(
         lo += size
     assert lo == b, f"groups cover {lo} of {b} rows"
     unfinished = torch.ones(b, dtype=torch.bool)  # on the CPU: read every step to skip done groups
+    # Most steps finish no row: while every row is in the batch and alive, the loop indexes nothing
+    # (each skipped op is a kernel launch on a GPU, ~10 us on a CPU).
+    t = -1
     for t in range(max_new):
-        raw = logits[alive].float()
-        scores, live = raw, active[alive]
+        every_row = finished_in_batch == 0 and active.numel() == b  # live == arange(b)
+        if finished_in_batch == 0:
+            raw, live = logits.float(), active
+        else:
+            raw, live = logits[alive].float(), active[alive]
+        scores = raw
         if sample:
             for w in warpers:
                 scores = w(None, scores)
-            if draw is None:
-                draw = torch.zeros((b, scores.shape[-1]), dtype=torch.float32, device=device)
-                draw[:, 0] = 1.0  # a finished row: any distribution keeps its place in the draw
-            draw[live] = scores.softmax(-1)
-            picks = torch.zeros(b, dtype=torch.long, device=device)
-            for first, end, generator in bounds:
-                if len(bounds) == 1 or bool(unfinished[first:end].any()):
-                    picks[first:end] = torch.multinomial(draw[first:end], 1, generator=generator).squeeze(1)
-            step = picks[live]
+            if every_row:
+                draw = scores.softmax(-1)  # no finished row to keep in the draw yet
+            else:
+                draw[live] = scores.softmax(-1)
+            if len(bounds) == 1:
+                picks = torch.multinomial(draw, 1, generator=bounds[0][2]).squeeze(1)
+            else:
+                picks = torch.zeros(b, dtype=torch.long, device=device)
+                for first, end, generator in bounds:
+                    if bool(unfinished[first:end].any()):
+                        group = torch.multinomial(draw[first:end], 1, generator=generator)
+                        picks[first:end] = group.squeeze(1)
+            step = picks if every_row else picks[live]
         else:
             step = scores.argmax(-1)
-        tokens[live, t] = step
-        lengths[live] = t + 1
-        logprobs[live, t] = raw.log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
-        done = torch.isin(step, eos_ids)
-        if stop_ids is not None and stop_ids.numel():
-            done |= torch.isin(step, stop_ids)
+        picked_lp = raw.log_softmax(-1).gather(-1, step[:, None]).squeeze(1)
+        if every_row:
+            tokens[:, t] = step
+            logprobs[:, t] = picked_lp
+        else:
+            tokens[live, t] = step
+            logprobs[live, t] = picked_lp
+        done = ends[step]
         if stop_text is not None:
             rows_now = tokens[live, : t + 1].tolist()
             done |= torch.tensor([stop_text(r) for r in rows_now], dtype=torch.bool, device=device)
-        if sample and done.any():
-            draw[live[done]] = 0.0
-            draw[live[done], 0] = 1.0
-            unfinished[live[done].cpu()] = False
-        feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
-        feed[alive] = step
-        alive[alive.clone()] = ~done
-        if t == max_new - 1 or not bool(alive.any()):
+        newly = int(done.sum())
+        if newly:
+            gone = live[done]
+            lengths[gone] = t + 1
+            if sample:
+                draw[gone] = 0.0  # a finished row: any distribution keeps its place in the draw
+                draw[gone, 0] = 1.0
+                unfinished[gone.cpu()] = False
+        if finished_in_batch == 0:
+            feed = step
+        else:
+            feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
+            feed[alive] = step
+        if newly:
+            alive[alive.clone()] = ~done
+            finished_in_batch += newly
+        if t == max_new - 1 or finished_in_batch == active.numel():
             break
         # Copying the cache costs about a forward pass: drop finished rows once a quarter of the
         # batch has finished, not one at a time.
-        if int((~alive).sum()) >= DROP_SHARE * active.numel():
+        if newly and finished_in_batch >= DROP_SHARE * active.numel():
             keep = alive.nonzero().squeeze(1)
             select_rows(cache, keep)
             active, mask, next_pos, feed = active[keep], mask[keep], next_pos[keep], feed[keep]
             alive = torch.ones(active.numel(), dtype=torch.bool, device=device)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            finished_in_batch = 0
         logits = model(
             input_ids=feed[:, None],
-            attention_mask=mask,
+            attention_mask=mask[:, : width + t + 1],
             position_ids=next_pos[:, None],
             use_cache=True,
             **{name: cache},
         ).logits[:, -1]
         positions += feed.numel()
         next_pos = next_pos + 1
+    lengths[lengths < 0] = t + 1  # rows still going when the loop ended
     return tokens, logprobs, positions, lengths.tolist()
