@@ -110,9 +110,11 @@ def bar_plot(
     title: str,
     log: bool = True,
     annotate: Sequence[str] | None = None,
+    line: float | None = None,
 ) -> Path:
     """Grouped bars, one group per label and one bar per series (None: no bar); `annotate`
-    puts one text per group above it (for example the speedup). Uses the Agg backend."""
+    puts one text per group above it (for example the speedup); `line` draws a dashed reference
+    (a goal) across. Uses the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,6 +133,8 @@ def bar_plot(
         for j, text in enumerate(annotate):
             if text and tops[j] > 0:
                 ax.annotate(text, (j, tops[j]), ha="center", va="bottom", fontsize=9)
+    if line is not None:
+        ax.axhline(line, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(labels)), labels, fontsize=9)
     if log:
         ax.set_yscale("log")

@@ -122,6 +122,18 @@ def arm_keys(summary: dict, k: int) -> dict:
     }
 
 
+def plot(result: dict, path) -> Path:
+    """Held-out greedy success of each arm, base then round by round (the base is every arm's)."""
+    from benchmarks._report import bar_plot
+
+    arms = result["arms"]
+    rounds = len(next(iter(arms.values()))["greedy_by_round"])
+    labels = ["base"] + [f"round {r}" for r in range(1, rounds + 1)]
+    series = {name: [result["base_greedy"], *a["greedy_by_round"]] for name, a in arms.items()}
+    title = "held-out greedy success by round"
+    return bar_plot(path, labels, series, "greedy success", title, log=False)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True)
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arms", default="shipped,sft,outcome_dpo,step_dpo", help=f"of {', '.join(ARMS)}")
     ap.add_argument("--split", default="test", help="held-out slice evaluated on: test (headline) or tune")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--plot", default="", help="PNG: each arm's greedy success by round")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.problems, args.eval_problems = 1, 48, 48
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {fmt(a['greedy_by_round'])} | {fmt(a[f'pass{k}_by_round'])} | "
               f"{fmt(a['distinct_by_round'])} | {fmt(a['search_by_round'])} | {vs} |")  # fmt: skip
     write_json(args.json, result)
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}")
     return result
 
 

@@ -142,10 +142,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def plot(report: dict, path) -> Path:
+    """Driver peak RSS of each size (and of the audit that reads every shard at once, where run),
+    the manifest's largest line per shard above."""
+    from benchmarks._report import bar_plot
+
+    sizes = report["sizes"]
+    labels = [f"{s['problems']:,} problems\naudit: {s['audit_reads']}" for s in sizes]
+    series = {
+        "peak RSS after the search, MB": [s["peak_rss_mb_after_search"] for s in sizes],
+        "peak RSS, MB": [s["peak_rss_mb"] for s in sizes],
+    }
+    per_shard = [f"{s['manifest_bytes_per_shard']['max']} B/shard" for s in sizes]
+    return bar_plot(path, labels, series, "MB", "driver memory", log=False, annotate=per_shard)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="", help="PNG: peak RSS of each size")
     ap.add_argument(
         "--whole", action="store_true", help="also audit the largest size reading every shard at once"
     )
@@ -192,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"RSS growth {summary['rss_growth_mb']} MB from {small['problems']} to {large['problems']} problems"
     )
+    report = {"environment": environment(), "sizes": results, **summary}
     if args.json:
-        write_json(args.json, {"environment": environment(), "sizes": results, **summary})
+        write_json(args.json, report)
+    if args.plot:
+        print(f"wrote {plot(report, args.plot)}")
     return 0
 
 

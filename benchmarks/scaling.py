@@ -165,12 +165,25 @@ def records(out: Path) -> dict[str, list[str]]:
     }
 
 
+def plot(report: dict, path) -> Path:
+    """Search and job seconds of each run, the speedup over one worker above it."""
+    from benchmarks._report import bar_plot
+
+    runs = report["runs"]
+    labels = [f"{r['workers']} worker(s), {r['ray']}" for r in runs]
+    series = {"search s": [r["search_seconds"] for r in runs], "job s": [r["wall_seconds"] for r in runs]}
+    speedups = [""] + [f"{runs[0]['search_seconds'] / r['search_seconds']:.2f}x" for r in runs[1:]]
+    title = f"Ray scaling, {report['problems']} problems"
+    return bar_plot(path, labels, series, "seconds", title, log=False, annotate=speedups)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--two-node", action="store_true", help="add a run on a two-node `ray start` cluster")
     ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="", help="PNG: seconds of each run, speedups above")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speedup on two nodes: {report['speedup_two_nodes']:.2f}x; identical records: {same_nodes}")
     if args.json:
         write_json(args.json, report)
+    if args.plot:
+        print(f"wrote {plot(report, args.plot)}")
     return 0 if same else 1
 
 

@@ -1,7 +1,7 @@
 """Search at the speed of generation: how much of the model's work the search turns into tokens.
 
     python -m benchmarks.throughput                      # embedded policy + two 27M Llamas, CPU
-    python -m benchmarks.throughput --device cuda --json out/benchmarks/throughput.json
+    python -m benchmarks.throughput --device cuda --json out/benchmarks/throughput.json --plot out/tp.png
 
 For each model, in one process and one run, with one torch thread on CPU:
 
@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from benchmarks._report import environment, format_table, write_json
+from benchmarks._wide_models import policy_in_wide_llama, wide_llama
 
 # plain sampling and `generate` are timed up to YARDSTICK_RUNS times, until YARDSTICK_S seconds have
 # passed (a wide model's call lasts longer: once), an odd number of times; the run of median tokens/s
@@ -96,88 +97,6 @@ class ModelMeter:
             self.decode_seconds += seconds
             self.decode_rows += self._rows
             self.decode_calls += 1
-
-
-def wide_llama(tokenizer_dir: Path, out: Path, device: str) -> Path:
-    """A random Llama of ~27M parameters with the embedded policy's tokenizer, saved to `out`: its
-    steps are noise, so its trees are shallow (most options end without a separator)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
-
-
-def policy_in_wide_llama(policy_dir: Path, out: Path) -> Path:
-    """The embedded policy inside a Llama 4x as wide and twice as deep (~27M parameters), saved to
-    `out`: its weights fill the first 128 dimensions, the first heads and the first MLP units of
-    the first layers, everything else is zero (the extra heads and units add nothing, the extra
-    layers pass the residual stream through, the norms are rescaled for the zero dimensions), so
-    it proposes what the embedded policy proposes, and grows the same deep trees, at the compute
-    per position of a 27M model (a matmul costs the same whatever its values)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    small = LlamaForCausalLM.from_pretrained(policy_dir, local_files_only=True, dtype=torch.float32)
-    c = small.config
-    assert c.num_key_value_heads == c.num_attention_heads and not c.attention_bias and not c.mlp_bias, (
-        "the embedding below copies plain multi-head attention and bias-free layers only"
-    )
-    assert c.hidden_size <= 512 and c.intermediate_size <= 1536, (
-        f"{c.hidden_size} / {c.intermediate_size} too wide"
-    )
-    d, head_dim = 512, c.hidden_size // c.num_attention_heads
-    shrink = (c.hidden_size / d) ** 0.5  # RMS over d dims of which only hidden_size are non-zero
-    cfg = LlamaConfig(
-        **{
-            **c.to_dict(),
-            "hidden_size": d,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 2 * c.num_hidden_layers,
-            "num_attention_heads": d // head_dim,
-            "num_key_value_heads": d // head_dim,
-            "head_dim": head_dim,
-            "rms_norm_eps": c.rms_norm_eps * shrink**2,
-        }
-    )
-    wide = LlamaForCausalLM(cfg)
-    h, m = c.hidden_size, c.intermediate_size
-    with torch.no_grad():
-        for p in wide.parameters():
-            p.zero_()
-        wide.model.embed_tokens.weight[:, :h] = small.model.embed_tokens.weight
-        wide.model.norm.weight[:h] = small.model.norm.weight * shrink
-        for big, layer in zip(wide.model.layers, small.model.layers, strict=False):
-            big.input_layernorm.weight[:h] = layer.input_layernorm.weight * shrink
-            big.post_attention_layernorm.weight[:h] = layer.post_attention_layernorm.weight * shrink
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(big.self_attn, name).weight[:h, :h] = getattr(layer.self_attn, name).weight
-            for name in ("gate_proj", "up_proj"):
-                getattr(big.mlp, name).weight[:m, :h] = getattr(layer.mlp, name).weight
-            big.mlp.down_proj.weight[:h, :m] = layer.mlp.down_proj.weight
-    if not c.tie_word_embeddings:
-        with torch.no_grad():
-            wide.lm_head.weight[:, :h] = small.lm_head.weight
-    wide.generation_config = small.generation_config
-    wide.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(policy_dir, local_files_only=True).save_pretrained(out)
-    return out
 
 
 def hf_generate(policy, prompts: list[str]) -> int:
@@ -360,6 +279,19 @@ def measure(
     }
 
 
+def plot(payload: dict, path) -> Path:
+    """Each model's figures as a share of their goal (1: met; positions per token as 3 / it)."""
+    from benchmarks._report import bar_plot
+
+    models = [m for m in ("embedded", "wide", "wide_policy") if m in payload]
+    goals = {"tokens_per_s_ratio": 0.8, "tokens_per_s_ratio_decode_only": 0.8, "model_share": 0.95}
+    series = {f"{k} / {g}": [payload[m][k] / g for m in models] for k, g in goals.items()}
+    series["batched_vs_one_leaf / 5"] = [payload[m]["batched_vs_one_leaf"] / 5 for m in models]
+    series["3 / positions_per_token"] = [3 / payload[m]["positions_per_token"] for m in models]
+    title = "search throughput against its goals"
+    return bar_plot(path, models, series, "share of the goal (1: met)", title, log=False, line=1.0)
+
+
 def _same_trees(a, b) -> bool:
     """Every tree's step texts and visit counts identical (the prefix cache must not change them)."""
     return all(
@@ -380,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wide-simulations", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="", help="PNG: each model's figures against their goals")
     args = ap.parse_args(argv)
 
     import torch
@@ -428,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         ("policy_forwards_side_by_side", "forwards side by side", ".2f"),
     ]
     print(format_table(results, columns))
+    head = results[0]
+    keys = ("tokens_per_s_ratio", "positions_per_token", "model_share", "batched_vs_one_leaf")
+    payload = {"environment": environment(), **{k: head[k] for k in keys}, "embedded": head}
+    for extra in results[1:]:
+        payload[extra["model"]] = extra
     if args.json:
-        head = results[0]
-        keys = ("tokens_per_s_ratio", "positions_per_token", "model_share", "batched_vs_one_leaf")
-        payload = {"environment": environment(), **{k: head[k] for k in keys}, "embedded": head}
-        for extra in results[1:]:
-            payload[extra["model"]] = extra
         write_json(args.json, payload)
+    if args.plot:
+        print(f"wrote {plot(payload, args.plot)}")
     return 0
 
 
