@@ -258,15 +258,11 @@ def decode(
     tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=device)
     lengths = torch.full((b,), -1, dtype=torch.long, device=device)  # set as a row finishes
-    # a token that ends its row: EOS or a stop token, looked up in one gather
-    vocab = max(
-        [logits.shape[-1], int(eos_ids.max()) + 1 if eos_ids.numel() else 0]
-        + ([int(stop_ids.max()) + 1] if stop_ids is not None and stop_ids.numel() else [])
-    )
-    ends = torch.zeros(vocab, dtype=torch.bool, device=device)
-    ends[eos_ids] = True
-    if stop_ids is not None and stop_ids.numel():
-        ends[stop_ids] = True
+    # a token that ends its row (EOS or a stop token), looked up in one gather
+    end_ids = torch.cat([eos_ids, eos_ids[:0] if stop_ids is None else stop_ids]).long()
+    end_ids = end_ids[end_ids >= 0]  # a -1 (some generation configs) ends nothing, as with `isin`
+    ends = torch.zeros(max([logits.shape[-1], *(end_ids + 1).tolist()]), dtype=torch.bool, device=device)
+    ends[end_ids] = True
     active = torch.arange(b, device=device)  # rows in the forward batch (ascending)
     alive = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
     finished_in_batch = 0  # rows of the forward batch that have finished (`alive` False)
@@ -278,8 +274,9 @@ def decode(
         lo += size
     assert lo == b, f"groups cover {lo} of {b} rows"
     unfinished = torch.ones(b, dtype=torch.bool)  # on the CPU: read every step to skip done groups
-    # Most steps finish no row: while every row is in the batch and alive, the loop indexes nothing
-    # (each skipped op is a kernel launch on a GPU, ~10 us on a CPU).
+    # Until a row of the forward batch finishes (most steps of a short call, and of each stretch
+    # after a drop until its first finish), the loop indexes no rows (each skipped op is a kernel
+    # launch on a GPU, ~10 us on a CPU).
     t = -1
     for t in range(max_new):
         every_row = finished_in_batch == 0 and active.numel() == b  # live == arange(b)

@@ -223,3 +223,19 @@ def test_load_errors(tmp_path):
         (src / f).unlink()
     with pytest.raises(PolicyLoadError, match="no tokenizer"):
         Policy.load(PolicyConfig(path=str(src)))
+
+
+def test_a_negative_end_id_ends_no_row(policy: Policy):
+    """A -1 among the EOS ids (some generation configs carry one) ends no row: the last vocabulary
+    id is drawn and decoded past like any other (the loop's end-token table must not wrap it)."""
+    from mcts.decode import decode
+
+    ids = [policy.tokenizer(p)["input_ids"] for p in PROMPTS]
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(8)
+    tokens, _, _, lengths = decode(
+        policy.model, ids, rows, 12, sample=True, eos_ids=torch.tensor([-1]),
+        pad_id=policy.tokenizer.pad_token_id, groups=[(rows.numel(), torch.Generator().manual_seed(0))],
+    )  # fmt: skip
+    last = policy.model.get_output_embeddings().weight.shape[0] - 1
+    assert bool((tokens == last).any()), "the last id should be drawn somewhere in 24 x 12 draws"
+    assert lengths == [12] * rows.numel()

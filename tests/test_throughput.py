@@ -14,9 +14,8 @@ def test_throughput_benchmark_on_a_small_search(solving_policy):
     assert min(out["tokens_per_s_plain"], out["tokens_per_s_search"], out["nodes_per_s_one_leaf"]) > 0
     assert 0 < out["model_share"] <= 1
     assert out["positions_per_token"] <= out["positions_per_token_uncached"]
-    # decode steps metered apart: plain sampling's 256-row batches against one leaf's few rows, and
-    # the search's decode forwards take less than its whole wall time
-    rows = out["decode_rows_per_forward"]
+    # decode steps metered apart: plain sampling's 256-row batches against one leaf's few rows, whose
+    # rows cost more each on a CPU (a forward's fixed cost shared by fewer of them)
+    rows, cost = out["decode_rows_per_forward"], out["decode_us_per_row"]
     assert rows["plain"] > rows["one_leaf"] >= 1 and rows["search"] >= 1
-    assert all(us > 0 for us in out["decode_us_per_row"].values())
-    assert out["tokens_per_s_ratio_decode_only"] > out["tokens_per_s_ratio"]
+    assert cost["one_leaf"] > cost["plain"] > 0
