@@ -75,7 +75,7 @@ class ModelMeter:
         import torch
 
         self.seconds, self._t0, self.calls = 0.0, 0.0, 0
-        self.decode_seconds, self.decode_rows, self.decode_calls = 0.0, 0, 0
+        self.decode = [0.0, 0, 0]  # decode steps: seconds, rows summed over them, how many
         self._rows = 0  # rows of the forward running now; 0 when it is not a decode step
         device = next(module.parameters()).device
         self._wait = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -97,9 +97,9 @@ class ModelMeter:
         self.seconds += seconds
         self.calls += 1
         if self._rows:
-            self.decode_seconds += seconds
-            self.decode_rows += self._rows
-            self.decode_calls += 1
+            self.decode[0] += seconds
+            self.decode[1] += self._rows
+            self.decode[2] += 1
 
 
 def hf_generate(policy, prompts: list[str]) -> int:
@@ -159,7 +159,7 @@ def measure(
 
     def timed(fn):
         model0, pos0 = sum(m.seconds for m in meters), policy.positions_run
-        dec0 = (meters[0].decode_seconds, meters[0].decode_rows, meters[0].decode_calls)
+        dec0 = list(meters[0].decode)
         tok0, t0 = policy.tokens_generated, time.perf_counter()
         result = fn()
         wall = time.perf_counter() - t0
@@ -168,15 +168,7 @@ def measure(
             "tokens": policy.tokens_generated - tok0,
             "positions": policy.positions_run - pos0,
             "model_s": sum(m.seconds for m in meters) - model0,
-            # the policy's decode steps: seconds, rows summed over them, how many
-            "decode": [
-                now - before
-                for now, before in zip(
-                    (meters[0].decode_seconds, meters[0].decode_rows, meters[0].decode_calls),
-                    dec0,
-                    strict=True,
-                )
-            ],
+            "decode": [now - before for now, before in zip(meters[0].decode, dec0, strict=True)],
             "result": result,
         }
 

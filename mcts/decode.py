@@ -314,6 +314,12 @@ def decode(
         if stop_text is not None:
             rows_now = tokens[live, : t + 1].tolist()
             done |= torch.tensor([stop_text(r) for r in rows_now], dtype=torch.bool, device=device)
+        # every row alive at this step feeds its token (one that just finished too), the others pad
+        if finished_in_batch == 0:
+            feed = step
+        else:
+            feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
+            feed[alive] = step
         newly = int(done.sum())
         if newly:
             gone = live[done]
@@ -322,12 +328,6 @@ def decode(
                 draw[gone] = 0.0  # a finished row: any distribution keeps its place in the draw
                 draw[gone, 0] = 1.0
                 unfinished[gone.cpu()] = False
-        if finished_in_batch == 0:
-            feed = step
-        else:
-            feed = torch.full((active.numel(),), pad_id, dtype=torch.long, device=device)
-            feed[alive] = step
-        if newly:
             alive[alive.clone()] = ~done
             finished_in_batch += newly
         if t == max_new - 1 or finished_in_batch == active.numel():
