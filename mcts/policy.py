@@ -87,6 +87,10 @@ class Rollout:
 def check_policy_dir(path: str | Path) -> Path:
     """Raise `PolicyLoadError` unless `path` looks like a loadable, safe local checkpoint."""
     p = Path(path).expanduser()
+    if str(path) and p.is_file():
+        raise PolicyLoadError(
+            f"policy.path={path} is a file: point policy.path at the directory save_pretrained wrote"
+        )
     if not str(path) or not p.is_dir():
         raise PolicyLoadError(
             f"policy.path={path} does not exist: point policy.path at a local directory saved with "

@@ -17,6 +17,7 @@ from critics.base import CriticsConfig
 from mcts.base import PolicyConfig, SearchConfig
 from mcts.tasks.countdown import CountdownDifficulty
 from mcts.tasks.jsonl import JsonlTask
+from mcts.tasks.registry import GENERATED_PROBLEMS
 from rewards.derive import DeriveConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -44,8 +45,9 @@ class CountdownTaskConf(TaskConf):
     """Countdown: generated with `seed` at this difficulty (see mcts.tasks.countdown)."""
 
     name: str = "countdown"
-    num_problems: int | None = 256
-    """Generate N problems; 256 fills 16 batches for the default job's workers in a few minutes."""
+    num_problems: int | None = None
+    """Generate N problems (null: `mcts.tasks.registry.GENERATED_PROBLEMS`, 256); with task.path, keep
+    the first N of the file (null: all of it)."""
     seed: int = 0
     """Problem generator seed; independent of the search seed, so `seed=N` re-searches the same problems."""
     # The generator's own defaults and checks (mcts.tasks.countdown.CountdownDifficulty).
@@ -55,6 +57,11 @@ class CountdownTaskConf(TaskConf):
     max_number: int = CountdownDifficulty.max_number
     min_target: int = CountdownDifficulty.min_target
     max_target: int = CountdownDifficulty.max_target
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_problems is None and not self.path:  # the count generated is part of the config hash
+            self.num_problems = GENERATED_PROBLEMS
 
 
 @dataclass

@@ -215,11 +215,15 @@ def run_improve(
     `trainer(dataset_dirs, out_dir, policy, train_cfg) -> report` (default `train_policy`) lets a
     benchmark train another way on the same on-policy searches."""
     from mcts.embedded import evaluation_problems
+    from mcts.policy import check_policy_dir
     from rewards.export import load_manifest
     from rewards.train import train_policy
 
     trainer = trainer or train_policy
     out = Path(out)
+    if out.is_file():
+        raise TrainInputError(f"--out {out} is a file: choose a directory")
+    check_policy_dir(base_policy)  # bad input is refused before anything is written under out
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, cfg)
     held_out = evaluation_problems(cfg.eval_split, cfg.eval_problems or None)

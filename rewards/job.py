@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import sys
 from importlib import metadata
 
 
 class JobInputError(ValueError):
     """A bad setting or input of the job; the message is one line saying what to change."""
+
+
+def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a `host:port` Ray address nothing answers on, in seconds and one line (Ray's own
+    client retries for ~20 s and logs a line a second). `local`, `auto` and anything else that is
+    not host:port are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)", address.strip())
+    if not match:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout_s).close()
+    except OSError as e:
+        raise JobInputError(
+            f"ray.address={address}: no Ray cluster reachable ({e.strerror or e}): start one with "
+            "`ray start --head`, or run locally with ray.address=local"
+        ) from None
 
 
 def shard_name(index: int) -> str:

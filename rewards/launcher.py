@@ -15,7 +15,6 @@ On a cluster every node needs this package installed and the model directories a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -73,9 +72,9 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
         logging_level=logging.WARNING,
         runtime_env={"env_vars": dict(WORKER_ENV)},
     )
-    loopback = _loopback_only() if address == "local" else contextlib.nullcontext()
+    wrapper = _loopback_only() if address == "local" else _held_stderr()
     try:
-        with loopback:
+        with wrapper:
             if address == "local":
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
             else:
@@ -91,6 +90,31 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 while Ray joins a cluster, and pass it on only if
+    it joined: where the address answers but is no Ray cluster, Ray's C++ client logs a retry a
+    second for ~20 s before it fails, and the job's one line says it all."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if joined:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 # Ray names a node by an address other machines can reach and binds its GCS, raylet, workers and

@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mcts.tasks.base import Problem, TaskInputError
 from rewards.config import CONF_DIR, Config, TaskConf
-from rewards.job import JobInputError, shard_name
+from rewards.job import JobInputError, check_cluster_address, shard_name
 
 log = logging.getLogger("arborist")
 
@@ -62,9 +62,27 @@ def to_schema(cfg: DictConfig | Config) -> Config:
     if missing:  # to_object would quietly fall back to the schema's default
         raise JobInputError(f"{missing[0]} is required: set {missing[0]}=...")
     try:
-        return OmegaConf.to_object(cfg)
+        conf = OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as e:
         raise JobInputError(str(e).splitlines()[0]) from None
+    extra = _unknown_keys(conf)
+    if extra:  # Hydra's `+key=value` adds a key the schema lacks; nothing would read it
+        raise JobInputError(
+            f"unknown setting {extra[0]!r}: no such key (a misspelling, or added with +?); "
+            "`arborist search --cfg job` lists every setting"
+        )
+    return conf
+
+
+def _unknown_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys on a schema object that are not its fields (`to_object` keeps them as attributes)."""
+    if not dataclasses.is_dataclass(node):
+        return []
+    fields = {f.name for f in dataclasses.fields(node)}
+    out = [prefix + k for k in vars(node) if k not in fields]
+    for name in sorted(fields):
+        out += _unknown_keys(getattr(node, name), f"{prefix}{name}.")
+    return out
 
 
 def task_settings(task: TaskConf) -> dict:
@@ -101,6 +119,7 @@ def check_config(cfg: DictConfig | Config) -> Job:
     if not problems:
         raise TaskInputError(f"task {conf.task.name!r} has no problems: check task.path / task.num_problems")
     _check_model_dirs(conf)
+    check_cluster_address(conf.ray.address)
     size = conf.search.batch_problems
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
     if not conf.out.strip():

@@ -90,16 +90,27 @@ def test_invalid_number_in_a_subprocess(out):
         (["search.batch_problems=0"], ["search.batch_problems"]),
         (["task=nope"], ["unknown task 'nope'", "countdown", "jsonl"]),
         (["search.nope=1"], ["search.nope"]),
+        (["+nope=1"], ["unknown setting 'nope'"]),  # Hydra's `+` adds keys; the schema has none
+        (["+search.simulatons=8"], ["unknown setting 'search.simulatons'"]),
         (["task=jsonl"], ["task.path"]),
         (["task=jsonl", "task.path=/nonexistent/problems.jsonl"], ["/nonexistent/problems.jsonl"]),
         (["policy.path=/nonexistent/model"], ["policy.path=/nonexistent/model", "does not exist"]),
         (["policy=hf"], ["policy.path"]),
         (["critics.value_path=/nonexistent/critic"], ["critics.value_path"]),
+        (["ray.address=127.0.0.1:1"], ["ray.address=127.0.0.1:1", "no Ray cluster reachable"]),
     ],
 )
 def test_bad_input_is_one_line(overrides, needles, out, capsys):
     assert main(["search", *overrides, f"out={out}"]) == 2
     _check_one_line(capsys.readouterr().err, *needles)
+    _nothing_written(out)
+
+
+def test_a_policy_path_that_is_a_file(tmp_path, out, capsys):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    assert main(["search", f"policy.path={model}", f"out={out}"]) == 2
+    _check_one_line(capsys.readouterr().err, "is a file", "directory")
     _nothing_written(out)
 
 

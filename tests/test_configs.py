@@ -52,6 +52,24 @@ def test_defaults_are_the_no_argument_job():
     assert conf.out == "arborist-out"
 
 
+def test_a_countdown_file_is_read_whole_unless_a_count_is_given(tmp_path):
+    """The generated count (256) is not a cap on a file of the user's: all 300 rows are kept."""
+    import json
+
+    from mcts.tasks.registry import GENERATED_PROBLEMS
+    from rewards.pipeline import check_config
+
+    path = tmp_path / "cd.jsonl"
+    rows = [{"id": i, "numbers": [2, 3, i % 7 + 1], "target": 6 + i} for i in range(GENERATED_PROBLEMS + 44)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = f"out={tmp_path / 'o'}"
+    assert len(check_config(compose([out, f"task.path={path}"])).problems) == len(rows)
+    assert len(check_config(compose([out, f"task.path={path}", "task.num_problems=10"])).problems) == 10
+    generated = check_config(compose([out]))
+    assert len(generated.problems) == GENERATED_PROBLEMS
+    assert generated.config["task"]["num_problems"] == GENERATED_PROBLEMS  # in the config hash, as before
+
+
 def test_public_contract_overrides(tmp_path):
     """The overrides of DESIGN.md's public contract, all at once."""
     problems = tmp_path / "p.jsonl"

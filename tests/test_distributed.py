@@ -233,3 +233,17 @@ def test_a_local_ray_listens_on_loopback_only():
     loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
     wide = [p for p in ports if p[0] not in loopback]
     assert not wide, f"Ray ports bound beyond loopback: {wide}"
+
+
+def test_what_ray_logs_while_joining_is_held_and_passed_on_only_if_it_joined(capfd):
+    """Where an address answers but is no Ray cluster, Ray's client logs a retry a second before it
+    fails; the job's one line replaces them. A join that succeeds loses nothing it wrote."""
+    from rewards.launcher import _held_stderr
+
+    with pytest.raises(ConnectionError), _held_stderr():
+        os.write(2, b"gcs_client.cc:210: Failed to get cluster ID\n")
+        raise ConnectionError("no cluster")
+    with _held_stderr():
+        os.write(2, b"joined, with a note\n")
+    err = capfd.readouterr().err
+    assert "gcs_client" not in err and "joined, with a note" in err

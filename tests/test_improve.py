@@ -85,6 +85,26 @@ def test_a_failed_round_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     ]
 
 
+def test_bad_input_leaves_out_untouched(tmp_path, capsys):
+    """A base policy that is not there, or an --out that is a file: one line, exit 2, and no
+    improve.json recorded (it would pin the settings of a run that never started)."""
+    from rewards.cli import main
+
+    out = tmp_path / "out"
+    argv = ["improve", "--out", str(out), "--rounds", "1", "--problems", "10"]
+    assert main([*argv, "--policy", str(tmp_path / "nonexistent")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0], err
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    policy = save_tiny_llama(tmp_path / "policy")
+    capsys.readouterr()
+    assert main(["improve", "--out", str(afile), "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"arborist: error: --out {afile} is a file: choose a directory"]
+
+
 def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):
     """The loop end to end on rounds whose search already finished (the resume path): with replay,
     round 2's policy is trained on both rounds' rows; without it, on round 2's alone."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mcts.tasks import TASKS, CountdownDifficulty, CountdownTask, JsonlTask, StepCheck, Task, TaskInputError
 from mcts.tasks.jsonl import load_jsonl_file, make_problem, parse_number
-from mcts.tasks.registry import load_problems, make_task
+from mcts.tasks.registry import GENERATED_PROBLEMS, load_problems, make_task
 
 TASK = JsonlTask(max_steps=4)
 GSM = make_problem("g", "Ann has 40 apples and buys 2. How many?", "She has 40 + 2 = 42 apples.\n#### 42")
@@ -183,7 +183,7 @@ def test_registry_load_problems(tmp_path):
     assert all(len(p.meta["numbers"]) == 5 for p in generated)
     same = load_problems("countdown", num_problems=5, seed=3, difficulty=CountdownDifficulty(5, 5))
     assert same == generated and [p.meta for p in same] == [p.meta for p in generated]
-    assert len(load_problems("countdown")) == 100
+    assert len(load_problems("countdown")) == GENERATED_PROBLEMS
     assert (
         load_problems("countdown", num_problems=2, difficulty={"max_number": 20}, max_steps=9)[0].id
         == "cd-0-0"

@@ -53,6 +53,10 @@ def make_task(name: str, /, **settings) -> Task:
     return cls(**{k: v for k, v in settings.items() if k in fields})
 
 
+GENERATED_PROBLEMS = 256
+"""Countdown problems generated when no count is given: 16 batches of the default job, a few minutes."""
+
+
 def load_problems(
     name: str,
     /,
@@ -65,12 +69,12 @@ def load_problems(
 ) -> list[Problem]:
     """The problems for task `name`.
 
-    - countdown: read from `path` when given, else `num_problems` (default 100) distinct problems
+    - countdown: read from `path` when given, else `num_problems` (default `GENERATED_PROBLEMS`) distinct problems
       generated with `seed` and the difficulty (a CountdownDifficulty, a dict of its fields, or its fields as
       keyword arguments, e.g. `max_numbers=5`);
     - jsonl: read from `path` (required).
 
-    With a path, `num_problems` keeps the first N problems of the file. Task settings such as
+    With a path, `num_problems` keeps the first N problems of the file (None: all of them). Task settings such as
     `max_steps` may be passed too and are ignored, so a whole `task` config group fits.
     """
     _check_name(name)
@@ -91,7 +95,9 @@ def load_problems(
             f"countdown has no setting {', '.join(unknown)}: difficulty settings are {', '.join(_DIFFICULTY_FIELDS)}"
         )
     difficulty = _difficulty(difficulty, known)
-    return distinct_problems(100 if num_problems is None else num_problems, seed=seed, difficulty=difficulty)
+    return distinct_problems(
+        GENERATED_PROBLEMS if num_problems is None else num_problems, seed=seed, difficulty=difficulty
+    )
 
 
 def _difficulty(base: CountdownDifficulty | dict | None, overrides: dict) -> CountdownDifficulty:
