@@ -100,6 +100,9 @@ def search(overrides: list[str]) -> int:
 
     # Hydra's own flags (--help, --cfg job, -m ...) are Hydra's business: pass them through.
     if not any(a.startswith("-") for a in overrides):
+        bare = [a for a in overrides if "=" not in a and not a.startswith("~")]  # `~key` deletes
+        if bare:
+            return _fail(ValueError(f"override {bare[0]!r} has no value: write {bare[0]}=VALUE"))
         try:
             job = pipeline.check_config(compose(overrides))
         except _input_errors() as e:

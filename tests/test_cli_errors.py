@@ -90,6 +90,7 @@ def test_invalid_number_in_a_subprocess(out):
         (["search.batch_problems=0"], ["search.batch_problems"]),
         (["task=nope"], ["unknown task 'nope'", "countdown", "jsonl"]),
         (["search.nope=1"], ["search.nope"]),
+        (["search.simulations"], ["override 'search.simulations' has no value", "search.simulations=VALUE"]),
         (["+nope=1"], ["unknown setting 'nope'"]),  # Hydra's `+` adds keys; the schema has none
         (["+search.simulatons=8"], ["unknown setting 'search.simulatons'"]),
         (["task=jsonl"], ["task.path"]),
