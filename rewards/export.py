@@ -369,9 +369,15 @@ class DatasetWriter:
         """Append one finished shard to the log: one line, written and fsynced before it counts."""
         line = (json.dumps(json_safe(entry), sort_keys=True, allow_nan=False) + "\n").encode()
         fd = os.open(self.out_dir / SHARD_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
         try:
-            os.write(fd, line)
+            done = 0
+            while done < len(line):  # a full disk may take part of it and fail the rest
+                done += os.write(fd, line[done:])
             os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # a torn line must not stay for the next entry to bury mid-file
+            raise
         finally:
             os.close(fd)
 

@@ -176,6 +176,39 @@ def test_a_torn_log_line_names_nothing(tmp_path):
     assert sorted(load_manifest(tmp_path)["finished_problem_ids"]) == ["p1", "p2"]
 
 
+def test_a_short_write_to_the_log_is_finished_or_undone(tmp_path, monkeypatch):
+    """A full disk can take part of a log line: the writer goes on writing the rest, and where the
+    disk then refuses, it cuts the torn part off, so that no later line is logged behind it."""
+    import errno
+    import os
+
+    from rewards.export import SHARD_LOG
+
+    write = os.write  # the real one (os.write itself is what is patched)
+
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    w.write_shard(*_batch("p1"), "shard-00000")
+    calls = []
+
+    def short(fd, data):  # 10 bytes at a time, then (on the third call) a full disk
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, bytes(data[:10]))
+
+    before = (tmp_path / SHARD_LOG).read_bytes()
+    monkeypatch.setattr(os, "write", short)
+    with pytest.raises(OSError, match="No space"):
+        w.write_shard(*_batch("p2"), "shard-00001")
+    assert (tmp_path / SHARD_LOG).read_bytes() == before  # the 20 bytes that landed were cut off
+    calls.clear()
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data[:10])))
+    w.write_shard(*_batch("p3"), "shard-00002")  # short writes only: the whole line, in pieces
+    monkeypatch.undo()
+    w.close()
+    assert sorted(load_manifest(tmp_path)["shards"]) == ["shard-00000", "shard-00002"]
+
+
 def test_the_sweep_touches_only_this_job_familys_files(tmp_path):
     DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "shard-00000")
     own = [
