@@ -205,9 +205,11 @@ class Child:
     terminal: bool = False
     outcome: int = -1  # -1 unverified, 0 wrong, 1 correct (terminals only)
     num_tokens: int = 0
+    eos: bool = False  # the policy ended the option with EOS: it wrote no separator after `text`
     critics: dict = field(default_factory=dict)  # value / prm / orm breakdown of `score`
     graft: tuple[str, ...] = ()  # steps of a rollout from this node (up to its verdict), to keep
     graft_outcome: int = -1  # the rollout's verdict: 1 correct, 0 wrong, -1 no terminal reached
+    graft_eos: bool = False  # the rollout's last step ended with EOS (no separator written)
     rollout_trials: int = 0  # verified rollouts from this node (each one distinct sample)
     rollout_successes: int = 0  # how many of them were verified correct
 

@@ -120,7 +120,12 @@ class PolicyExpander:
                 # finished, wrong solution.
                 terminal = check.terminal or opt.ended or opt.truncated
                 child = Child(
-                    text=opt.text, prior=opt.prior, score=0.0, terminal=terminal, num_tokens=opt.num_tokens
+                    text=opt.text,
+                    prior=opt.prior,
+                    score=0.0,
+                    terminal=terminal,
+                    num_tokens=opt.num_tokens,
+                    eos=opt.ended,
                 )
                 if terminal:
                     child.outcome = int(bool(check.success))
@@ -160,12 +165,20 @@ class PolicyExpander:
                 rollout_steps[i].append(full)
                 verdict = task.check(problem, full)
                 success[i] += float(verdict.success is True) / cfg.rollouts
-                if verdict.terminal:  # a verified sample: one trial of the node's evidence
+                # A verified sample, one trial of the node's evidence: a verdict, or the model
+                # ending (EOS) without an answer, a wrong solution as an option ending so is.
+                if verdict.terminal or r.ended:
                     child.rollout_trials += 1
                     child.rollout_successes += int(verdict.success is True)
                 if not child.graft:  # the first rollout's path, cut at its verdict
                     child.graft = tuple(r.steps[: _solution_length(task, problem, steps, r.steps)])
                     child.graft_outcome = int(bool(verdict.success)) if verdict.terminal else -1
+                    # the whole rollout, ended by EOS right after its last step's text
+                    child.graft_eos = (
+                        r.ended
+                        and len(child.graft) == len(r.steps)
+                        and not r.text.endswith(task.step_separator)
+                    )
                 expansions[leaf_of_child[id(child)]].tokens += r.num_tokens
             parts["rollout"] = success
         if self.critics is not None:

@@ -23,6 +23,8 @@ Per-node arrays, all of shape [num_nodes], node 0 is the root (the bare prompt):
     rollout_trials     int16  verified rollouts from the node whose verdict is NOT a terminal node
                               of the tree (rollouts that were not grafted, or whose graft was cut)
     rollout_successes  int16  how many of those were verified correct
+    eos          bool    the policy ended the node's step with EOS, writing no separator after it
+                         (a terminal; every other step the policy wrote ends with the separator)
 
 Evidence (`evidence()`): a *trial* is one distinct verified sample, a terminal node with a verdict
 (counted once, however often it is revisited) or a rollout that is not in the tree as a terminal.
@@ -30,6 +32,7 @@ A node's trials V and successes S are those in its subtree; S / V is its success
 Texts:
     steps        list[str]  the option text leading to each node ("" for the root), without separator
     separator    str        the task's step separator, which ends every step the policy wrote
+                            except an `eos` one
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ NODE_FIELDS: dict[str, type] = {
     "num_tokens": np.int32,
     "rollout_trials": np.int16,
     "rollout_successes": np.int16,
+    "eos": np.bool_,
 }
 # fields a tree written before they existed may lack: (fill value)
-_OPTIONAL_FIELDS = {"rollout_trials": 0, "rollout_successes": 0}
+_OPTIONAL_FIELDS = {"rollout_trials": 0, "rollout_successes": 0, "eos": False}
 
 UNVERIFIED = -1
 

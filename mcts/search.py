@@ -51,6 +51,7 @@ class SearchBatch:
         # evidence of rollouts whose verdict is not a terminal node of the tree (see FinishedTree)
         self.rollout_trials = np.zeros((b, cap), np.int16)
         self.rollout_successes = np.zeros((b, cap), np.int16)
+        self.eos = np.zeros((b, cap), np.bool_)  # the step ended with the policy's EOS
         self.critics = {name: np.full((b, cap), np.nan, np.float32) for name in ("value", "prm", "orm")}
         self.tokens = np.zeros(b, np.int64)
         self.rounds = np.zeros(b, np.int64)
@@ -284,6 +285,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             batch.num_tokens[b, c] = child.num_tokens
             batch.rollout_trials[b, c] = child.rollout_trials
             batch.rollout_successes[b, c] = child.rollout_successes
+            batch.eos[b, c] = child.eos
             for name, val in child.critics.items():
                 if name in batch.critics and val is not None:
                     batch.critics[name][b, c] = val
@@ -308,7 +310,7 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
     )
     if cfg.keep_rollouts != "none" and cfg.adaptive_branching:
         grafts = [
-            (b, int(first[i]) + j, child.graft, child.graft_outcome)
+            (b, int(first[i]) + j, child.graft, child.graft_outcome, child.graft_eos)
             for i, (b, _node, _kind, _req) in enumerate(selections)
             for j, child in enumerate(children[i])
             if child.graft and (cfg.keep_rollouts == "all" or child.graft_outcome == 1)
@@ -333,14 +335,16 @@ def _keep_evidence_of_dropped(
             batch.rollout_successes[b, node] += c.outcome == 1
 
 
-def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int]]) -> None:
+def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int, bool]]) -> None:
     """Append each rollout below its node as a chain of unvisited nodes, level by level (one
     `expand` call per level for all chains). Unvisited nodes add nothing to any N, W or S: PUCT
     sees them through their score (the rollout's verdict) and prior (one sample of
     `num_options`); a chain's parent gets width c_min, so selection still widens it with options
     of its own. The chain ends in a terminal when the rollout reached a verdict."""
     cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
-    tips = [(b, node, steps, verdict, node) for b, node, steps, verdict in grafts if steps]  # + origin
+    tips = [
+        (b, node, steps, verdict, eos, node) for b, node, steps, verdict, eos in grafts if steps
+    ]  # + origin
     prior = 1.0 / cfg.num_options
     level = 0
     while tips:
@@ -375,13 +379,15 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
         forest.width_target[tree_ids, node_ids] = np.maximum(
             forest.width_target[tree_ids, node_ids], cfg.c_min
         )
-        for (b, _node, steps, verdict, origin), c, ends in zip(tips, first.tolist(), last, strict=True):
+        for (b, _node, steps, verdict, eos, origin), c, ends in zip(tips, first.tolist(), last, strict=True):
             batch.texts[b][c] = steps[level]
+            if ends:
+                batch.eos[b, c] = eos
             if ends and batch.rollout_trials[b, origin] > 0:
                 batch.rollout_trials[b, origin] -= 1
                 batch.rollout_successes[b, origin] -= verdict == 1
         tips = [
-            (t[0], c, t[2], t[3], t[4])
+            (t[0], c, t[2], t[3], t[4], t[5])
             for t, c in zip(tips, first.tolist(), strict=True)
             if len(t[2]) > level + 1
         ]
@@ -427,6 +433,7 @@ def _finish(batch: SearchBatch, b: int) -> FinishedTree:
         "num_tokens": batch.num_tokens[b, keep],
         "rollout_trials": batch.rollout_trials[b, keep],
         "rollout_successes": batch.rollout_successes[b, keep],
+        "eos": batch.eos[b, keep],
         **{name: batch.critics[name][b, keep] for name in ("value", "prm", "orm")},
     }
     for name in NODE_FIELDS:

@@ -217,7 +217,7 @@ def critic_agreement(trees: list[FinishedTree]) -> dict:
         inner = np.flatnonzero((st.depth > 0) & ~st.terminal & (st.trials > 0))
         for name in ("value", "prm"):
             s = t.nodes[name].astype(np.float64)
-            rows[name] += [(s[i], bool(st.verified_below[i]), float(st.success[i])) for i in inner]
+            rows[name] += [(s[i], bool(st.success_below[i]), float(st.success[i])) for i in inner]
         verified = np.flatnonzero(st.terminal & (st.outcome >= 0) & (st.depth > 0))
         orm = t.nodes["orm"].astype(np.float64)
         rows["orm"] += [(orm[i], st.outcome[i] == CORRECT, float(st.outcome[i] == CORRECT)) for i in verified]

@@ -97,11 +97,13 @@ class BootstrapCriticsConfig:
     2,000: chosen on the bootstrap's validation split and the held-out pool's tune slice)."""
     max_step_tokens: int = 16
     """Policy token caps: Countdown steps are ~8 characters, solutions ~30."""
-    labels: str = "trials-v3"
+    labels: str = "trials-v4"
     """What the code derives labels from; a new value rebuilds cached critics. "trials-v2": success
     rates over distinct verified samples (not visits), distinct bootstrap problems by content, and
     a validation split by content (not by id); "trials-v3": options the width leaves out keep their
-    verified samples (mcts.search)."""
+    verified samples (mcts.search); "trials-v4": a rollout the policy ends (EOS) without an answer
+    is a wrong sample, and a hard label counts every verified success below a node, rollouts
+    included (Math-Shepherd's estimate), not only a correct terminal of the tree."""
     max_rollout_tokens: int = 48
     threads: int = 2
 

@@ -37,7 +37,7 @@ def value_labels(trees: Iterable[FinishedTree], min_verified: int = 2) -> Labels
             i = row["node"]
             if row["terminal"] or row["depth"] == 0 or row["trials"] < min_verified:
                 continue
-            out.add(tree, tree.path_steps(i), [row["value"]], [row["verified_below"]], [i])
+            out.add(tree, tree.path_steps(i), [row["value"]], [row["success_below"]], [i])
     return out
 
 

@@ -223,7 +223,7 @@ def prm_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = No
             {
                 "prompt": tree.prompt,
                 "completions": [tree.steps[i] for i in path],
-                "labels": [bool(st.verified_below[i]) for i in path],
+                "labels": [bool(st.success_below[i]) for i in path],
                 "soft_labels": [_f(st.success[i]) for i in path],
                 "problem_id": tree.problem_id,
                 "tree_id": tree.tree_id,
@@ -334,6 +334,8 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
     st = stats or node_stats(tree)
     target = st.success if cfg.value_target == "success" else st.q
     keep = (st.visits >= cfg.min_visits) & ~np.isnan(target)
+    # an empty step the policy ended with EOS adds no text: its prompt would be its parent's
+    keep &= ~(tree.nodes["eos"] & np.array([s == "" for s in tree.steps]))
     return [
         {
             "prompt": prefix_text(tree, i),
@@ -343,6 +345,7 @@ def value_rows(tree: FinishedTree, cfg: DeriveConfig, stats: NodeStats | None = 
             "success": _f(st.success[i]),
             "q": _f(st.q[i]),
             "verified_below": bool(st.verified_below[i]),
+            "success_below": bool(st.success_below[i]),
             "problem_id": tree.problem_id,
             "tree_id": tree.tree_id,
             "node": int(i),

@@ -61,7 +61,7 @@ steps — TRL stepwise supervision format (PRM training)
     column            type           meaning
     prompt            string         the problem prompt (tree.prompt)
     completions       list<string>   the steps of one root-to-terminal path
-    labels            list<bool>     hard label per step: a verified success lies below it
+    labels            list<bool>     hard label per step: a verified success (a correct terminal or rollout) lies below it
     soft_labels       list<float64>  soft label per step: the step node's success rate S / V
                                      over trials (NaN where V = 0: no verified sample below it)
     problem_id        string         problem id
@@ -116,6 +116,7 @@ values — value-function targets, one per visited node
     success           float64  S / V
     q                 float64  W / N
     verified_below    bool     a verified correct terminal lies in the node's subtree
+    success_below     bool     S > 0: a verified success (a correct terminal or rollout) lies below
     problem_id        string   problem id
     tree_id           string   "<problem_id>/<seed>"
     node              int32    node id
@@ -154,6 +155,7 @@ trees — one finished tree per row: exactly `FinishedTree.to_row()` (see mcts/f
     num_tokens        list<int32>    per node: policy tokens of the option
     rollout_trials    list<int16>    per node: verified rollouts not in the tree as a terminal
     rollout_successes list<int16>    per node: verified correct ones among them
+    eos               list<bool>     per node: the policy ended the step with EOS (no separator after it)
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ VALUES_SCHEMA = pa.schema(
         ("success", F64),
         ("q", F64),
         ("verified_below", B),
+        ("success_below", B),
         ("problem_id", S),
         ("tree_id", S),
         ("node", I32),
@@ -357,19 +360,23 @@ def prefix_text(tree: FinishedTree, node: int) -> str:
 
 
 def completion_text(tree: FinishedTree, nodes: list[int]) -> str:
-    """The steps of `nodes`, each ended by the tree's separator as the policy ends every step of its
-    own solutions (TRL appends EOS after it)."""
-    return "".join(tree.steps[i] + tree.separator for i in nodes)
+    """The steps of `nodes` as the policy wrote them: each ended by the tree's separator, except a
+    step the policy ended with EOS (`eos`: nothing after its text; TRL appends the EOS)."""
+    eos = tree.nodes["eos"]
+    return "".join(tree.steps[i] if eos[i] else tree.steps[i] + tree.separator for i in nodes)
 
 
 def text_steps(tree: FinishedTree, prefix: str, completion: str) -> list[str] | None:
     """The steps an exported (prefix, completion) holds under `tree`'s prompt and separator: the
-    inverse of `prefix_text` + `completion_text`. None when the text is not the tree's prompt
-    followed by separator-ended steps."""
+    inverse of `prefix_text` + `completion_text`, up to an empty last step the policy ended with EOS
+    (it leaves no text). None when the text does not start with the tree's prompt."""
     text = prefix + completion
-    if not text.startswith(tree.prompt) or not text.endswith(tree.separator):
+    if not text.startswith(tree.prompt):
         return None
-    return text[len(tree.prompt) :].split(tree.separator)[:-1]
+    steps = text[len(tree.prompt) :].split(tree.separator)
+    if steps[-1] == "":  # the last step ended with the separator (or there is none)
+        steps.pop()
+    return steps
 
 
 def normalize_text(text: str) -> str:

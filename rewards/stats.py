@@ -32,6 +32,8 @@ class NodeStats:
     depth: np.ndarray  # int32
     terminal: np.ndarray  # bool
     outcome: np.ndarray  # int8
+    success_below: np.ndarray  # bool    S > 0: a verified success (terminal or rollout) below: the
+    #                                       hard label (Math-Shepherd's: any completion reaches the answer)
     verified_below: np.ndarray  # bool    an outcome==1 terminal lies in the subtree (node included)
     num_verified_below: np.ndarray  # int32   number of outcome==1 terminals in the subtree
     terminal_below: np.ndarray  # bool    any terminal lies in the subtree
@@ -80,6 +82,7 @@ def node_stats(tree: FinishedTree) -> NodeStats:
         successes=successes,
         q=tree.q(),
         success=np.where(trials > 0, successes / np.maximum(trials, 1), np.nan),
+        success_below=successes > 0,
         depth=depth,
         terminal=nd["terminal"],
         outcome=nd["outcome"],

@@ -32,6 +32,7 @@ class Spec:
     verified: int | None = None  # own verified visits; default: visits, except unverified terminals (0)
     value: float | None = None  # own mean backed-up value per visit; default: own success rate
     critics: tuple[float, float, float] | None = None  # (value, prm, orm) of the node's own evaluation
+    eos: bool = False  # terminals: the policy ended the step with EOS (no separator after it)
 
 
 def T(step: str, visits: int, outcome: int, **kw) -> Spec:
@@ -116,6 +117,7 @@ def build_tree(
         "num_tokens": [len(s.step) for s in specs],
         "rollout_trials": rollout_trials,
         "rollout_successes": rollout_successes,
+        "eos": [s.eos for s in specs],
     }
     assert set(nodes) == set(NODE_FIELDS)
     return FinishedTree(

@@ -105,13 +105,14 @@ def test_audit_on_golden_trees():
     # a negative the verifier accepts, a positive it refuses, duplicates and a contradiction are counted
     bad = {**pairs[0], "rejected": pairs[0]["chosen"]}
     flipped = {**pairs[1], "chosen": pairs[1]["rejected"], "rejected": pairs[1]["chosen"]}
-    unreadable = {**pairs[0], "rejected": pairs[0]["rejected"].rstrip("\n")}  # not the tree's text
+    unreadable = {**pairs[0], "prompt": "another problem\n"}  # not the tree's prompt
     k = {**out["kto"][0], "label": not out["kto"][0]["label"]}
     labels = audit_dataset(
         [golden, rich], [*pairs, pairs[2], bad, flipped, unreadable], kto=[k], rerollout=None, verify=verify,
         sample_pairs=0, greedy=None, sample_seed=0,
     )["labels"]  # fmt: skip
-    assert labels["rejected_accepted"] == 2 and labels["chosen_refused"] == 1 and labels["unchecked"] == 1
+    assert labels["rejected_accepted"] == 2 and labels["chosen_refused"] == 1
+    assert labels["unchecked"] == 2  # both sides of the unreadable pair
     assert labels["duplicate_pairs"] == 1 and labels["contradictory_pairs"] == 1
     assert labels["undesirable_accepted"] + labels["desirable_refused"] == 1
     none = audit_dataset([golden], pairs, rerollout=None, sample_pairs=10, greedy=None, sample_seed=0)
@@ -138,7 +139,8 @@ def test_texts_use_the_trees_own_separator_and_read_back_to_its_steps():
             end = p[f"{side}_end"]
             assert text_steps(tree, p["prompt"], p[side]) == tree.path_steps(end)
             assert prefix_text(tree, end) == p["prompt"] + p[side]
-    assert text_steps(tree, tree.prompt, "not ended") is None
+    assert text_steps(tree, "another prompt\n", "8 ;") is None
+    assert text_steps(tree, tree.prompt, "a ;ended by EOS") == ["a", "ended by EOS"]  # an `eos` step
     assert completion_text(tree, tree.path(1)) == tree.steps[1] + " ;"
 
     def verify(problem_id: str, steps: list[str]) -> bool:

@@ -337,3 +337,22 @@ def test_rewards_layer_imports_no_model_or_cluster_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_step_label_counts_rollouts_below_it_as_math_shepherd_does():
+    """Math-Shepherd's hard estimate: 1 if any completion from the step reaches the answer. A step
+    whose own rollouts succeeded (S > 0, no correct terminal in the tree below it) is labelled True."""
+    tree = build_tree([N("a", L("a1", 4, 3), T("a2", 2, 0)), T("b", 2, 0)])
+    rows = {tuple(r["completions"]): r for r in prm_rows(tree, DeriveConfig())}
+    assert rows[("a", "a2")]["labels"] == [True, False]
+    assert rows[("b",)]["labels"] == [False]
+    assert rows[("a", "a2")]["soft_labels"][0] == pytest.approx(3 / 5)  # a terminal is one trial
+
+
+def test_an_empty_step_the_model_ended_gives_no_text_and_no_value_row_of_its_own():
+    tree = build_tree([N("a", T("", 1, 0, eos=True), T("c", 1, 1)), T("b", 2, 0)])
+    out = derive_all([tree], DeriveConfig(confidence=0.0, min_visits=1))
+    prompts = [r["prompt"] for r in out["values"]]
+    assert len(prompts) == len(set(prompts)), "the empty EOS step's prompt would repeat its parent's"
+    assert not any("\n\n" in r["prompt"] + r["completion"] for r in out["kto"])
+    assert any(r["completion"] == "a\n" for r in out["kto"])  # the policy wrote "a\n", then EOS

@@ -412,3 +412,54 @@ def test_the_evidence_workload_revisits_terminals():
     """Several leaves a round reach terminals again while others grow: the property above is tested
     on trees whose visits overstate their samples."""
     assert _check_evidence(keep="all", seed=1, rollouts=2, leaves=3, max_nodes=256) > 0
+
+
+class EndingProposer:
+    """A scripted `Proposer` on PathTask: option "b", and an option the model ends at once (EOS, no
+    text). From every new node three rollouts: one that solves the problem from "b" and ends with EOS
+    right after its last step ("a\\nc": no separator written after "c"; the one grafted), one the
+    model ends at once with no answer, and one cut off at the token cap."""
+
+    def propose(self, prompts, num_options, seed, stop="\n"):
+        from mcts.merge import Option
+
+        return [[Option("b", -0.5, 2, ended=False), Option("", -1.0, 1, ended=True)][:k] for k in num_options]
+
+    def rollout(self, prompts, seed, max_new_tokens=None, sep="\n"):
+        from mcts.policy import Rollout
+
+        scripted = [
+            Rollout(text="a\nc", num_tokens=4, steps=["a", "c"], ended=True),  # EOS right after "c"
+            Rollout(text="", num_tokens=1, steps=[], ended=True),  # EOS, no answer
+            Rollout(text="a", num_tokens=8, steps=["a"], ended=False),  # the token cap
+        ]
+        return [scripted[i % 3] for i in range(len(prompts))]
+
+
+def test_what_the_model_ends_is_a_wrong_sample_and_its_text_carries_no_separator():
+    """EOS without an answer is a verified wrong sample, from an option (a terminal) or a rollout (a
+    trial of its node); a rollout cut at its token cap is not a sample. A step the model ended with
+    EOS is exported as written: no separator after it (TRL appends the EOS), so an empty one adds no
+    text at all."""
+    from mcts.expander import ExpandConfig, PolicyExpander
+    from rewards.derive import DeriveConfig, derive_all
+
+    task = PathTask()
+    expander = PolicyExpander(EndingProposer(), task, ExpandConfig(rollouts=3))
+    problem = Problem(id="p", question="go", answer="")
+    cfg = SearchConfig(simulations=1, num_options=2, leaves_per_tree=1)
+    (tree,) = run_search([problem], task, expander, cfg, seed=0)
+    kids = {tree.steps[int(c)]: int(c) for c in tree.children(0)}
+    b, empty = kids["b"], kids[""]
+    assert tree.nodes["terminal"][empty] and tree.nodes["outcome"][empty] == 0 and tree.nodes["eos"][empty]
+    assert tree.path_steps(int(np.flatnonzero(tree.nodes["eos"] & tree.nodes["terminal"])[-1])) == [
+        "b",
+        "a",
+        "c",
+    ]
+    assert not tree.nodes["eos"][b]
+    # below b: the grafted "a c" (a success), the rollout ended at once (a wrong trial), the cap (none)
+    successes, trials = tree.evidence()
+    assert (int(successes[b]), int(trials[b])) == (1, 2)
+    pairs = derive_all([tree], DeriveConfig(confidence=0.0, min_visits=1))["pairs"]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("go\n", "b\na\nc", "")]
