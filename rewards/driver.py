@@ -210,7 +210,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
     from rewards.card import write_card
     from rewards.derive import derive_all
     from rewards.export import DatasetWriter, atomic_write_text, write_audit
-    from rewards.job import shard_name, versions
+    from rewards.job import problems_sha, shard_name, versions
 
     conf, out = job.conf, job.out
     t_start = time.perf_counter() if started is None else started
@@ -276,7 +276,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             )
             rows = derive_all(trees, derive)
             name = shard_name(index)
-            writer.write_shard(rows, [p.id for p in batch], name)
+            writer.write_shard(rows, [p.id for p in batch], name, problems_sha(batch))
             progress.add(trees, len(rows["pairs"]))
             metrics["batches_run"] += 1
             metrics["worker_batch_seconds"] = round(

@@ -314,9 +314,16 @@ class DatasetWriter:
         """Problem ids whose records are on disk and named by the manifest: skip these on resume."""
         return set(self._finished)
 
-    def write_shard(self, kind_rows: dict[str, list[dict]], problem_ids: list[str], shard_name: str) -> dict:
+    def write_shard(
+        self,
+        kind_rows: dict[str, list[dict]],
+        problem_ids: list[str],
+        shard_name: str,
+        problems_sha: str | None = None,
+    ) -> dict:
         """Write one shard: `<kind>/<shard_name>.parquet` for every kind (0-row files for missing or
-        empty kinds), then the manifest. Returns the shard's manifest entry.
+        empty kinds), then the manifest. Returns the shard's manifest entry; `problems_sha` (the
+        batch's content, `rewards.job.problems_sha`) is kept in it.
 
         Writing a shard name again with the same problem ids is a no-op (a retried task); with other
         ids, or ids that another shard already finished, it raises ValueError: either would duplicate
@@ -359,6 +366,7 @@ class DatasetWriter:
             "rows": {kind: t.num_rows for kind, t in tables.items()},
             "seeds": seeds,
             "written_at": time.time(),
+            **({"problems_sha": problems_sha} if problems_sha else {}),
         }
         self._log_shard({"shard": shard_name, **entry})  # memory follows disk, not ahead of it
         _add_shard(self.manifest, shard_name, entry)

@@ -28,6 +28,17 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def problems_sha(problems) -> str:
+    """A batch's problems by content (`content_key`), in id order: kept with its shard, so that a
+    resume whose problems changed content under the same ids is refused, not skipped."""
+    import hashlib
+
+    from mcts.tasks.base import content_key
+
+    keys = [f"{p.id}\t{content_key(p.question, p.meta)}" for p in sorted(problems, key=lambda p: p.id)]
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
 def shard_name(index: int) -> str:
     """Batch `index` is written as shard `shard-<index>`: a redone batch lands under the same name."""
     return f"shard-{index:05d}"

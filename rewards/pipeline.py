@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mcts.tasks.base import Problem, TaskInputError
 from rewards.config import CONF_DIR, Config, TaskConf
-from rewards.job import JobInputError, check_cluster_address, shard_name
+from rewards.job import JobInputError, check_cluster_address, problems_sha, shard_name
 
 log = logging.getLogger("arborist")
 
@@ -207,6 +207,12 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
             raise JobInputError(
                 f"out={out} holds {shard_name(i)} with other problems than this job's batch {i}: resume "
                 "with the same task and search.batch_problems, or choose a new out=DIR"
+            )
+        if entry is not None and entry.get("problems_sha", problems_sha(batch)) != problems_sha(batch):
+            raise JobInputError(
+                f"out={out} holds {shard_name(i)} with this job's problem ids but other problems under "
+                f"them (a changed task setting?): resume with the task it was written with, or choose a "
+                "new out=DIR"
             )
     done = set(manifest.get("finished_problem_ids", []))
     layout = {p.id for i, b in enumerate(batches) if shard_name(i) in shards for p in b}

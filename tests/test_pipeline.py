@@ -126,6 +126,23 @@ def test_resume_refuses_another_config_unless_appending(reference_run, job_overr
     assert set(same.config["inputs"]) == {"problems_sha", "policy_weights_sha"}
 
 
+def test_appending_refuses_problems_that_changed_under_their_ids(
+    reference_run, job_overrides, word_problems, tmp_path
+):
+    """append_run accepts another config, but a finished shard's problems with other content under the
+    same ids would be skipped as done while the run's records belong to the old ones: refused."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    rows = [json.loads(line) for line in Path(word_problems).read_text().splitlines() if line.strip()]
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**r, "question": r["question"] + " Twice."}) + "\n" for r in rows))
+    with pytest.raises(JobInputError, match="other problems under them"):
+        check_config(compose(job_overrides(out, f"task.path={changed}", "append_run=true")))
+    check_config(compose(job_overrides(out, "seed=5", "append_run=true")))  # same problems: accepted
+
+
 def test_tiny_experiment_on_countdown(ray_session, tiny_policy, tmp_path):
     """The default task at tiny size, one worker."""
     out = tmp_path / "out"
