@@ -16,7 +16,8 @@ know; the next `DatasetWriter` on that directory deletes them, so re-running tho
 duplicates a row. The sweep touches only what this job family writes (shard files `shard-*.parquet`
 in the record directories, its own temporary names), and only in a directory that already held its
 manifest (the writer writes an empty one before its first shard, so what a crash leaves after that
-is swept on the next start; `out=.` with no manifest loses nothing).
+is swept on the next start). `arborist search` refuses a directory without a manifest that holds
+files under the job's own names (README.md, audit.json, metrics.json, a record directory).
 
 One writer per directory: `DatasetWriter` holds an exclusive lock (`flock` on `.arborist.lock`,
 released when the writer is closed or its process dies, however it dies), and a second writer

@@ -196,6 +196,7 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
     except (OSError, ValueError) as e:
         raise JobInputError(f"{out}/manifest.json is unreadable ({e}): choose a new out=DIR") from None
     if manifest is None:
+        _check_no_output_of_ours(out)
         return
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
         raise JobInputError(f"{out}/manifest.json is not an arborist manifest: choose a new out=DIR")
@@ -226,6 +227,22 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
         check_resume(manifest, config, config_hash, append, out)
     except OutDirError as e:
         raise JobInputError(str(e)) from None
+
+
+def _check_no_output_of_ours(out: Path) -> None:
+    """A directory without a manifest may be anything (`out=.`): refuse it where the job would replace
+    a file of the user's (its dataset card is README.md) or later sweep one (`*/shard-*.parquet`)."""
+    from rewards.records import KINDS
+
+    if not out.is_dir():
+        return
+    taken = [name for name in ("README.md", "audit.json", "metrics.json") if (out / name).exists()]
+    taken += [f"{kind}/" for kind in KINDS if (out / kind).is_dir() and any((out / kind).iterdir())]
+    if taken:
+        raise JobInputError(
+            f"out={out} holds {', '.join(taken[:3])} but no arborist manifest: the job would replace or "
+            "remove them; choose an empty or new out=DIR"
+        )
 
 
 # -- the job ---------------------------------------------------------------------------------------------

@@ -107,6 +107,22 @@ def test_bad_input_is_one_line(overrides, needles, out, capsys):
     _nothing_written(out)
 
 
+def test_an_out_dir_with_files_of_its_own_names_and_no_manifest(tmp_path, capsys):
+    """`out=.` in a project: its README.md would be replaced by the dataset card. Refused, untouched."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "notes.txt").write_text("mine too")
+    assert main(["search", f"out={out}"]) == 2
+    _check_one_line(capsys.readouterr().err, "README.md", "no arborist manifest")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt"]
+    (out / "README.md").unlink()  # other files of the user's are fine: nothing of the job's is named so
+    from rewards.config import compose
+    from rewards.pipeline import check_config
+
+    assert check_config(compose([f"out={out}"])).out == out.resolve()
+
+
 def test_a_policy_path_that_is_a_file(tmp_path, out, capsys):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"weights")
