@@ -208,6 +208,15 @@ def search_round(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> Path:
     return rd / "data"
 
 
+def _job_finished(data: Path) -> bool:
+    """The round's job wrote its last file: `metrics.json` with status "finished" (after the audit and
+    the dataset card). A job killed before it is rerun on the same directory, and resumes."""
+    try:
+        return json.loads((data / "metrics.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def run_improve(
     out: str | Path, cfg: ImproveConfig, base_policy: str | Path, progress: bool = True, trainer=None
 ) -> dict:
@@ -247,7 +256,7 @@ def run_improve(
             continue
         t0 = time.perf_counter()
         data = rd / "data"
-        if not (data / "audit.json").is_file():  # the job writes its audit last
+        if not _job_finished(data):
             say(f"round {k}: searching {cfg.problems_per_round} problems with {policy}")
             search_round(rd, policy, cfg, k)
         say(f"round {k}: training ({cfg.train.recipe})")

@@ -123,7 +123,8 @@ def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):
             DatasetWriter(data, {"test": True}, {}).write_shard(
                 derive_all(ts, DeriveConfig()), [t.problem_id for t in ts], "s0"
             )
-            (data / "audit.json").write_text(json.dumps({"search_success": 0.5}))  # the job's last file
+            (data / "audit.json").write_text(json.dumps({"search_success": 0.5}))
+            (data / "metrics.json").write_text(json.dumps({"status": "finished"}))  # the job's last file
         cfg = ImproveConfig(rounds=2, replay=replay, eval_problems=3, pass_k=2, train=train)
         summary = run_improve(out, cfg, policy, progress=False)
         rows = [len(read_kind(out / f"round-{k}" / "data", "sft")) for k in (1, 2)]
@@ -165,6 +166,7 @@ def test_a_rerun_with_other_settings_or_lost_replay_data_is_refused(tmp_path, ca
         trees = derive_all([golden_tree(f"p{k}")], DeriveConfig())
         DatasetWriter(data, {"test": True}, {}).write_shard(trees, [f"p{k}"], "s0")
         (data / "audit.json").write_text(json.dumps({"search_success": 1.0}))
+        (data / "metrics.json").write_text(json.dumps({"status": "finished"}))
     shutil.copytree(policy, run / "round-1" / "policy")
     (run / "round-1" / "eval.json").write_text(json.dumps({"greedy": 0.0}))
     shutil.rmtree(run / "round-1" / "data")  # say, deleted to save space after round 1 finished
@@ -187,3 +189,22 @@ def test_a_paired_difference_needs_the_same_problems():
     assert paired([1], [0])[0] == 1 and math.isnan(paired([1], [0])[1])
     with pytest.raises(ValueError, match="same problems"):
         paired([1, 0, 1], [0])  # numpy would broadcast this silently
+
+
+def test_a_round_counts_as_searched_only_once_its_job_wrote_finished(tmp_path):
+    """The job writes its audit, then the dataset card, then metrics.json with status "finished": a
+    round killed between them is searched again (the job resumes), not trained on as it is."""
+    import json
+
+    from rewards.improve import _job_finished
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "audit.json").write_text(json.dumps({"search_success": 0.5}))
+    assert not _job_finished(data)
+    (data / "metrics.json").write_text(json.dumps({"status": "running"}))
+    assert not _job_finished(data)
+    (data / "metrics.json").write_text("{torn")
+    assert not _job_finished(data)
+    (data / "metrics.json").write_text(json.dumps({"status": "finished"}))
+    assert _job_finished(data)
