@@ -98,7 +98,10 @@ def node_stats(tree: FinishedTree) -> NodeStats:
 
 # -- statistics of a pair ---------------------------------------------------------------------------
 def wilson_interval(p: float, n: float, z: float) -> tuple[float, float]:
-    """Wilson score interval of a success rate p observed over n trials, at normal quantile z."""
+    """Wilson score interval of a success rate p observed over n trials, at normal quantile z (no
+    trials: the whole [0, 1])."""
+    if n <= 0:
+        return 0.0, 1.0
     z2n = z * z / n
     center = (p + z2n / 2) / (1 + z2n)
     half = z / (1 + z2n) * math.sqrt(max(p * (1 - p) / n + z2n / (4 * n), 0.0))

@@ -80,6 +80,7 @@ def test_confidence_test_rejects_then_accepts():
     z, level = wilson_separation(0.8, 10, 0.0, 2)
     assert z_of_confidence(0.8) < z < z_of_confidence(0.9)
     assert wilson_interval(0.8, 10, z)[0] == pytest.approx(wilson_interval(0.0, 2, z)[1], abs=1e-9)
+    assert wilson_interval(0.0, 0, z) == (0.0, 1.0)  # no trials: nothing is known
     level = math.erf(math.sqrt(7) / math.sqrt(2))  # the rich root pair's level, 0.9918
     assert len(step_pairs(rich_tree(), DeriveConfig(confidence=level - 1e-6))) == 1
     assert step_pairs(rich_tree(), DeriveConfig(confidence=level + 1e-6)) == []
