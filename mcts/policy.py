@@ -354,8 +354,9 @@ class Policy:
             self.generate_calls += 1
             self.positions_run += positions
             lp = lp.cpu()
+            prompt_ids = self._token_ids(chunk)
             for r, row in enumerate(new.cpu().tolist()):
-                cut = self._cut(row[: lengths[r]], stop, max_new)
+                cut = self._cut(row[: lengths[r]], stop, max_new, prompt_ids[r][-1:])
                 cut["logprob"] = float(lp[r, : len(cut["ids"])].sum()) if want_logprob else math.nan
                 results[rows_of_call[r]] = cut
         self.tokens_generated += sum(len(r["ids"]) for r in results)
@@ -376,23 +377,29 @@ class Policy:
 
         return self._stop_ids[stop], in_text
 
-    def _cut(self, row: list[int], stop: str | None, max_new: int) -> dict:
+    def _cut(self, row: list[int], stop: str | None, max_new: int, context: list[int]) -> dict:
         """Find where one generated row (its tokens up to the one it stopped at) really ends: its
-        first EOS, or the token that completed `stop`."""
+        first EOS, or the token that completed `stop`. `context`: the prompt's last token, which
+        the row's text is decoded after (see `_decode_after`)."""
         eos = set(self.eos_token_ids)
         end = next((i for i, t in enumerate(row) if t in eos), None)
         body = row if end is None else row[:end]
-        text = self._decode(body)
+        head = self._decode(context)
+
+        def decode(ids: list[int]) -> str:
+            return self._decode_after(context, head, ids)
+
+        text = decode(body)
         if stop and stop in text:
             # Smallest prefix whose text contains `stop` (binary search: decoding is the cost). The
             # loop stopped the row at the token that completed it, so that is nearly always the
             # last one: one decode says so.
             lo, hi = 1, len(body)
-            if stop not in self._decode(body[:-1]):
+            if stop not in decode(body[:-1]):
                 lo = hi
             while lo < hi:
                 mid = (lo + hi) // 2
-                if stop in self._decode(body[:mid]):
+                if stop in decode(body[:mid]):
                     hi = mid
                 else:
                     lo = mid + 1
@@ -417,6 +424,15 @@ class Policy:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _decode_after(self, context: list[int], head: str, ids: list[int]) -> str:
+        """The text `ids` add after `context` (whose text is `head`): what the model wrote after its
+        prompt. Decoding `ids` alone would lose a SentencePiece-style token's leading space (its
+        decoder drops the space of a sequence's first token: "▁8" reads "8", not " 8")."""
+        if not context:
+            return self._decode(ids)
+        text = self._decode([*context, *ids])
+        return text[len(head) :] if text.startswith(head) else self._decode(ids)
 
     @staticmethod
     def _as_rollout(s: dict, sep: str) -> Rollout:

@@ -80,7 +80,8 @@ def test_the_decode_loop_samples_what_generate_samples(
             **enc, max_new_tokens=cap, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=1.0, pad_token_id=tok.pad_token_id, eos_token_id=policy.eos_token_ids,
         )  # fmt: skip
-    theirs = [policy._cut(row, None, cap) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    theirs = [policy._cut(row, None, cap, enc["input_ids"][i, -1:].tolist()) for i, row in enumerate(new)]
     assert [(r.text, r.num_tokens, r.ended) for r in ours] == [
         (t["text"], len(t["ids"]), t["ended"]) for t in theirs
     ]
@@ -239,3 +240,23 @@ def test_a_negative_end_id_ends_no_row(policy: Policy):
     last = policy.model.get_output_embeddings().weight.shape[0] - 1
     assert bool((tokens == last).any()), "the last id should be drawn somewhere in 24 x 12 draws"
     assert lengths == [12] * rows.numel()
+
+
+def test_a_step_keeps_the_leading_space_a_sentencepiece_token_wrote(tmp_path):
+    """With a SentencePiece-style tokenizer (Llama-2, Mistral) a token "▁8" reads " 8" after a
+    prompt, but "8" decoded on its own: an option's text is what the model wrote after its prompt."""
+    from _tiny_models import save_tiny_llama_bpe
+
+    policy = Policy.load(PolicyConfig(path=str(save_tiny_llama_bpe(tmp_path / "sp", metaspace=True))))
+    tok = policy.tokenizer
+    prompts = ["3 7 9 4 -> 24\n", "1 2 -> 3\n"]
+    options = policy.propose(prompts, [12, 12], seed=0)
+    spaced = 0
+    for prompt, opts in zip(prompts, options, strict=True):
+        ids = tok(prompt)["input_ids"]
+        head = tok.decode(ids, skip_special_tokens=True)
+        for o in opts:
+            written = tok.decode([*ids, *o.token_ids], skip_special_tokens=True)[len(head) :]
+            assert written.startswith(o.text), (o.text, written)
+            spaced += o.text.startswith(" ")
+    assert spaced > 0, "no option began with a spaced token: the check above proved nothing"
