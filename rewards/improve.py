@@ -187,7 +187,7 @@ def round_overrides(rd: Path, policy: str, cfg: ImproveConfig, k: int) -> list[s
     return [
         f"out={rd / 'data'}",
         f"task.path={problems_file}",
-        "task.num_problems=null",  # the whole file (the group's default keeps the first 256)
+        "task.num_problems=null",  # the whole file (the default for a file; kept so old runs resume)
         f"policy.path={policy}",
         "critics=rollouts",
         f"critics.rollouts={cfg.rollouts}",
