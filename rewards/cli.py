@@ -171,6 +171,9 @@ def train(argv: list[str]) -> int:
     parser.add_argument("--beta", type=float, default=TrainPolicyConfig.beta)
     parser.add_argument("--nll-weight", type=float, default=TrainPolicyConfig.nll_weight)
     parser.add_argument("--batch-size", type=int, default=TrainPolicyConfig.batch_size)
+    parser.add_argument(
+        "--max-length", type=int, default=TrainPolicyConfig.max_length, help="tokens a row may hold"
+    )
     parser.add_argument("--seed", type=int, default=TrainPolicyConfig.seed)
     parser.add_argument("--device", default=TrainPolicyConfig.device)
     args = parser.parse_args(argv)
@@ -186,6 +189,7 @@ def train(argv: list[str]) -> int:
             beta=args.beta,
             nll_weight=args.nll_weight,
             batch_size=args.batch_size,
+            max_length=args.max_length,
             seed=args.seed,
             device=args.device,
         )

@@ -13,15 +13,17 @@ Recipes (`TrainPolicyConfig.recipe`):
 - "sft+dpo": the two in sequence, DPO's reference being the SFT model.
 
 Text that trains as it is generated. The search conditions the policy on `tokenizer(prompt)`,
-which carries BOS where the tokenizer adds one, and a policy ends a solution with the step
-separator, then EOS. TRL appends EOS right after the completion, so every completion must end
-with the separator (exported completions do; older datasets are mended here). Whether TRL's own
-tokenization puts BOS before the prompt is a property of the TRL version, not of its docs: 1.16's
-text DPO and SFT paths call the tokenizer with its defaults (BOS included), while its vision
-collator passes `add_special_tokens=False`. So each trainer's tokenized first row is checked
-against the policy's own encoding (`_check_alignment`), and the BOS text is put into the prompts
-only where TRL left it out. tests/test_train.py holds the ids the trainers build to the ids the
-policy writes and scores at search time.
+which carries BOS where the tokenizer adds one; the exported completions are the steps as the
+policy wrote them (each ended by the separator, except a step it ended with EOS), and TRL appends
+EOS right after the completion. So rows are trained as they are. Whether TRL's own tokenization
+puts BOS before the prompt is a property of the TRL version, not of its docs: 1.16's text DPO
+and SFT paths call the tokenizer with its defaults (BOS included), while its vision collator
+passes `add_special_tokens=False`. So each trainer's tokenized rows (up to `CHECKED_ROWS`) are
+checked against the policy's own encoding (`_mismatches`), and the BOS text is put into the
+prompts only where TRL left it out; rows TRL would cut or drop at `max_length` are refused first.
+A tokenizer that merges across the prompt/completion boundary (BPE) makes TRL's ids differ from
+the sampled ones for the same text: said in one line, and trained. tests/test_train.py holds the
+ids the trainers build to the ids the policy writes and scores at search time.
 
 The result is a local model directory (safetensors + tokenizer + `arborist_train.json`) that
 `policy.path=` takes. Seeded; CPU here, CUDA where present.
@@ -94,30 +96,59 @@ def bos_text(tokenizer) -> str:
     return tokenizer.bos_token if ids and ids[0] == bos else ""
 
 
-def as_trained(row: dict, sep: str, keys: tuple[str, ...], bos: str = "") -> dict:
-    """A row with each completion column ended by the separator (and `bos` text before its prompt)."""
-    out = {"prompt": bos + row["prompt"]}
-    for k in keys:
-        text = row[k]
-        out[k] = text if text.endswith(sep) else text + sep
-    return out
+def as_trained(row: dict, keys: tuple[str, ...], bos: str = "") -> dict:
+    """The row's prompt (after `bos` text) and completion columns, as exported."""
+    return {"prompt": bos + row["prompt"], **{k: row[k] for k in keys}}
 
 
 def search_ids(tokenizer, prompt: str, completion: str, sep: str = "\n") -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids + EOS) as the search has them: the prompt encoded as the policy
-    encodes it (special tokens included), then each step and its separator as generated, then EOS."""
-    steps = completion.split(sep)[:-1] if completion.endswith(sep) else completion.split(sep)
-    ids = [i for s in steps for i in tokenizer(s + sep, add_special_tokens=False)["input_ids"]]
+    encodes it (special tokens included), then each step as generated (ended by its separator, or
+    by nothing where the policy ended it with EOS), then EOS."""
+    pieces = completion.split(sep)
+    texts = [p + sep for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
     return tokenizer(prompt)["input_ids"], ids + [tokenizer.eos_token_id]
 
 
-def _check_alignment(trainer, tokenizer, row: dict, key: str) -> bool:
-    """Does the trainer's tokenized first row hold the search's ids for (prompt, row[key])?"""
-    got = trainer.train_dataset[0]
-    prompt, completion = search_ids(tokenizer, row["prompt"], row[key])
-    if "prompt_ids" in got:  # DPO
-        return list(got["prompt_ids"]) == prompt and list(got[f"{key}_ids"]) == completion
-    return list(got["input_ids"]) == prompt + completion  # SFT: one sequence
+CHECKED_ROWS = 512  # rows of each trainer's tokenized dataset held to the policy's ids
+
+
+def _mismatches(trainer, tokenizer, rows: list[dict], keys: tuple[str, ...], sep: str) -> tuple[int, bool]:
+    """(rows whose ids in the trainer differ from the search's, whether any differs in text too)
+    over the first `CHECKED_ROWS` rows."""
+    bad, text_differs = 0, False
+    for i, row in enumerate(rows[:CHECKED_ROWS]):
+        got = trainer.train_dataset[i]
+        for key in keys:
+            prompt, completion = search_ids(tokenizer, row["prompt"], row[key], sep)
+            if "prompt_ids" in got:  # DPO: prompt and each side apart
+                theirs = list(got["prompt_ids"]) + list(got[f"{key}_ids"])
+            else:  # SFT: one sequence
+                theirs = list(got["input_ids"])
+            if theirs != prompt + completion:
+                bad += 1
+                text_differs |= tokenizer.decode(theirs) != tokenizer.decode(prompt + completion)
+                break
+    return bad, text_differs
+
+
+def _check_lengths(tokenizer, rows: list[dict], keys: tuple[str, ...], max_length: int) -> None:
+    """TRL cuts a row longer than `max_length` tokens (its EOS lost) or drops it: refuse instead."""
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    lengths = [
+        len(p) + len(c) + 1  # + EOS
+        for key in keys
+        for p, c in zip(
+            prompts, tokenizer([r[key] for r in rows], add_special_tokens=False)["input_ids"], strict=True
+        )
+    ]
+    longest, over = max(lengths), sum(n > max_length for n in lengths)
+    if over:
+        raise TrainInputError(
+            f"{over} rows are longer than max_length={max_length} tokens (the longest {longest}): TRL "
+            "would cut them before their EOS or drop them; raise --max-length"
+        )
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -172,20 +203,32 @@ def _common(cfg: TrainPolicyConfig, out: Path, epochs: float, lr: float, device:
     )
 
 
-def _trainer(make, tokenizer, rows: list[dict], sep: str, keys: tuple[str, ...]):
-    """`make(dataset)` on the rows as TRL must see them: completions ended by the separator, and the
-    BOS text before the prompt only if TRL's tokenization leaves BOS out (see the module docstring)."""
+def _trainer(make, tokenizer, rows: list[dict], sep: str, keys: tuple[str, ...], max_length: int):
+    """`make(dataset)` on the rows as exported, with the BOS text before the prompt only if TRL's
+    tokenization leaves BOS out (see the module docstring)."""
     from datasets import Dataset
 
+    _check_lengths(tokenizer, rows, keys, max_length)
     for bos in ("", bos_text(tokenizer)):
-        trainer = make(Dataset.from_list([as_trained(r, sep, keys, bos) for r in rows]))
-        if _check_alignment(trainer, tokenizer, as_trained(rows[0], sep, keys), keys[0]):
+        trainer = make(Dataset.from_list([as_trained(r, keys, bos) for r in rows]))
+        assert len(trainer.train_dataset) == len(rows), "TRL dropped rows that fit max_length"
+        bad, text_differs = _mismatches(trainer, tokenizer, rows, keys, sep)
+        if not bad:
+            return trainer
+        if not text_differs:  # the same text, tokenized apart where the policy sampled it whole
+            print(
+                f"arborist train: {bad} of {min(len(rows), CHECKED_ROWS)} checked rows tokenize "
+                "differently in TRL (prompt and completion apart) than in the search (the same text: a "
+                "tokenizer that merges across their boundary); training on TRL's tokens",
+                file=sys.stderr,
+            )
             return trainer
         if not bos_text(tokenizer):
             break
     raise RuntimeError(
-        f"{type(trainer).__name__} tokenizes the first row differently from the policy at search time "
-        "(BOS or separators): this TRL version is not supported by `arborist train`"
+        f"{type(trainer).__name__} tokenizes {bad} of {min(len(rows), CHECKED_ROWS)} checked rows into "
+        "other text than the policy wrote (BOS, EOS or a chat template): this TRL version is not "
+        "supported by `arborist train`"
     )
 
 
@@ -199,6 +242,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg: TrainPolicyConfig, work: 
         rows,
         cfg.separator,
         ("completion",),
+        cfg.max_length,
     )
     result = trainer.train()
     return trainer.model, {"train_loss": float(result.training_loss), "logged": _losses(trainer)}
@@ -221,6 +265,7 @@ def train_dpo(model, tokenizer, rows: list[dict], cfg: TrainPolicyConfig, work: 
         rows,
         cfg.separator,
         ("chosen", "rejected"),
+        cfg.max_length,
     )
     result = trainer.train()
     return trainer.model, {"train_loss": float(result.training_loss), "logged": _losses(trainer)}

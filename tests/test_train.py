@@ -15,7 +15,7 @@ from rewards.derive import DeriveConfig, derive_all
 from rewards.export import DatasetWriter
 from rewards.train import TrainInputError, TrainPolicyConfig, as_trained, search_ids, train_policy
 from tests._tiny_models import char_tokenizer, save_tiny_llama
-from tests._trees import golden_tree, rich_tree
+from tests._trees import N, T, build_tree, golden_tree, rich_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -23,9 +23,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "out"
-    trees = [golden_tree("p1"), rich_tree("p2")]
+    # p3: steps the policy ended with EOS, an empty one and "3*4=12</s>" (no separator after it)
+    ended = build_tree(
+        [N("3+4=7", T("", 2, 0, eos=True), T("7*2=14", 2, 1)), T("3*4=12", 3, 0, eos=True)],
+        prompt="3 4 2 -> 14\n",
+        problem_id="p3",
+    )
+    trees = [golden_tree("p1"), rich_tree("p2"), ended]
     DatasetWriter(out, {"test": True}, {}).write_shard(
-        derive_all(trees, DeriveConfig(confidence=0.0)), ["p1", "p2"], "s0"
+        derive_all(trees, DeriveConfig(confidence=0.0)), ["p1", "p2", "p3"], "s0"
     )
     return out
 
@@ -55,14 +61,14 @@ def test_trl_trains_on_the_ids_the_policy_writes(dataset, tmp_path, bos):
             model=str(policy), args=DPOConfig(output_dir=str(tmp_path / "d"), **common), train_dataset=ds,
             processing_class=tok,
         ),
-        tok, pairs, "\n", ("chosen", "rejected"),
+        tok, pairs, "\n", ("chosen", "rejected"), 256,
     )  # fmt: skip
     sft_trainer = _trainer(
         lambda ds: SFTTrainer(
             model=str(policy), args=SFTConfig(output_dir=str(tmp_path / "s"), completion_only_loss=True, **common),
             train_dataset=ds, processing_class=tok,
         ),
-        tok, sft, "\n", ("completion",),
+        tok, sft, "\n", ("completion",), 256,
     )  # fmt: skip
     nl = tok("\n", add_special_tokens=False)["input_ids"]
     for i, row in enumerate(pairs):
@@ -70,9 +76,13 @@ def test_trl_trains_on_the_ids_the_policy_writes(dataset, tmp_path, bos):
         for key in ("chosen", "rejected"):
             prompt, completion = search_ids(tok, row["prompt"], row[key])
             assert got["prompt_ids"] == prompt and got[f"{key}_ids"] == completion, (i, key)
-            assert completion[-2:] == [*nl, tok.eos_token_id]  # the last step's separator, then EOS
+            # the last step's separator, then EOS; or EOS right after a step the policy ended so
+            assert completion[-1] == tok.eos_token_id
+            assert (completion[-2:-1] == nl) == row[key].endswith("\n"), (row[key], completion)
         assert (got["prompt_ids"][0] == tok.bos_token_id) == bos  # one BOS where the tokenizer adds one
         assert got["prompt_ids"][1] != tok.bos_token_id
+    ended_rows = [r for r in pairs for k in ("chosen", "rejected") if not r[k].endswith("\n")]
+    assert ended_rows, "no pair side ends with a step the policy ended with EOS: the check proved nothing"
     for i, row in enumerate(sft):
         got = sft_trainer.train_dataset[i]
         prompt, completion = search_ids(tok, row["prompt"], row["completion"])
@@ -80,10 +90,45 @@ def test_trl_trains_on_the_ids_the_policy_writes(dataset, tmp_path, bos):
         assert got["labels"] == [-100] * len(prompt) + completion  # the loss on the solution only
 
 
-def test_an_old_dataset_without_step_ends_is_mended():
+def test_a_tokenizer_merging_across_the_prompt_boundary_is_said_and_trained(tmp_path, capsys):
+    """A BPE tokenizer merges "\\n" with the next digit where the search sampled the text whole,
+    while TRL tokenizes prompt and completion apart: the same text, other ids. One line says so."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from rewards.train import _trainer
+    from tests._tiny_models import save_tiny_llama_bpe
+
+    policy = save_tiny_llama_bpe(tmp_path / "bpe")
+    tok = AutoTokenizer.from_pretrained(policy)
+    rows = [
+        {"prompt": f"{a} {b} 7 -> {a + b + 7}\n", "completion": f"{a}+{b}={a + b}\n{a + b}+7={a + b + 7}\n"}
+        for a in range(1, 5)
+        for b in range(1, 5)
+    ]
+    args = SFTConfig(
+        output_dir=str(tmp_path / "s"), report_to=[], bf16=False, use_cpu=True, completion_only_loss=True
+    )
+    trainer = _trainer(
+        lambda ds: SFTTrainer(model=str(policy), args=args, train_dataset=ds, processing_class=tok),
+        tok, rows, "\n", ("completion",), 256,
+    )  # fmt: skip
+    assert len(trainer.train_dataset) == len(rows)
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("arborist train:")]
+    assert len(said) == 1 and "checked rows tokenize differently in TRL" in said[0], said
+
+
+def test_rows_train_as_exported_and_long_ones_are_refused(dataset, tmp_path):
+    """No separator is added (a step the policy ended with EOS has none); a row TRL would cut
+    before its EOS, or drop, at max_length is refused in one line before anything trains."""
     row = {"prompt": "3 4 -> 7\n", "completion": "3+4=7"}
-    assert as_trained(row, "\n", ("completion",))["completion"] == "3+4=7\n"
-    assert as_trained({**row, "completion": "3+4=7\n"}, "\n", ("completion",))["completion"] == "3+4=7\n"
+    assert as_trained(row, ("completion",)) == row
+    assert as_trained(row, ("completion",), bos="<s>")["prompt"] == "<s>3 4 -> 7\n"
+    policy = save_tiny_llama(tmp_path / "policy")
+    cfg = TrainPolicyConfig(recipe="sft", max_length=12, device="cpu")
+    with pytest.raises(TrainInputError, match=r"rows are longer than max_length=12 tokens .*--max-length"):
+        train_policy(dataset, tmp_path / "o", policy, cfg)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -91,7 +136,7 @@ def test_train_writes_a_policy_the_search_loads(dataset, tmp_path):
     policy = save_tiny_llama(tmp_path / "policy")
     cfg = TrainPolicyConfig(recipe="sft+dpo", sft_epochs=1, dpo_epochs=1, batch_size=4, device="cpu")
     report = train_policy(dataset, tmp_path / "trained", policy, cfg)
-    assert report["sft_rows"] == 2 and report["dpo_rows"] > 0 and report["dpo"]["train_loss"] > 0
+    assert report["sft_rows"] == 3 and report["dpo_rows"] > 0 and report["dpo"]["train_loss"] > 0
     loaded = Policy.load(PolicyConfig(path=str(tmp_path / "trained"), device="cpu"))
     assert loaded.greedy(["7 3 -> 10\n"], max_new_tokens=4)
     meta = json.loads((tmp_path / "trained" / "arborist_train.json").read_text())
@@ -99,7 +144,7 @@ def test_train_writes_a_policy_the_search_loads(dataset, tmp_path):
     # the same seed trains the same weights
     again = train_policy(dataset, tmp_path / "again", policy, cfg)
     a = (tmp_path / "trained" / "model.safetensors").read_bytes()
-    assert a == (tmp_path / "again" / "model.safetensors").read_bytes() and again["sft_rows"] == 2
+    assert a == (tmp_path / "again" / "model.safetensors").read_bytes() and again["sft_rows"] == 3
 
 
 def test_bad_input_is_one_line(dataset, tmp_path, capsys):
@@ -133,6 +178,6 @@ def test_train_takes_the_rows_of_several_datasets(dataset, tmp_path, capsys):
         "4",
     ]
     assert main(["train", *argv, "--sft-epochs", "1", "--device", "cpu"]) == 0
-    assert "'sft_rows': 4" in capsys.readouterr().out  # both datasets' two rows
+    assert "'sft_rows': 6" in capsys.readouterr().out  # both datasets' three rows
     meta = json.loads((tmp_path / "o" / "arborist_train.json").read_text())
     assert meta["dataset"] == f"{dataset} + {dataset}"
