@@ -162,8 +162,9 @@ class PolicyExpander:
                 i = j // cfg.rollouts
                 child, problem, steps = pending[i]
                 full = steps + r.steps
-                rollout_steps[i].append(full)
                 verdict = task.check(problem, full)
+                if cfg.w_orm > 0:  # the ORM reads the solution as a tree holds it (orm_labels' rows)
+                    rollout_steps[i].append(_as_tree_path(task, problem, steps, r))
                 success[i] += float(verdict.success is True) / cfg.rollouts
                 # A verified sample, one trial of the node's evidence: a verdict, or the model
                 # ending (EOS) without an answer, a wrong solution as an option ending so is.
@@ -211,6 +212,17 @@ class PolicyExpander:
         for c, s in zip(terminals, orm, strict=True):
             c.score = float(s)
             c.critics = {"orm": float(s)}
+
+
+def _as_tree_path(task: Task, problem: Problem, prefix: list[str], rollout: Rollout) -> list[str]:
+    """A rollout's steps as a tree would hold them: cut at its verdict's step, and, where the policy
+    ended it with EOS right after a separator (or at once), that EOS as a last, empty step."""
+    n = _solution_length(task, problem, prefix, rollout.steps)
+    path = prefix + rollout.steps[:n]
+    at_end = n == len(rollout.steps) and rollout.ended
+    if at_end and (not rollout.text or rollout.text.endswith(task.step_separator)):
+        path.append("")
+    return path
 
 
 def _solution_length(task: Task, problem: Problem, prefix: list[str], continuation: list[str]) -> int:

@@ -26,11 +26,18 @@ def train_critics_on_trees(
     meta: dict | None = None,
     side_by_side: bool = False,
 ) -> dict:
-    """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`)."""
+    """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`), their
+    steps joined by the trees' own separator (the one the critics are scored with)."""
     cfg = cfg or TrainCriticsConfig()
+    separators = {t.separator for t in trees}
+    if len(separators) > 1:
+        raise ValueError(
+            f"trees with different step separators {sorted(separators)}: train on one task's trees"
+        )
     labels = all_labels(trees, cfg.min_verified)
     meta = {"trees": len(trees), **(meta or {})}
-    return train_critics(labels, out_dir, policy_dir, cfg, meta=meta, side_by_side=side_by_side)
+    sep = separators.pop() if separators else "\n"
+    return train_critics(labels, out_dir, policy_dir, cfg, sep=sep, meta=meta, side_by_side=side_by_side)
 
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:

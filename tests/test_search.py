@@ -463,3 +463,23 @@ def test_what_the_model_ends_is_a_wrong_sample_and_its_text_carries_no_separator
     assert (int(successes[b]), int(trials[b])) == (1, 2)
     pairs = derive_all([tree], DeriveConfig(confidence=0.0, min_visits=1))["pairs"]
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("go\n", "b\na\nc", "")]
+
+
+def test_the_orm_reads_a_rollout_as_a_tree_holds_it():
+    """Cut at its verdict (the ORM never trains past a terminal), and the policy's EOS right after a
+    separator kept as the empty last step a tree gives it (the ORM's training rows have it)."""
+    from mcts.expander import _as_tree_path
+    from mcts.policy import Rollout
+
+    task, problem = PathTask(), Problem(id="p", question="go", answer="")
+
+    def path(text: str, ended: bool) -> list[str]:
+        steps = text.split("\n")
+        steps = steps[:-1] if steps[-1] == "" else steps
+        return _as_tree_path(task, problem, ["b"], Rollout(text=text, num_tokens=1, steps=steps, ended=ended))
+
+    assert path("a\nc\nx\n", ended=True) == ["b", "a", "c"]  # the verdict at "c"; "x" is past it
+    assert path("a\nc", ended=True) == ["b", "a", "c"]
+    assert path("a\n", ended=True) == ["b", "a", ""]  # "a\n</s>": EOS after the separator
+    assert path("", ended=True) == ["b", ""]  # EOS at once
+    assert path("a\n", ended=False) == ["b", "a"]  # cut at the token cap: no EOS written
