@@ -226,8 +226,9 @@ def shares_trunk(a: ModelCritic, b: ModelCritic) -> bool:
     return rope_a is None or torch.equal(rope_a.inv_freq, rope_b.inv_freq)
 
 
-def check_critic_dir(path: str | Path, kind: str) -> Path:
-    """Raise `CriticLoadError` (one line) unless `path` is a loadable, safe critic of `kind`."""
+def check_critic_dir(path: str | Path, kind: str, task: str | None = None) -> Path:
+    """Raise `CriticLoadError` (one line) unless `path` is a loadable, safe critic of `kind` (for the
+    task named `task`, where its critic.json says which task's trees it learned from)."""
     from transformers import AutoConfig
 
     name = f"critics.{kind}_path={path}"
@@ -272,6 +273,11 @@ def check_critic_dir(path: str | Path, kind: str) -> Path:
     meta = read_meta(p)
     if meta.get("kind") not in (None, kind):
         raise CriticLoadError(f"{name} is a {meta['kind']} critic (critic.json), not a {kind} critic")
+    if task is not None and meta.get("task") not in (None, task):
+        raise CriticLoadError(
+            f"{name} learned from {meta['task']} trees, not {task} ones (critic.json): train critics on "
+            "this task's search output with `arborist train-critics`, or search with critics=rollouts"
+        )
     return p
 
 
@@ -298,7 +304,7 @@ def load_critic(
     path: str | Path, kind: str, task: Task, device: str = "auto", dtype: str = "auto", batch_size: int = 256
 ) -> ModelCritic:
     """Load a critic of `kind` ("value", "prm", "orm") from a local directory."""
-    p = check_critic_dir(path, kind)
+    p = check_critic_dir(path, kind, task.name)
     dev = resolve_device(device)
     tok = load_tokenizer(p)
     model = auto_class(kind).from_pretrained(

@@ -178,7 +178,7 @@ def _check_model_dirs(conf: Config) -> None:
             from critics.models import check_critic_dir
 
             try:
-                check_critic_dir(path, kind)
+                check_critic_dir(path, kind, conf.task.name)
             except ValueError as e:
                 raise JobInputError(str(e).splitlines()[0]) from None
 

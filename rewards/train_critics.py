@@ -35,7 +35,8 @@ def train_critics_on_trees(
             f"trees with different step separators {sorted(separators)}: train on one task's trees"
         )
     labels = all_labels(trees, cfg.min_verified)
-    meta = {"trees": len(trees), **(meta or {})}
+    tasks = sorted({t.task for t in trees})
+    meta = {"trees": len(trees), **({"task": tasks[0]} if len(tasks) == 1 else {}), **(meta or {})}
     sep = separators.pop() if separators else "\n"
     return train_critics(labels, out_dir, policy_dir, cfg, sep=sep, meta=meta, side_by_side=side_by_side)
 

@@ -334,6 +334,11 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
         expected = np.log(rate / (1 - rate)) if balanced else 0.0
         assert meta["logit_offset"] == pytest.approx(expected), (kind, rate)
         load_critic(tmp_path / "ds" / "critics" / kind, kind, TASK, device="cpu")
+        assert meta["task"] == TASK.name
+    from mcts.tasks.jsonl import JsonlTask
+
+    with pytest.raises(CriticLoadError, match=f"learned from {TASK.name} trees, not jsonl ones"):
+        load_critic(tmp_path / "ds" / "critics" / "prm", "prm", JsonlTask(), device="cpu")
     assert not list(tmp_path.glob("ds/.critics-*")), "no temporary directory left behind"
     assert main_train_critics([str(tmp_path / "empty")]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--train-layers", "-3"]) == 2
