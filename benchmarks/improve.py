@@ -171,13 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = evaluation_problems(cfg.eval_split, args.eval_problems or None)
     base_eval_file = work / "base-eval.json"
     kept = json.loads(base_eval_file.read_text()) if base_eval_file.is_file() else None
-    # another slice size, or from before per-problem hits: the arms would not compare
-    if kept is not None and (kept.get("problems") != len(held_out) or "greedy_hits" not in kept):
+    # another slice or size, or from before per-problem hits: the arms would not compare
+    stale = kept is not None and (
+        kept.get("problems") != len(held_out)
+        or "greedy_hits" not in kept
+        or kept.get("split", cfg.eval_split) != cfg.eval_split
+    )
+    if stale:
         sys.exit(f"benchmarks.improve: {work} holds a run with other settings: choose a new --out")
     if not base_eval_file.is_file():
         work.mkdir(parents=True, exist_ok=True)
         base_eval_file.write_text(
-            json.dumps({"policy": base, **evaluate(base, held_out, cfg.pass_k, cfg.seed)})
+            json.dumps(
+                {"policy": base, "split": cfg.eval_split, **evaluate(base, held_out, cfg.pass_k, cfg.seed)}
+            )
         )
     base_eval = json.loads(base_eval_file.read_text())
     t0 = time.perf_counter()
