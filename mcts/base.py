@@ -79,6 +79,12 @@ class SearchConfig:
             )
         if self.root_width < 0:
             raise ValueError(f"search.root_width must be >= 0 (0: as other depths), got {self.root_width}")
+        root = (self.root_width or self.c_max) if self.adaptive_branching else self.num_options
+        if root >= self.max_nodes:  # the root's expansion reserves this many ids beside the root
+            raise ValueError(
+                f"search.max_nodes={self.max_nodes} leaves no room for the root's {root} children: raise "
+                "search.max_nodes, or lower search.root_width (adaptive branching) / search.num_options"
+            )
 
 
 @dataclass

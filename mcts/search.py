@@ -199,11 +199,12 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                 continue
             if kind == kernels.EXPAND:
                 if forest.depth[b, node] >= cfg.max_depth:
-                    forest.terminal[b, node] = 1  # too deep: an unverified dead end from now on
+                    forest.terminal[b, node] = 1  # too deep: an unverified dead end from now on,
+                    forest.score[b, node] = 0.0  # worth 0 (a revisit backs up its score)
                     selections.append((b, node, kernels.TERMINAL, -1))
                     continue
-                reserve = batch.width_cap(b, node) if cfg.adaptive_branching else cfg.num_options
-                need = max(reserve, cfg.num_options)
+                # the ids `_apply` takes: c_max at the node's depth (adaptive), else one per option
+                need = batch.width_cap(b, node) if cfg.adaptive_branching else cfg.num_options
                 if forest.num_nodes[b] + claimed + need > forest.capacity:
                     batch.live[b] = False  # node budget spent
                     selections.append((b, node, kind, -2))
@@ -211,6 +212,10 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                 claimed += need
                 count, existing = cfg.num_options, ()
             else:  # WIDEN
+                if forest.depth[b, node] >= cfg.max_depth:  # a grafted chain's node: no children below
+                    forest.child_slots[b, node] = forest.num_children[b, node]
+                    selections.append((b, node, kind, -2))
+                    continue
                 # sample a full set: duplicates of existing children are dropped, and the best
                 # of the rest (by prior) fill the places up to the node's width (see _apply)
                 count = cfg.num_options
@@ -241,8 +246,9 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
             width = batch.width_cap(b, node) if cfg.adaptive_branching else len(kids)
             kids = kids[:width]
             reserve[i] = width
-            if not kids:  # no option at all: an unverified dead end
+            if not kids:  # no option at all: an unverified dead end, worth 0 (revisits back it up)
                 forest.terminal[b, node] = 1
+                forest.score[b, node] = 0.0
         _keep_evidence_of_dropped(batch, b, node, offered, kids)
         if req >= 0:
             batch.tokens[b] += expansions[req].tokens
@@ -310,12 +316,20 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
     )
     if cfg.keep_rollouts != "none" and cfg.adaptive_branching:
         grafts = [
-            (b, int(first[i]) + j, child.graft, child.graft_outcome, child.graft_eos)
+            _within_depth(batch, b, int(first[i]) + j, child)
             for i, (b, _node, _kind, _req) in enumerate(selections)
             for j, child in enumerate(children[i])
             if child.graft and (cfg.keep_rollouts == "all" or child.graft_outcome == 1)
         ]
         _graft(batch, grafts)
+
+
+def _within_depth(batch: SearchBatch, b: int, node: int, child: Child) -> tuple:
+    """A graft below `node`, cut at `max_depth` (then with no verdict: its end is not in the tree)."""
+    room = max(0, batch.cfg.max_depth - int(batch.forest.depth[b, node]))
+    if len(child.graft) <= room:
+        return b, node, child.graft, child.graft_outcome, child.graft_eos
+    return b, node, child.graft[:room], -1, False
 
 
 def _keep_evidence_of_dropped(

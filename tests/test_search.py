@@ -483,3 +483,67 @@ def test_the_orm_reads_a_rollout_as_a_tree_holds_it():
     assert path("a\n", ended=True) == ["b", "a", ""]  # "a\n</s>": EOS after the separator
     assert path("", ended=True) == ["b", ""]  # EOS at once
     assert path("a\n", ended=False) == ["b", "a"]  # cut at the token cap: no EOS written
+
+
+class _LongGraft(FakeExpander):
+    """Options a/b/c, none terminal; every new node hands back an unfinished 4-step rollout."""
+
+    def __call__(self, leaves, seed):
+        out = []
+        for leaf in leaves:
+            fresh = [(t, p) for t, p in (("a", 0.5), ("b", 0.3), ("c", 0.2)) if t not in leaf.existing]
+            kids = [
+                Child(t, p, 0.5, num_tokens=1, graft=("g1", "g2", "g3", "g4"), graft_outcome=-1)
+                for t, p in fresh[: leaf.num_options]
+            ]
+            out.append(Expansion(kids, tokens=len(kids)))
+        return out
+
+
+def test_no_node_lies_below_max_depth_grafted_or_widened():
+    """A rollout grafted near max_depth is cut there, and a grafted node at max_depth is never
+    widened with sampled options (both had grown trees to depth 10 under max_depth=2)."""
+    cfg = SearchConfig(
+        simulations=60, leaves_per_tree=2, num_options=3, max_nodes=512, max_depth=2, c_min=2, c_max=3,
+        root_width=0, keep_rollouts="all",
+    )  # fmt: skip
+    (tree,) = run_search(_problems(1), PathTask(), _LongGraft(PathTask()), cfg, seed=0)
+    assert tree.nodes["depth"].max() == cfg.max_depth
+    assert any(s.startswith("g") for s in tree.steps), "no graft was kept: the cut proved nothing"
+
+
+def test_room_is_counted_as_taken_and_a_root_that_cannot_fit_is_refused():
+    """An expansion takes c_max ids (adaptive): with num_options above c_max the tree grew until its
+    ids ran out, not stopping with 5 of 10 used; a root_width no max_nodes can hold is one line."""
+    cfg = SearchConfig(
+        simulations=50, leaves_per_tree=1, num_options=6, max_nodes=10, c_min=2, c_max=2, root_width=0,
+        keep_rollouts="none", alpha=0.0,
+    )  # fmt: skip
+    (tree,) = run_search(_problems(1), PathTask(), FakeExpander(PathTask()), cfg)
+    assert tree.num_nodes >= cfg.max_nodes - cfg.c_max  # not one more expansion of 2 ids would fit
+    with pytest.raises(ValueError, match="no room for the root's 12 children"):
+        SearchConfig(max_nodes=12, root_width=12)
+
+
+def test_a_dead_end_is_worth_0_on_every_visit():
+    """An expansion with no option is an unverified dead end: its revisits back up 0, not the
+    score it was created with (its Q had climbed 0.45 -> 0.77 over revisits)."""
+
+    class DeadEndA:
+        def __call__(self, leaves, seed):
+            out = []
+            for leaf in leaves:
+                if not leaf.steps:
+                    kids = [Child("a", 0.5, 0.9, num_tokens=1), Child("b", 0.5, 0.1, num_tokens=1)]
+                else:
+                    kids = [] if leaf.steps[0] == "a" else [Child("b", 1.0, 0.1, num_tokens=1)]
+                out.append(Expansion(kids, tokens=1))
+            return out
+
+    cfg = SearchConfig(
+        simulations=8, leaves_per_tree=1, num_options=2, max_nodes=64, max_depth=50, adaptive_branching=False
+    )
+    (tree,) = run_search(_problems(1), PathTask(), DeadEndA(), cfg)
+    a = next(int(c) for c in tree.children(0) if tree.steps[int(c)] == "a")
+    assert tree.nodes["terminal"][a] and tree.nodes["visits"][a] >= 3
+    assert tree.nodes["value_sum"][a] == pytest.approx(0.9)  # its creation's 0.9, then 0 each revisit
