@@ -5,8 +5,9 @@
 
 1. Held-out problems: the first `--problems` of a slice of the held-out pool
    (`mcts.embedded.evaluation_problems`: excluded by content from the policy's, the trunk's and the
-   critics' training problems). `--split test` (default) is the slice no tuning looked at; the
-   critics' recipe was chosen on `tune`.
+   critics' training problems). `--split test` (default) is the headline slice; the critics'
+   recipe was chosen on `tune`, but its training steps were raised after a test reading under the
+   targets (338ff24), so the test figures are not untouched.
 2. Rollouts search: every new node valued by one verified fast rollout (no critics). Its trees
    are the held-out trees the critics are measured on, against the verifier:
    - value: non-terminal nodes with >= `--min-verified` trials (distinct verified samples); AUROC

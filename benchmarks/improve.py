@@ -22,7 +22,8 @@ trains on the best trajectory takes the first, most visited one per problem. Rou
 same problems with the same base policy in every arm, so it runs once and is copied.
 
 Each round's policy is evaluated on the held-out pool's `test` slice (excluded from every training
-set by content; no tuning looked at it): greedy success, pass@16, distinct verified solutions per
+set by content; it judged four `arborist improve` recipes in turn, so its figure is tuned: `--split
+audit` is the slice no improvement setting looked at): greedy success, pass@16, distinct verified solutions per
 problem (each with its standard error), and the search success of the round's own search. Writes
 `base_greedy`, `greedy_by_round`, `pass16_by_round`, `distinct_by_round`, `search_by_round`,
 `gap_by_round` (search success minus greedy) for the shipped recipe, the same keys per arm under

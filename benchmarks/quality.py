@@ -3,7 +3,8 @@
     python -m benchmarks.quality --problems 200 --json results/quality.json [--plot results/quality.png]
 
 On a slice of the held-out pool (`mcts.embedded.evaluation_problems`, excluded by content from
-every training set; `--split test` by default, the slice no tuning looked at), with the embedded
+every training set; `--split test` by default, the headline slice: the search settings here were
+not chosen on it, the improve recipe and the critics' steps were), with the embedded
 default policy (or `--policy DIR`); every success rate comes with its binomial standard error
 (`<key>_se`):
 

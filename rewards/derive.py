@@ -18,7 +18,7 @@ Every statistic a record is gated or labelled on is built on trials, never on vi
 - `kto_rows`, `sft_rows`, `value_rows`: unpaired labels, the best verified trajectory, value targets.
 
 Completions end the way the policy ends its own solutions: every step followed by the tree's
-separator, then TRL's EOS.
+separator (a step the policy ended with EOS by nothing), then TRL's EOS.
 
 The Wilson test treats the trials under a node as independent draws. They are not quite (MCTS steers
 later samples by earlier ones), so read `confidence` as a ranking of how clearly two siblings
