@@ -303,11 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--simulations", type=int, default=64)
-    ap.add_argument("--one-leaf-problems", type=int, default=4)
+    ap.add_argument(
+        "--one-leaf-problems", type=int, default=4, help="problems the embedded one-leaf search runs"
+    )
     ap.add_argument(
         "--wide-problems", type=int, default=64, help="problems for each wide model (0: skip them)"
     )
     ap.add_argument("--wide-simulations", type=int, default=16)
+    ap.add_argument(
+        "--wide-one-leaf-problems",
+        type=int,
+        default=1,
+        help="problems each wide model's one-leaf search runs (its first; one is minutes of a 27M model)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
     ap.add_argument("--plot", default="", help="PNG: each model's figures against their goals")
@@ -336,11 +344,27 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             wide = wide_llama(policy_dir, Path(tmp) / "wide", args.device)
             results.append(
-                measure("wide", wide, None, args.wide_problems, args.wide_simulations, 1, args.device)
+                measure(
+                    "wide",
+                    wide,
+                    None,
+                    args.wide_problems,
+                    args.wide_simulations,
+                    args.wide_one_leaf_problems,
+                    args.device,
+                )  # fmt: skip
             )
             deep = policy_in_wide_llama(policy_dir, Path(tmp) / "wide-policy")
             results.append(
-                measure("wide_policy", deep, None, args.wide_problems, args.wide_simulations, 1, args.device)
+                measure(
+                    "wide_policy",
+                    deep,
+                    None,
+                    args.wide_problems,
+                    args.wide_simulations,
+                    args.wide_one_leaf_problems,
+                    args.device,
+                )  # fmt: skip
             )
     columns = [
         ("model", "model", "s"),
