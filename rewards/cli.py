@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    return command(argv[1:])
+    try:
+        return command(argv[1:])
+    except KeyboardInterrupt:  # what was finished is on disk (a job's shards, a round's files)
+        print("arborist: interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -300,6 +300,10 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             log.info("auditing the dataset (%d problems)", len(job.problems))
             task = make_task(conf.task.name, **task_kwargs(conf))
             audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
+        except BaseException as e:  # what was written is kept; metrics.json must not say "running"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            write_metrics(progress, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+            raise
         finally:
             progress.close()
             pool.shutdown()

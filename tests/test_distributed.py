@@ -247,3 +247,30 @@ def test_what_ray_logs_while_joining_is_held_and_passed_on_only_if_it_joined(cap
         os.write(2, b"joined, with a note\n")
     err = capfd.readouterr().err
     assert "gcs_client" not in err and "joined, with a note" in err
+
+
+def test_ctrl_c_is_one_line_and_metrics_say_interrupted(ray_session, job_overrides, tmp_path):
+    """SIGINT mid-job: one line, exit 130, no traceback; metrics.json says "interrupted", not
+    "running"; the shards written stay finished (a rerun resumes from them)."""
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = _arborist("search", *job_overrides(out, f"ray.address={address}", "ray.num_workers=1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if (load_manifest(out) or {"shards": {}})["shards"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("arborist:")] == [
+        "arborist: interrupted: rerun the same command to resume"
+    ], err[-2000:]
+    assert "Traceback" not in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["batches_run"] >= 1
+    assert load_manifest(out)["finished_problem_ids"]
