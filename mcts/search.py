@@ -11,10 +11,9 @@ else is arrays and kernels:
         kernels.expand          -> write them
         kernels.backup          -> values, verified successes, adaptive widths
 
-A tree stops when its simulations, node or token budget is spent, when it is fully explored
-(every leaf terminal, nothing to widen), or (optionally) once its root has converged: the most visited
-first step holds `converged_share` of the root's visits. Batches can run side by side, their rounds
-sharing the expander's call (`SearchStream`); `run_search` is one batch alone.
+A tree stops when its simulations, node or token budget is spent, when it is fully explored, or
+(optionally) once its most visited first step holds `converged_share` of the root's visits.
+Batches run side by side share the expander's calls (`SearchStream`); `run_search` runs one.
 """
 
 from __future__ import annotations
@@ -41,21 +40,16 @@ class SearchBatch:
         self.problems, self.task, self.cfg, self.seed, self.key = problems, task, cfg, seed, key
         self.round, self.round_seed = 0, problem_seed(seed, "|".join(p.id for p in problems))  # + round
         b, cap = len(problems), cfg.max_nodes
-        self.out_nodes = np.zeros((b, cfg.leaves_per_tree), np.int32)
+        self.out_nodes, self.out_count = np.zeros((b, cfg.leaves_per_tree), np.int32), np.zeros(b, np.int32)
         self.out_kinds = np.zeros_like(self.out_nodes)
-        self.out_count = np.zeros(b, np.int32)
-        self.scratch = np.zeros(cap, np.int32)
-        self.forest = Forest(b, cap)
+        self.scratch, self.forest = np.zeros(cap, np.int32), Forest(b, cap)
         self.texts: list[dict[int, str]] = [{ROOT: ""} for _ in problems]
-        self.num_tokens = np.zeros((b, cap), np.int32)
-        # evidence of rollouts whose verdict is not a terminal node of the tree (see FinishedTree)
+        self.num_tokens, self.eos = np.zeros((b, cap), np.int32), np.zeros((b, cap), np.bool_)
+        # eos, and the evidence of rollouts whose verdict is not a terminal node: see FinishedTree
         self.rollout_trials = np.zeros((b, cap), np.int16)
-        self.rollout_successes = np.zeros((b, cap), np.int16)
-        self.eos = np.zeros((b, cap), np.bool_)  # the step ended with the policy's EOS
+        self.rollout_successes = np.zeros_like(self.rollout_trials)
         self.critics = {name: np.full((b, cap), np.nan, np.float32) for name in ("value", "prm", "orm")}
-        self.tokens = np.zeros(b, np.int64)
-        self.rounds = np.zeros(b, np.int64)
-        self.live = np.ones(b, bool)
+        self.tokens, self.rounds, self.live = np.zeros(b, np.int64), np.zeros(b, np.int64), np.ones(b, bool)
         depth_cap = cfg.max_depth + 2
         self.c_min = np.full(depth_cap, cfg.c_min if cfg.adaptive_branching else 0, np.int64)
         self.c_max = np.full(depth_cap, cfg.c_max, np.int64)
@@ -111,17 +105,12 @@ def search_stream(
 
 
 class SearchStream:
-    """Search batches side by side: each round selects leaves in every running batch and expands
-    them all in one expander call, so a batch whose trees are mostly finished (a round of a few
-    leaves) fills the calls of a batch that has just started instead of running its own small ones.
-
-    Each batch's leaves carry its own round seed (`expander(leaves, seeds)`: a run of leaves with one
-    seed draws what a call of its own would), so a batch grows the trees it grows alone, whichever
-    batches run beside it (up to float rounding of batched matmuls). `add` a batch (it joins at the
-    next round), `step` runs one round of every batch and returns the (key, trees) of those that
-    finished. An expander's caches (`fresh_caches`) are emptied when the stream starts and whenever
-    it runs dry.
-    """
+    """Batches side by side: a round expands the leaves of every running batch in one expander call,
+    so a batch with a few trees left fills the calls of one just started. Each batch's leaves carry
+    its round seed (a run of leaves with one seed draws what a call of its own would): a batch grows
+    the trees it grows alone (up to float rounding). `add` a batch (it joins at the next round);
+    `step` runs a round of every batch and returns the (key, trees) of those that finished. The
+    expander's caches (`fresh_caches`) are emptied when the stream starts and when it runs dry."""
 
     def __init__(self, task: Task, expander: Expander, cfg: SearchConfig):
         self.task, self.expander, self.cfg = task, expander, cfg
@@ -216,8 +205,7 @@ def _plan(batch: SearchBatch, out_nodes, out_kinds, out_count):
                     forest.child_slots[b, node] = forest.num_children[b, node]
                     selections.append((b, node, kind, -2))
                     continue
-                # sample a full set: duplicates of existing children are dropped, and the best
-                # of the rest (by prior) fill the places up to the node's width (see _apply)
+                # a full set: duplicates of children are dropped, the best of the rest kept (_apply)
                 count = cfg.num_options
                 existing = tuple(batch.texts[b][c] for c in forest.children(b, node))
             selections.append((b, node, kind, len(requests)))
@@ -316,20 +304,12 @@ def _apply(batch: SearchBatch, selections, expansions: list[Expansion], alpha: f
     )
     if cfg.keep_rollouts != "none" and cfg.adaptive_branching:
         grafts = [
-            _within_depth(batch, b, int(first[i]) + j, child)
+            (b, int(first[i]) + j, child.graft, child.graft_outcome, child.graft_eos)
             for i, (b, _node, _kind, _req) in enumerate(selections)
             for j, child in enumerate(children[i])
             if child.graft and (cfg.keep_rollouts == "all" or child.graft_outcome == 1)
         ]
         _graft(batch, grafts)
-
-
-def _within_depth(batch: SearchBatch, b: int, node: int, child: Child) -> tuple:
-    """A graft below `node`, cut at `max_depth` (then with no verdict: its end is not in the tree)."""
-    room = max(0, batch.cfg.max_depth - int(batch.forest.depth[b, node]))
-    if len(child.graft) <= room:
-        return b, node, child.graft, child.graft_outcome, child.graft_eos
-    return b, node, child.graft[:room], -1, False
 
 
 def _keep_evidence_of_dropped(
@@ -354,11 +334,15 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
     `expand` call per level for all chains). Unvisited nodes add nothing to any N, W or S: PUCT
     sees them through their score (the rollout's verdict) and prior (one sample of
     `num_options`); a chain's parent gets width c_min, so selection still widens it with options
-    of its own. The chain ends in a terminal when the rollout reached a verdict."""
+    of its own. The chain ends in a terminal when the rollout reached a verdict; it is cut at
+    max_depth (with no verdict then: its end is not in the tree)."""
     cfg, forest, F = batch.cfg, batch.forest, batch.forest.arrays
-    tips = [
-        (b, node, steps, verdict, eos, node) for b, node, steps, verdict, eos in grafts if steps
-    ]  # + origin
+    tips = []  # (tree, node, steps, verdict, eos, origin)
+    for b, node, steps, verdict, eos in grafts:
+        if len(steps) > (room := max(0, cfg.max_depth - int(forest.depth[b, node]))):
+            steps, verdict, eos = steps[:room], -1, False
+        if steps:
+            tips.append((b, node, steps, verdict, eos, node))
     prior = 1.0 / cfg.num_options
     level = 0
     while tips:
@@ -394,24 +378,17 @@ def _graft(batch: SearchBatch, grafts: list[tuple[int, int, tuple[str, ...], int
             forest.width_target[tree_ids, node_ids], cfg.c_min
         )
         for (b, _node, steps, verdict, eos, origin), c, ends in zip(tips, first.tolist(), last, strict=True):
-            batch.texts[b][c] = steps[level]
-            if ends:
-                batch.eos[b, c] = eos
+            batch.texts[b][c], batch.eos[b, c] = steps[level], ends and eos
             if ends and batch.rollout_trials[b, origin] > 0:
                 batch.rollout_trials[b, origin] -= 1
                 batch.rollout_successes[b, origin] -= verdict == 1
-        tips = [
-            (t[0], c, t[2], t[3], t[4], t[5])
-            for t, c in zip(tips, first.tolist(), strict=True)
-            if len(t[2]) > level + 1
-        ]
+        tips = [(t[0], c, *t[2:]) for t, c in zip(tips, first.tolist(), strict=True) if len(t[2]) > level + 1]
         level += 1
 
 
 def _update_budgets(batch: SearchBatch) -> None:
+    """Stop fully explored trees (no leaf to expand, no node to widen) and spent or converged ones."""
     cfg, forest = batch.cfg, batch.forest
-    # Fully explored: no leaf left to expand and no node to widen; more rounds would only
-    # revisit terminals.
     for b in np.flatnonzero(batch.live):
         n = int(forest.num_nodes[b])
         written = forest.parent[b, :n] != NO_NODE
