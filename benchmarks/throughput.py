@@ -342,30 +342,22 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.wide_problems:
         with tempfile.TemporaryDirectory() as tmp:
-            wide = wide_llama(policy_dir, Path(tmp) / "wide", args.device)
-            results.append(
-                measure(
-                    "wide",
-                    wide,
-                    None,
-                    args.wide_problems,
-                    args.wide_simulations,
-                    args.wide_one_leaf_problems,
-                    args.device,
-                )  # fmt: skip
-            )
-            deep = policy_in_wide_llama(policy_dir, Path(tmp) / "wide-policy")
-            results.append(
-                measure(
-                    "wide_policy",
-                    deep,
-                    None,
-                    args.wide_problems,
-                    args.wide_simulations,
-                    args.wide_one_leaf_problems,
-                    args.device,
-                )  # fmt: skip
-            )
+            builders = {  # each built only when its turn comes
+                "wide": lambda: wide_llama(policy_dir, Path(tmp) / "wide", args.device),
+                "wide_policy": lambda: policy_in_wide_llama(policy_dir, Path(tmp) / "wide-policy"),
+            }
+            for name, build in builders.items():
+                results.append(
+                    measure(
+                        name,
+                        build(),
+                        None,
+                        args.wide_problems,
+                        args.wide_simulations,
+                        args.wide_one_leaf_problems,
+                        args.device,
+                    )  # fmt: skip
+                )
     columns = [
         ("model", "model", "s"),
         ("parameters", "params", ","),

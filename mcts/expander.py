@@ -163,8 +163,10 @@ class PolicyExpander:
                 child, problem, steps = pending[i]
                 full = steps + r.steps
                 verdict = task.check(problem, full)
+                if cfg.w_orm > 0 or not child.graft:  # the steps a tree would hold
+                    cut, at_end = _to_verdict(task, problem, steps, r)
                 if cfg.w_orm > 0:  # the ORM reads the solution as a tree holds it (orm_labels' rows)
-                    rollout_steps[i].append(_as_tree_path(task, problem, steps, r))
+                    rollout_steps[i].append(_as_tree_path(task, problem, steps, r, (cut, at_end)))
                 success[i] += float(verdict.success is True) / cfg.rollouts
                 # A verified sample, one trial of the node's evidence: a verdict, or the model
                 # ending (EOS) without an answer, a wrong solution as an option ending so is.
@@ -172,14 +174,10 @@ class PolicyExpander:
                     child.rollout_trials += 1
                     child.rollout_successes += int(verdict.success is True)
                 if not child.graft:  # the first rollout's path, cut at its verdict
-                    child.graft = tuple(r.steps[: _solution_length(task, problem, steps, r.steps)])
+                    child.graft = tuple(cut)
                     child.graft_outcome = int(bool(verdict.success)) if verdict.terminal else -1
                     # the whole rollout, ended by EOS right after its last step's text
-                    child.graft_eos = (
-                        r.ended
-                        and len(child.graft) == len(r.steps)
-                        and not r.text.endswith(task.step_separator)
-                    )
+                    child.graft_eos = at_end and not r.text.endswith(task.step_separator)
                 expansions[leaf_of_child[id(child)]].tokens += r.num_tokens
             parts["rollout"] = success
         if self.critics is not None:
@@ -214,15 +212,26 @@ class PolicyExpander:
             c.critics = {"orm": float(s)}
 
 
-def _as_tree_path(task: Task, problem: Problem, prefix: list[str], rollout: Rollout) -> list[str]:
-    """A rollout's steps as a tree would hold them: cut at its verdict's step, and, where the policy
-    ended it with EOS right after a separator (or at once), that EOS as a last, empty step."""
+def _to_verdict(task: Task, problem: Problem, prefix: list[str], rollout: Rollout) -> tuple[list[str], bool]:
+    """(a rollout's steps up to its verdict's step, whether they are the whole rollout and the
+    policy ended it with EOS): what a tree holds of it."""
     n = _solution_length(task, problem, prefix, rollout.steps)
-    path = prefix + rollout.steps[:n]
-    at_end = n == len(rollout.steps) and rollout.ended
-    if at_end and (not rollout.text or rollout.text.endswith(task.step_separator)):
-        path.append("")
-    return path
+    return rollout.steps[:n], n == len(rollout.steps) and rollout.ended
+
+
+def _as_tree_path(
+    task: Task,
+    problem: Problem,
+    prefix: list[str],
+    rollout: Rollout,
+    cut: tuple[list[str], bool] | None = None,
+) -> list[str]:
+    """A rollout's steps as a tree would hold them: cut at its verdict's step (`cut`: `_to_verdict`'s
+    answer, when known), and, where the policy ended it with EOS right after a separator (or at
+    once), that EOS as a last, empty step."""
+    steps, at_end = cut if cut is not None else _to_verdict(task, problem, prefix, rollout)
+    after_sep = at_end and (not rollout.text or rollout.text.endswith(task.step_separator))
+    return prefix + steps + [""] * after_sep
 
 
 def _solution_length(task: Task, problem: Problem, prefix: list[str], continuation: list[str]) -> int:

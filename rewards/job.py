@@ -29,14 +29,14 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def problems_sha(problems) -> str:
-    """A batch's problems by content (`content_key`), in id order: kept with its shard, so that a
-    resume whose problems changed content under the same ids is refused, not skipped."""
+    """The problems' content (id, question, answer, meta, in order): the job's inputs in its config
+    hash, and each shard's batch, so that a resume whose problems changed under the same ids is
+    refused, not skipped."""
     import hashlib
+    import json
 
-    from mcts.tasks.base import content_key
-
-    keys = [f"{p.id}\t{content_key(p.question, p.meta)}" for p in sorted(problems, key=lambda p: p.id)]
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    rows = [[p.id, p.question, p.answer, p.meta] for p in problems]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def shard_name(index: int) -> str:

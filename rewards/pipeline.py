@@ -136,12 +136,7 @@ def check_config(cfg: DictConfig | Config) -> Job:
 def input_hashes(conf: Config, problems: list[Problem]) -> dict:
     """What shapes the records beyond the settings: the problems' content and the policy's weights
     (a local directory; the embedded policy is fixed by its seed and recipe version)."""
-    rows = [[p.id, p.question, p.answer, p.meta] for p in problems]
-    out = {
-        "problems_sha": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[
-            :16
-        ]
-    }
+    out = {"problems_sha": problems_sha(problems)}
     for key, path in (
         ("policy_weights_sha", conf.policy.path),
         ("rollout_weights_sha", conf.policy.rollout_path),
