@@ -38,6 +38,11 @@ class JobError(RuntimeError):
     """The job cannot go on (workers do not start, a batch keeps failing); one-line message."""
 
 
+class BatchError(JobError):
+    """Our own code raised inside a worker on one batch (a `RayTaskError`, not a lost worker): the
+    same batch fails the same way on any worker and in any rerun until the cause is fixed."""
+
+
 def runtime_errors() -> tuple[type[BaseException], ...]:
     """What ends a running job that is not bad input: ours, the filesystem's and Ray's own (an
     object or node lost beyond the retries). `arborist search` reports each in one line, exit 1."""
@@ -49,10 +54,14 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
 def error_line(err: BaseException, out_flag: str = "out") -> str:
     """One line for a runtime failure, with what to do about it; `out_flag` is how the command
     names its output directory (`arborist search`: out, `arborist improve`: --out)."""
-    if isinstance(err, OSError) and not isinstance(err, ConnectionError):
+    if isinstance(err, OSError) and not isinstance(err, (ConnectionError, RayTaskError)):
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         return f"cannot write the dataset{where}: {err.strerror or err}: free space, fix permissions or choose another {out_flag}=DIR; rerunning resumes"
     resume = f"rerunning with the same {out_flag} resumes from the last finished shard"
+    if isinstance(err, BatchError):
+        return f"{err}; {resume} but fails the same way on this batch until its cause is fixed"
+    if isinstance(err, RayTaskError):  # a worker's call raised (the audit's greedy decoding)
+        return f"a worker's call failed: {_first_error_line(err)}; {resume} but fails the same way until its cause is fixed"
     if isinstance(err, JobError):
         return f"{err}; {resume}"
     return f"Ray failed: {_first_error_line(err)}; {resume}"
@@ -300,7 +309,11 @@ def stream_batches(
                 queue.appendleft(item)
                 continue
             except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
-                raise JobError(f"{what} {item[0]} failed on a worker: {_first_error_line(e)}") from None
+                where = "the search" if method == "run_batch" else f"the worker's {method}"
+                raise BatchError(
+                    f"{what} {item[0]} failed: an error in {where} on that {what.split()[-1]}: "
+                    f"{_first_error_line(e)}"
+                ) from None
             free.append(w)
             unavailable_since.pop(w, None)
             by_worker[stats["pid"]] += 1

@@ -1,0 +1,61 @@
+"""The launcher's Ray fault paths on real actors: a batch whose search raises."""
+
+from __future__ import annotations
+
+import pytest
+
+from rewards.config import compose
+from rewards.driver import build_spec
+from rewards.launcher import JobError, WorkerPool, error_line, runtime_errors, stream_batches
+from rewards.pipeline import check_config, resolve_models
+
+
+@pytest.fixture(scope="module")
+def spec_and_job(ray_session, job_overrides, tmp_path_factory):
+    """The tests' tiny job in 2 batches of 5 problems, long enough (~3 s side by side) to be killed
+    mid-batch."""
+    out = tmp_path_factory.mktemp("faults") / "out"
+    longer = ("task.num_problems=10", "search.batch_problems=5", "search.simulations=48")
+    longer += ("policy.max_rollout_tokens=96", "policy.max_step_tokens=40")
+    job = check_config(compose(job_overrides(out, *longer)))
+    return build_spec(job, resolve_models(job)), job
+
+
+def _pool(spec, workers: int = 2, batches_per_worker: int = 1, timeout_s: float = 120) -> WorkerPool:
+    return WorkerPool(spec, workers, 0.5, 0, timeout_s, batches_per_worker)
+
+
+def test_a_batch_whose_search_raises_says_a_rerun_meets_the_same_error(spec_and_job):
+    """Our own code raising inside a worker (an empty batch: ValueError) is not a lost worker: the
+    one line names the batch and the worker's error, and says that a rerun resumes but fails the
+    same way. Through `pool.call` (the audit's greedy call) the raw Ray error reads the same way."""
+    spec, job = spec_and_job
+    pool = _pool(spec, workers=1)
+    try:
+        work = [(0, job.batches[0]), (1, [])]
+        with pytest.raises(JobError) as failed:
+            stream_batches(pool, work, 0, lambda i, trees, stats: f"shard-{i}", max_retries=3)
+        assert isinstance(failed.value, runtime_errors()), "`arborist search` exits 1 on it"
+        line = error_line(failed.value)
+        assert line.startswith("batch 1 failed: an error in the search on that batch: ValueError: "), line
+        assert "num_trees" in line and "\n" not in line, line
+        assert line.endswith("fails the same way on this batch until its cause is fixed"), line
+        with pytest.raises(runtime_errors()) as raw:
+            pool.call("run_batch", [], 0, retries=0)
+        line = error_line(raw.value, out_flag="--out")
+        assert "ValueError: " in line and "num_trees" in line and "\n" not in line, line
+        assert line.endswith("until its cause is fixed") and "cannot write" not in line, line
+    finally:
+        pool.shutdown()
+
+
+def test_an_os_error_raised_in_a_worker_is_not_reported_as_a_full_disk():
+    """Ray raises a worker's FileNotFoundError as a class deriving from both RayTaskError and it:
+    the line names the worker's error, not the dataset's directory."""
+    from ray.exceptions import RayTaskError
+
+    cause = FileNotFoundError(2, "No such file or directory", "/models/tokenizer.json")
+    err = RayTaskError("greedy_success", "Traceback ...\nFileNotFoundError: no tokenizer", cause)
+    line = error_line(err.as_instanceof_cause())
+    assert line.startswith("a worker's call failed: FileNotFoundError: "), line
+    assert "cannot write the dataset" not in line, line
