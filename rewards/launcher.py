@@ -4,7 +4,9 @@ them with bounded retries.
 Exactly once. A batch is written under its own shard name only after it completed; the manifest
 then names its problems, and a resumed job skips exactly those batches. If a worker dies (SIGKILL,
 OOM, a lost node) its in-flight batch fails with `RayActorError`: Ray restarts the actor
-(`max_restarts=-1`) and the driver resubmits the batch, up to `ray.max_retries` times. A redone
+(`max_restarts=-1`) and the driver resubmits the batch, up to `ray.max_retries` times. A worker
+loads its models in a call (`WorkerActor`), not in the constructor Ray reruns on every restart, so a
+worker that cannot load fails the start at once with its own error. A redone
 batch gives the same records, because its seed depends only on the base seed and its problem ids
 and every actor runs torch with the same thread count.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -25,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from mcts.finished import FinishedTree
 from mcts.tasks.base import Problem
@@ -157,8 +160,47 @@ def _first_error_line(err: BaseException) -> str:
     return (named[-1] if named else next((ln for ln in lines if ln), repr(err)))[:300]
 
 
+class WorkerLoadError(RuntimeError):
+    """A worker's models did not load (raised in the worker); the message is the cause's line."""
+
+
+class WorkerActor:
+    """What each Ray actor runs: a `SearchWorker` built by the first call that needs it, not by the
+    constructor. Ray reruns the constructor of every restart (`max_restarts=-1`), so one that cannot
+    load (a wrong model path, a process that dies while loading) would fail over and over while the
+    driver waits; a `load` call fails once, at once, with the worker's own error. A worker restarted
+    mid-job loads again in its next call."""
+
+    def __init__(self, spec: WorkerSpec):
+        self._spec = spec
+        self._worker: SearchWorker | None = None
+        self._loading = threading.Lock()  # batches arriving together wait for one load
+
+    def ready(self) -> bool:
+        """Answers as soon as the actor runs: it was given its resources."""
+        return True
+
+    def load(self) -> dict:
+        """Load the models (once); the worker's `info`."""
+        return self._loaded().info()
+
+    def run(self, method: str, *args):
+        """`SearchWorker.method(*args)`, loaded first if this process has not loaded yet."""
+        return getattr(self._loaded(), method)(*args)
+
+    def _loaded(self) -> SearchWorker:
+        with self._loading:
+            if self._worker is None:
+                try:
+                    self._worker = SearchWorker(self._spec)
+                except Exception as e:
+                    first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+                    raise WorkerLoadError(f"{type(e).__name__}: {first}"[:300]) from e
+            return self._worker
+
+
 class WorkerPool:
-    """`num_workers` SearchWorker actors, started and warmed before the first batch is sent."""
+    """`num_workers` WorkerActor actors, started and their models loaded before the first batch."""
 
     def __init__(
         self,
@@ -170,28 +212,58 @@ class WorkerPool:
         batches_per_worker: int = 1,
     ):
         self.batches_per_worker = batches_per_worker
-        actor = ray.remote(SearchWorker).options(
+        actor = ray.remote(WorkerActor).options(
             num_cpus=cpus,
             num_gpus=gpus,
             # a thread per batch in flight (they only wait: one engine thread searches them side by
-            # side, `SearchWorker._serve`), and one for a call beside them
-            max_concurrency=batches_per_worker + 1,
+            # side, `SearchWorker._serve`), one for a call beside them and one for `ready`
+            max_concurrency=batches_per_worker + 2,
             max_restarts=-1,  # a killed worker comes back; the driver resubmits its batch
             max_task_retries=0,  # ... and decides itself, so every retry is counted and bounded
         )
         self.actors = [actor.remote(spec) for _ in range(num_workers)]
         try:
-            self.infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
-        except GetTimeoutError:
+            self.infos = self._load(timeout_s, cpus, gpus)
+        except BaseException:
             self.shutdown()
-            raise JobError(
-                f"the {num_workers} workers did not start within {timeout_s:.0f} s: the cluster has "
-                f"{ray.available_resources().get('CPU', 0):g} free CPUs and each worker asks for {cpus:g}; "
-                "lower ray.num_workers / ray.cpus_per_worker or raise ray.start_timeout_s"
-            ) from None
-        except (RayActorError, RayTaskError) as e:
-            self.shutdown()
-            raise JobError(f"a worker failed to start: {_first_error_line(e)}") from None
+            raise
+
+    def _load(self, timeout_s: float, cpus: float, gpus: float) -> list[dict]:
+        """Every worker's `info` once its models are loaded; the first failure ends the start."""
+        placed = [a.ready.remote() for a in self.actors]
+        loading = {a.load.remote(): i for i, a in enumerate(self.actors)}
+        infos: list[dict] = [{} for _ in self.actors]
+        deadline = time.monotonic() + timeout_s
+        while loading:
+            done, _ = ray.wait(list(loading), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise JobError(self._late(placed, timeout_s, cpus, gpus))
+            i = loading.pop(done[0])
+            try:
+                infos[i] = ray.get(done[0])
+            except WorkerLoadError as e:  # the worker's own error: it would fail the same way again
+                raise JobError(f"a worker failed to start: {e.cause}") from None
+            except (RayTaskError, RayActorError) as e:
+                if isinstance(e, RayTaskError) or e.actor_init_failed:  # e.g. the package is missing there
+                    raise JobError(f"a worker failed to start: {_first_error_line(e)}") from None
+                raise JobError(
+                    f"worker {i} died while loading its models ({_first_error_line(e)}): it may have run "
+                    "out of memory (lower ray.num_workers); its log is under /tmp/ray/session_latest/logs"
+                ) from None
+        return infos
+
+    def _late(self, placed: list, timeout_s: float, cpus: float, gpus: float) -> str:
+        """Why the workers are not loaded within `timeout_s`: no room on the cluster, or a slow load."""
+        waiting = len(ray.wait(placed, num_returns=len(placed), timeout=0)[1])
+        if not waiting:
+            return f"the {len(self.actors)} workers did not load their models within {timeout_s:g} s: raise ray.start_timeout_s"
+        free = ray.available_resources()
+        asks = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs ({free.get('GPU', 0):g} free)" if gpus else "")
+        return (
+            f"{waiting} of the {len(self.actors)} workers were not scheduled within {timeout_s:g} s: the "
+            f"cluster has {free.get('CPU', 0):g} free CPUs and each worker asks for {asks}; "
+            "lower ray.num_workers / ray.cpus_per_worker or raise ray.start_timeout_s"
+        )
 
     def pids(self) -> list[int]:
         return [i["pid"] for i in self.infos]
@@ -204,11 +276,11 @@ class WorkerPool:
         """`method(*args)` on the pool's actors in turn until one answers. A worker killed
         mid-call is restarted by Ray; its call fails with `RayActorError` and the next actor is
         asked, up to `retries` failures."""
-        return call_any(self, lambda actor: getattr(actor, method).remote(*args), retries, wait_s)
+        return call_any(self, lambda actor: actor.run.remote(method, *args), retries, wait_s)
 
     def start(self, method: str, *args):
         """`method(*args)` on the last actor, not waited for: `finish` collects it."""
-        return (method, args, getattr(self.actors[-1], method).remote(*args))
+        return (method, args, self.actors[-1].run.remote(method, *args))
 
     def finish(self, started, retries: int):
         """The result of `start`; if that actor was lost, asked again of the pool."""
@@ -279,7 +351,7 @@ def stream_batches(
         resting = [(w, t) for w, t in resting if t > now]
         while queue and free:
             w, item = free.popleft(), queue.popleft()
-            inflight[getattr(pool.actors[w], method).remote(item[1], seed, *extra)] = (w, item)
+            inflight[pool.actors[w].run.remote(method, item[1], seed, *extra)] = (w, item)
             submitted += 1
             if hooks is not None and hooks.on_submit is not None:
                 hooks.on_submit(submitted, w, pool)
@@ -308,6 +380,10 @@ def stream_batches(
                 count_death(w, item[0], e, type(e).__name__)
                 queue.appendleft(item)
                 continue
+            except WorkerLoadError as e:  # restarted after a death, it cannot load what it loaded before
+                raise JobError(
+                    f"worker {w} could not load its models again after a restart: {e.cause}"
+                ) from None
             except RayTaskError as e:  # our own code failed: deterministic, a retry would fail again
                 where = "the search" if method == "run_batch" else f"the worker's {method}"
                 raise BatchError(

@@ -1,6 +1,11 @@
-"""The launcher's Ray fault paths on real actors: a batch whose search raises."""
+"""The launcher's Ray fault paths on real actors: a worker that cannot load its models or dies while
+loading them, a batch whose search raises."""
 
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -23,6 +28,39 @@ def spec_and_job(ray_session, job_overrides, tmp_path_factory):
 
 def _pool(spec, workers: int = 2, batches_per_worker: int = 1, timeout_s: float = 120) -> WorkerPool:
     return WorkerPool(spec, workers, 0.5, 0, timeout_s, batches_per_worker)
+
+
+def test_a_worker_that_cannot_load_its_model_ends_the_start_at_once(spec_and_job, tmp_path):
+    """Its own error in one line, not 'did not start within 120 s' after the whole timeout."""
+    spec, _ = spec_and_job
+    broken = replace(spec, policy=replace(spec.policy, path=str(tmp_path / "no-model")))
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as failed:
+        _pool(broken, timeout_s=120)
+    line = str(failed.value)
+    assert time.monotonic() - t0 < 60, f"the start took {time.monotonic() - t0:.0f} s: {line}"
+    assert line.startswith("a worker failed to start: ") and "no-model" in line and "\n" not in line, line
+
+
+def test_a_worker_that_dies_while_loading_ends_the_start_at_once(spec_and_job):
+    """A worker process that dies while it loads (out of memory, a native crash) is not restarted
+    in a loop until the start times out with a message about free CPUs."""
+    spec, _ = spec_and_job
+    problem = spec.warmup_problem
+
+    class Fatal(type(problem)):  # a local class: Ray pickles it by value, so the worker has it
+        def __getattribute__(self, name: str):
+            if not name.startswith("_"):  # the warm-up search reads the problem: the process dies
+                os._exit(1)
+            return super().__getattribute__(name)
+
+    fatal = replace(spec, warmup_problem=Fatal(problem.id, problem.question, problem.answer, problem.meta))
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as failed:
+        _pool(fatal, timeout_s=60)
+    line = str(failed.value)
+    assert time.monotonic() - t0 < 45, f"the start took {time.monotonic() - t0:.0f} s: {line}"
+    assert "died while loading" in line and "free CPUs" not in line and "\n" not in line, line
 
 
 def test_a_batch_whose_search_raises_says_a_rerun_meets_the_same_error(spec_and_job):
