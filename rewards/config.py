@@ -170,7 +170,8 @@ class RayConf:
     num_cpus: int | None = None
     """CPUs of a local Ray (address=local); null = all of this machine's."""
     max_retries: int = 3
-    """Times a batch is resubmitted after its worker died, before the job gives up."""
+    """Times a batch's worker may die while the batch runs there (each time it is resubmitted) before
+    the job gives up; a worker lost before the batch began on it costs the batch nothing."""
     start_timeout_s: float = 600.0
     """Seconds to wait for the workers to load their models (and for the cluster to have room)."""
     log_to_driver: bool = False

@@ -313,6 +313,7 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             progress,
             status="finished",
             retries=stream["retries"],
+            lost_runs=stream["lost_runs"],
             batches_by_worker=stream["by_worker"],
             wall_seconds=round(time.perf_counter() - t_start, 1),
             audit={k: audit.get(k) for k in ("pair_precision", "search_success", "greedy_success")},

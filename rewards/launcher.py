@@ -3,8 +3,8 @@ them with bounded retries.
 
 Exactly once. A batch is written under its own shard name only after it completed; the manifest
 then names its problems, and a resumed job skips exactly those batches. If a worker dies (SIGKILL,
-OOM, a lost node) its in-flight batch fails with `RayActorError`: Ray restarts the actor
-(`max_restarts=-1`) and the driver resubmits the batch, up to `ray.max_retries` times. A worker
+OOM, a lost node) its in-flight batches fail with `RayActorError`: Ray restarts the actor
+(`max_restarts=-1`) and the driver resubmits them, up to `ray.max_retries` deaths per batch. A worker
 loads its models in a call (`WorkerActor`), not in the constructor Ray reruns on every restart, so a
 worker that cannot load fails the start at once with its own error. A redone
 batch gives the same records, because its seed depends only on the base seed and its problem ids
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from mcts.finished import FinishedTree
 from mcts.tasks.base import Problem
@@ -188,6 +188,12 @@ class WorkerActor:
         """`SearchWorker.method(*args)`, loaded first if this process has not loaded yet."""
         return getattr(self._loaded(), method)(*args)
 
+    def stream(self, method: str, *args):
+        """`run` as a Ray generator: first None, the moment the call reached this live worker (from
+        then on its death loses this run), then the result (`stream_batches`)."""
+        yield None
+        yield self.run(method, *args)
+
     def _loaded(self) -> SearchWorker:
         with self._loading:
             if self._worker is None:
@@ -318,67 +324,76 @@ def stream_batches(
     shard and returns its name) as each completes. `method` / `extra`: another worker call of the
     same shape, `method(problems, seed, *extra) -> (result, stats)` (the audit's).
 
-    A batch whose worker died is resubmitted, up to `max_retries` deaths per batch. A worker that
-    Ray is still restarting refuses calls at once (`ActorUnavailableError`): its first refusal is
-    the death (counted); later ones until it answers again are not, the batch goes back to the
-    queue and the worker rests a second (on a loaded machine a restart outlasts several quick
-    resubmissions); a worker unavailable for `restart_wait_s` ends the job.
+    A dead worker. Every batch in flight on a worker that died (or that Ray was still restarting)
+    goes back to the queue. It counts as one of the batch's `max_retries` deaths only if it had
+    begun on that worker, i.e. the worker's first answer to the call (`WorkerActor.stream`) reached
+    the driver: a worker that died idle, or before the batch reached it, lost no run of it. One
+    death costs each batch that was running on the worker one retry, however many ran side by side.
+    The dead worker takes no batch until Ray has restarted it (it answers `ready`); one not back
+    within `restart_wait_s` ends the job.
 
-    Returns {"retries": resubmitted batches, "by_worker": batches per worker pid}.
+    Returns {"retries": batches resubmitted, "lost_runs": deaths counted against batches,
+    "by_worker": batches per worker pid}.
     """
     queue = deque(work)
     free = deque(w for _ in range(pool.batches_per_worker) for w in range(len(pool.actors)))  # slots
-    inflight: dict = {}  # ObjectRef -> (worker index, (batch index, problems))
-    failures: Counter = Counter()
+    inflight: dict = {}  # ObjectRefGenerator -> [worker index, (batch index, problems), begun there]
+    down: dict[int, list] = {}  # worker found dead -> [monotonic time then, its slots held]
+    probes: dict = {}  # `ready` sent to a dead worker, retried by Ray until it is back -> worker
+    lost: Counter = Counter()  # batch index -> deaths of its worker while it ran there
     by_worker: Counter = Counter()
-    resting: list[tuple[int, float]] = []  # (worker, monotonic time) a slot of it may take work again
-    unavailable_since: dict[int, float] = {}
-    submitted = 0
+    submitted = retries = 0
     what = "batch" if method == "run_batch" else f"{method} chunk"  # for the messages
 
-    def count_death(w: int, batch: int, e: BaseException, why: str) -> None:
-        failures[batch] += 1
-        if failures[batch] > max_retries:
+    def worker_lost(w: int, item: tuple, begun: bool, e: BaseException) -> None:
+        nonlocal retries
+        queue.appendleft(item)
+        retries += 1
+        if w not in down:
+            down[w] = [time.monotonic(), 0]
+            probes[pool.actors[w].ready.options(max_task_retries=-1).remote()] = w
+        down[w][1] += 1
+        if not begun:
+            log.warning("worker %d was lost before %s %d began on it; resubmitting it", w, what, item[0])
+            return
+        lost[item[0]] += 1
+        if lost[item[0]] > max_retries:
             raise JobError(
-                f"{what} {batch} lost its worker {failures[batch]} times (ray.max_retries={max_retries}): "
+                f"{what} {item[0]} lost its worker {lost[item[0]]} times (ray.max_retries={max_retries}): "
                 f"{_first_error_line(e)}"
             ) from None
-        log.warning("worker %d died on %s %d; resubmitting it (%s)", w, what, batch, why)
+        log.warning("worker %d died on %s %d; resubmitting it (%s)", w, what, item[0], type(e).__name__)
 
     while queue or inflight:
-        now = time.monotonic()
-        free.extend(w for w, t in resting if t <= now)
-        resting = [(w, t) for w, t in resting if t > now]
         while queue and free:
             w, item = free.popleft(), queue.popleft()
-            inflight[pool.actors[w].run.remote(method, item[1], seed, *extra)] = (w, item)
+            inflight[pool.actors[w].stream.remote(method, item[1], seed, *extra)] = [w, item, False]
             submitted += 1
             if hooks is not None and hooks.on_submit is not None:
                 hooks.on_submit(submitted, w, pool)
-        if not inflight:
-            time.sleep(0.2)  # every worker is resting: nothing to wait on yet
-            continue
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        assert inflight or probes, f"{len(queue)} batches wait and no worker is busy, free or restarting"
+        ready, _ = ray.wait([*inflight, *probes], num_returns=1, timeout=1.0)
         tick()
+        for w, (since, _) in down.items():
+            if time.monotonic() - since > restart_wait_s:
+                raise JobError(f"worker {w} died and Ray did not restart it within {restart_wait_s:.0f} s")
         for ref in ready:
-            w, item = inflight.pop(ref)
-            try:
-                trees, stats = ray.get(ref)
-            except ActorUnavailableError as e:
-                if w not in unavailable_since:  # the first sign of this death: it counts once
-                    unavailable_since[w] = time.monotonic()
-                    count_death(w, item[0], e, "restarting")
-                elif time.monotonic() - unavailable_since[w] > restart_wait_s:
+            if ref in probes:  # a dead worker is back: its slots take batches again
+                w = probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
                     raise JobError(
-                        f"worker {w} stayed unavailable for {restart_wait_s:.0f} s: {_first_error_line(e)}"
+                        f"worker {w} died and Ray could not restart it: {_first_error_line(e)}"
                     ) from None
-                resting.append((w, time.monotonic() + 1.0))  # still restarting: ask again in a second
-                queue.appendleft(item)
+                free.extend([w] * down.pop(w)[1])
                 continue
+            w, item, begun = inflight[ref]
+            try:
+                answer = ray.get(next(ref))
             except RayActorError as e:
-                free.append(w)  # a dead actor is being restarted by Ray; calls queue until it is back
-                count_death(w, item[0], e, type(e).__name__)
-                queue.appendleft(item)
+                del inflight[ref]
+                worker_lost(w, item, begun, e)
                 continue
             except WorkerLoadError as e:  # restarted after a death, it cannot load what it loaded before
                 raise JobError(
@@ -390,13 +405,21 @@ def stream_batches(
                     f"{what} {item[0]} failed: an error in {where} on that {what.split()[-1]}: "
                     f"{_first_error_line(e)}"
                 ) from None
+            if not begun:  # the batch reached the worker; its result comes next
+                inflight[ref][2] = True
+                continue
+            del inflight[ref]
+            trees, stats = answer
             free.append(w)
-            unavailable_since.pop(w, None)
             by_worker[stats["pid"]] += 1
             name = on_done(item[0], trees, stats)
             if hooks is not None and hooks.on_shard is not None:
                 hooks.on_shard(name)
-    return {"retries": sum(failures.values()), "by_worker": {str(k): v for k, v in by_worker.items()}}
+    return {
+        "retries": retries,
+        "lost_runs": sum(lost.values()),
+        "by_worker": {str(k): v for k, v in by_worker.items()},
+    }
 
 
 def call_any(pool: WorkerPool, submit: Callable, retries: int, wait_s: float = 2.0):

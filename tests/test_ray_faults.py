@@ -1,17 +1,19 @@
 """The launcher's Ray fault paths on real actors: a worker that cannot load its models or dies while
-loading them, a batch whose search raises."""
+loading them, a batch whose search raises, and workers that die idle or with batches in flight."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from rewards.config import compose
 from rewards.driver import build_spec
-from rewards.launcher import JobError, WorkerPool, error_line, runtime_errors, stream_batches
+from rewards.launcher import Hooks, JobError, WorkerPool, error_line, runtime_errors, stream_batches
 from rewards.pipeline import check_config, resolve_models
 
 
@@ -28,6 +30,33 @@ def spec_and_job(ray_session, job_overrides, tmp_path_factory):
 
 def _pool(spec, workers: int = 2, batches_per_worker: int = 1, timeout_s: float = 120) -> WorkerPool:
     return WorkerPool(spec, workers, 0.5, 0, timeout_s, batches_per_worker)
+
+
+def _gone(pid: int, within_s: float = 30) -> None:
+    """Wait until process `pid` is dead (gone, or a zombie waiting for its parent, the raylet)."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if stat.read_text().split()[2] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"worker process {pid} still runs {within_s} s after SIGKILL")
+
+
+def _stream(pool, job, max_retries: int, hooks=None) -> tuple[dict, list[int]]:
+    """Every batch of `job` through `stream_batches`; its result and the batches done."""
+    done: list[int] = []
+
+    def on_done(index: int, trees, stats: dict) -> str:
+        assert [t.problem_id for t in trees] == [p.id for p in job.batches[index]]
+        done.append(index)
+        return f"shard-{index}"
+
+    work = list(enumerate(job.batches))
+    return stream_batches(pool, work, job.conf.seed, on_done, max_retries, hooks=hooks), done
 
 
 def test_a_worker_that_cannot_load_its_model_ends_the_start_at_once(spec_and_job, tmp_path):
@@ -97,3 +126,43 @@ def test_an_os_error_raised_in_a_worker_is_not_reported_as_a_full_disk():
     line = error_line(err.as_instanceof_cause())
     assert line.startswith("a worker's call failed: FileNotFoundError: "), line
     assert "cannot write the dataset" not in line, line
+
+
+def test_a_worker_that_dies_idle_costs_no_batch_a_retry(spec_and_job):
+    """Worker 1 dies before any batch was sent to it; the batch sent to it next never ran there,
+    so even with ray.max_retries=0 the job goes on: resubmitted, not counted as a death."""
+    spec, job = spec_and_job
+    pool = _pool(spec, workers=2)
+
+    def kill_idle(n: int, worker: int, pool: WorkerPool) -> None:
+        if n == 1:  # batch 0 went to worker 0; worker 1 has nothing in flight: it dies idle
+            pid = pool.pids()[1]
+            os.kill(pid, signal.SIGKILL)
+            _gone(pid)  # dead before batch 1 is sent to it
+
+    try:
+        stream, done = _stream(pool, job, max_retries=0, hooks=Hooks(on_submit=kill_idle))
+    finally:
+        pool.shutdown()
+    assert sorted(done) == [0, 1]
+    assert stream["lost_runs"] == 0 and stream["retries"] >= 1, stream
+
+
+def test_every_batch_in_flight_on_a_dead_worker_is_resubmitted_and_counted(spec_and_job):
+    """A worker searching two batches side by side dies: both lost their run, both are resubmitted
+    and each counts one death (ray.max_retries=1 lets each die once)."""
+    spec, job = spec_and_job
+    pool = _pool(spec, workers=1, batches_per_worker=2)
+
+    def kill_mid_batch(n: int, worker: int, pool: WorkerPool) -> None:
+        if n == 2:  # batches 0 and 1 are in flight on worker 0
+            time.sleep(0.5)  # ... and have begun there
+            os.kill(pool.pids()[0], signal.SIGKILL)
+
+    try:
+        stream, done = _stream(pool, job, max_retries=1, hooks=Hooks(on_submit=kill_mid_batch))
+    finally:
+        pool.shutdown()
+    assert sorted(done) == [0, 1]
+    assert stream["retries"] == 2, stream
+    assert stream["lost_runs"] == 2, stream
