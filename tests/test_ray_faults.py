@@ -166,3 +166,29 @@ def test_every_batch_in_flight_on_a_dead_worker_is_resubmitted_and_counted(spec_
     assert sorted(done) == [0, 1]
     assert stream["retries"] == 2, stream
     assert stream["lost_runs"] == 2, stream
+
+
+def test_a_worker_that_cannot_load_again_after_a_restart_ends_the_job_saying_so(spec_and_job, tmp_path):
+    """Workers load lazily: one restarted mid-job loads in its next call. If its models are gone by
+    then, the job ends naming the load, not 'an error in the search on that batch'."""
+    import shutil
+
+    spec, job = spec_and_job
+    policy = shutil.copytree(spec.policy.path, tmp_path / "policy")
+    pool = _pool(replace(spec, policy=replace(spec.policy, path=str(policy))), workers=1)
+
+    def kill_after_removing_the_model(n: int, worker: int, pool: WorkerPool) -> None:
+        if n == 1:
+            shutil.rmtree(policy)
+            os.kill(pool.pids()[0], signal.SIGKILL)
+
+    try:
+        with pytest.raises(JobError) as failed:
+            _stream(pool, job, max_retries=3, hooks=Hooks(on_submit=kill_after_removing_the_model))
+    finally:
+        pool.shutdown()
+    line = str(failed.value)
+    assert line.startswith("worker 0 could not load its models again after a restart: PolicyLoadError: "), (
+        line
+    )
+    assert str(policy) in line and "\n" not in line, line
