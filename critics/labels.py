@@ -42,6 +42,25 @@ class Labels:
         self.hard.append([bool(h) for h in hard])
         self.nodes.append([(f"{tree.problem_id}/{tree.seed}", int(i)) for i in nodes])
 
+    def add_solved(self, problem_id: str, key: str, prompt: str, steps, soft, hard) -> None:
+        """A row no tree holds (a task's solver labelled it): no node ids."""
+        self.problem_ids.append(problem_id)
+        self.keys.append(key)
+        self.prompts.append(prompt)
+        self.steps.append(list(steps))
+        self.soft.append([float(s) for s in soft])
+        self.hard.append([bool(h) for h in hard])
+        self.nodes.append([])
+
+    def plus(self, other: Labels) -> Labels:
+        """A new Labels with `other`'s rows after this one's (same kind)."""
+        if other.kind != self.kind:
+            raise ValueError(f"cannot add {other.kind} rows to {self.kind} rows")
+        out = self.subset(range(len(self)))
+        for name in ("problem_ids", "keys", "prompts", "steps", "soft", "hard", "nodes"):
+            getattr(out, name).extend(getattr(other, name))
+        return out
+
     def subset(self, keep: Iterable[int]) -> Labels:
         keep = list(keep)
         out = Labels(self.kind)

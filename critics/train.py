@@ -10,7 +10,10 @@ Losses (binary cross-entropy on the sigmoid of the logit):
 - PRM: hard step labels at every step end (TRL stepwise layout), soft with `prm_soft`;
 - ORM: verified outcomes at the last token, each class weighted to half the loss when
   `balance_orm` (a few wrong answers must not be drowned by many right ones, or vice versa);
-  the shift this puts on the logit is taken back at scoring time (`logit_offset` in critic.json).
+  the shift this puts on the logit is taken back at scoring time (`logit_offset` in critic.json);
+- rows from another source (`extra`, e.g. the embedded value function's solver-labelled states)
+  train beside a critic's own, never in its validation; its logit offset is then fitted to give
+  its own training rows' mean target back.
 
 Problems are split train / validation by id; the validation AUROC and ECE of each critic go into
 its `critic.json` and the returned report. The output directory appears atomically (built in a
@@ -111,6 +114,9 @@ class TrainCriticsConfig:
                 raise ValueError(f"{name}={value}: a critic needs at least one optimizer step")
 
 
+CALIBRATION_ROWS = 8192  # training rows a fitted logit offset is read on (a sample: ~3 s, not ~10 s for all)
+
+
 class _Rows:
     """Encoded rows of one critic: ids, labelled positions, targets and loss weights per position."""
 
@@ -198,9 +204,12 @@ def train_one(
     sep: str,
     cfg: TrainCriticsConfig,
     step_hook: Callable[[int], None] | None = None,
+    extra: Labels | None = None,
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
-    runs before each optimizer step."""
+    runs before each optimizer step. `extra`: rows trained on beside `train` (another source, such
+    as a task's solver, whose targets need not share `train`'s mean); the critic's logit offset is
+    then fitted after training to give back the mean target of up to CALIBRATION_ROWS of `train`."""
     t0 = time.perf_counter()
     cfg = replace(cfg, steps=steps_of(kind, cfg))
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
@@ -209,12 +218,13 @@ def train_one(
     trainable = _train_top_layers(model, cfg.train_layers)
     model.to(device).train()
     enc = StepEncoder(tok, sep)
-    targets, weights, offset = _targets(kind, train, cfg)
-    rows = _Rows(train, enc, kind, targets, weights)
+    rows_of = train.plus(extra) if extra is not None and len(extra) else train
+    targets, weights, offset = _targets(kind, rows_of, cfg)
+    rows = _Rows(rows_of, enc, kind, targets, weights)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor, losses = torch.randperm(len(train), generator=gen), 0, []
+    order, cursor, losses = torch.randperm(len(rows_of), generator=gen), 0, []
     top = None
     if cfg.feature_cache_mb > 0:
         first = order[: cfg.batch_size].tolist()
@@ -229,7 +239,7 @@ def train_one(
         if step_hook is not None:
             step_hook(step)
         if cursor + cfg.batch_size > len(order):  # next epoch: a fresh permutation
-            order, cursor = torch.randperm(len(train), generator=gen), 0
+            order, cursor = torch.randperm(len(rows_of), generator=gen), 0
         idx = order[cursor : cursor + cfg.batch_size].tolist()
         cursor += cfg.batch_size
         x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
@@ -245,8 +255,16 @@ def train_one(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
+    calibrated = 0
+    if rows_of is not train:
+        keep = np.random.default_rng(cfg.seed).permutation(len(train))[:CALIBRATION_ROWS]
+        sample = train.subset(sorted(keep.tolist()))
+        logits, soft, _ = _read(model, tok, kind, sample, sep, device)
+        offset, calibrated = fit_offset(logits, soft), len(sample)
     report = {
         "train_rows": len(train),
+        "extra_rows": len(rows_of) - len(train),
+        "calibration_rows": calibrated,
         "train_positions": train.positions(),
         "train_positive_rate": train.positive_rate(),
         "steps": cfg.steps,
@@ -262,6 +280,20 @@ def train_one(
 
 
 @torch.inference_mode()
+def _read(model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256):
+    """(logits, soft targets, hard labels) at every labelled position of `labels`, in order."""
+    rows = _Rows(labels, StepEncoder(tok, sep), kind, labels.soft)
+    logits, soft = [], []
+    for lo in range(0, len(labels), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(labels))))
+        x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
+        keep = (w > 0).cpu().numpy()
+        logits.append(step_logits(model, kind, x, mask, pos).float().cpu().numpy()[keep])
+        soft.append(tgt.cpu().numpy()[keep])
+    hard = np.array([h for row in labels.hard for h in row], bool)
+    return np.concatenate(logits).astype(np.float64), np.concatenate(soft), hard
+
+
 def evaluate(
     model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256, logit_offset: float = 0.0
 ) -> dict:
@@ -270,22 +302,19 @@ def evaluate(
     rows or one class only."""
     if not len(labels):
         return {"val_rows": 0, "val_auroc": float("nan"), "val_ece": float("nan")}
-    rows = _Rows(labels, StepEncoder(tok, sep), kind, labels.soft)
-    probs, hard, soft = [], [], []
-    for lo in range(0, len(labels), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(labels))))
-        x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
-        p = (step_logits(model, kind, x, mask, pos) + logit_offset).sigmoid()
-        keep = (w > 0).cpu().numpy()
-        probs.append(p.cpu().numpy()[keep])
-        soft.append(tgt.cpu().numpy()[keep])
-        hard += [h for i in idx for h in labels.hard[i]]
-    probs, soft = np.concatenate(probs), np.concatenate(soft)
-    return {
-        "val_rows": len(labels),
-        "val_auroc": auroc(probs, np.array(hard)),
-        "val_ece": ece(probs, soft),
-    }
+    logits, soft, hard = _read(model, tok, kind, labels, sep, device, batch_size)
+    probs = (torch.from_numpy(logits).float() + logit_offset).sigmoid().numpy()  # as scoring reads them
+    return {"val_rows": len(labels), "val_auroc": auroc(probs, hard), "val_ece": ece(probs, soft)}
+
+
+def fit_offset(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The logit offset o with mean(sigmoid(logits + o)) = mean(targets): the one constant shift
+    that gives the rows' own mean back (a shift keeps every rank, so AUROC is unchanged)."""
+    goal, lo, hi = float(np.mean(targets)), -30.0, 30.0
+    for _ in range(60):  # the mean is increasing in o: bisection to ~1e-16
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(1.0 / (1.0 + np.exp(-(logits + mid)))) < goal else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _train_kind(
@@ -298,11 +327,13 @@ def _train_kind(
     meta: dict | None,
     step_hook: Callable[[int], None] | None = None,
     quiet: bool = False,
+    extra: Labels | None = None,
 ) -> dict:
-    """Split, train and save one critic into `dest`; returns its report (`quiet`: no progress bar)."""
+    """Split, train and save one critic into `dest`; returns its report (`quiet`: no progress bar).
+    `extra` rows train beside the split's training part, never in its validation."""
     train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
     model, tok, report = train_one(
-        kind, train, val, base_dir, sep, replace(cfg, progress=cfg.progress and not quiet), step_hook
+        kind, train, val, base_dir, sep, replace(cfg, progress=cfg.progress and not quiet), step_hook, extra
     )
     info = {
         "base": str(base_dir),
@@ -314,9 +345,9 @@ def _train_kind(
     return report
 
 
-def _train_kind_quietly(kind, labels, base_dir, sep, cfg, dest, meta, step_hook=None) -> None:
+def _train_kind_quietly(kind, labels, base_dir, sep, cfg, dest, meta, extra=None, step_hook=None) -> None:
     """`_train_kind` without its progress bar: what the second process runs (`mcts.aside`)."""
-    _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, step_hook, quiet=True)
+    _train_kind(kind, labels, base_dir, sep, cfg, dest, meta, step_hook, quiet=True, extra=extra)
 
 
 def _report_line(kind: str, report: dict) -> str:
@@ -332,10 +363,12 @@ def train_critics(
     sep: str = "\n",
     meta: dict | None = None,
     side_by_side: bool = False,
+    extra_train: dict[str, Labels] | None = None,
 ) -> dict:
     """Train `cfg.kinds` on `labels[kind]` into `out_dir/<kind>` (starting from `policy_dir`'s trunk);
     returns {kind: report}. `meta` is added to every critic.json (e.g. the policy's hash and the
-    number of trees the rows came from).
+    number of trees the rows came from). `extra_train[kind]`: rows trained beside a critic's own
+    training split, never validated on, with its logit offset fitted after (`train_one`).
 
     `side_by_side` (with two usable cores): the critic with the most steps trains in a second
     process (`mcts.aside`) on one core while this process trains the others on the other, moving to
@@ -348,13 +381,13 @@ def train_critics(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
     reports: dict[str, dict] = {}
-    aside, kinds = None, list(cfg.kinds)
+    aside, kinds, extra = None, list(cfg.kinds), extra_train or {}
     try:
         hook = None
         if side_by_side and len(kinds) > 1 and usable_cores() >= 2:
             first = max(kinds, key=lambda k: steps_of(k, cfg))
             kinds.remove(first)
-            args = (first, labels[first], policy_dir, sep, cfg, tmp / first, meta)
+            args = (first, labels[first], policy_dir, sep, cfg, tmp / first, meta, extra.get(first))
             aside = Aside(_train_kind_quietly, args, f"arborist-{first}-critic")
             if cfg.progress:
                 print(
@@ -370,7 +403,9 @@ def train_critics(
 
         torch.set_num_threads(1 if aside is not None else cfg.threads)
         for kind in kinds:
-            reports[kind] = _train_kind(kind, labels[kind], policy_dir, sep, cfg, tmp / kind, meta, hook)
+            reports[kind] = _train_kind(
+                kind, labels[kind], policy_dir, sep, cfg, tmp / kind, meta, hook, extra=extra.get(kind)
+            )
             if cfg.progress:
                 print(_report_line(kind, reports[kind]), file=sys.stderr)
         if aside is not None:
@@ -383,7 +418,9 @@ def train_critics(
                     f"{aside.process.exitcode}; its error is above): training it here",
                     file=sys.stderr,
                 )
-                reports[first] = _train_kind(first, labels[first], policy_dir, sep, cfg, tmp / first, meta)
+                reports[first] = _train_kind(
+                    first, labels[first], policy_dir, sep, cfg, tmp / first, meta, extra=extra.get(first)
+                )
             if cfg.progress:
                 print(_report_line(first, reports[first]), file=sys.stderr)
             reports = {k: reports[k] for k in cfg.kinds}

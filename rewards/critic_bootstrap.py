@@ -54,6 +54,8 @@ from mcts.policy import Policy, PolicyConfig
 from mcts.search import run_search
 from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, distinct_problems
+from rewards.critic_data import all_labels
+from rewards.solver_rows import solver_problem_keys, solver_value_rows
 from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
@@ -105,6 +107,11 @@ class BootstrapCriticsConfig:
     is a wrong sample, and a hard label counts every verified success below a node, rollouts
     included (Math-Shepherd's estimate), not only a correct terminal of the tree."""
     max_rollout_tokens: int = 48
+    solver_states: int = 90_000
+    """Problems drawn for the value function's solver-labelled states (`rewards.solver_rows`; 0:
+    none). Those left once the held-out pool and the bootstrap's own problems are out give ~30k
+    rows. Mean AUROC over training seeds 0 and 1, tune + audit slices (4,723 value positions, three
+    search seeds): 0.762 on the search's rows alone, 0.777 with these."""
     threads: int = 2
 
 
@@ -162,10 +169,11 @@ def training_problems(n: int, seed: int) -> list[Problem]:
 
 
 def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None) -> set[str]:
-    """Content keys of every problem the default critics saw in training: the trunk's solver traces
-    and the bootstrap search problems."""
+    """Content keys of every problem the default critics saw in training: the trunk's solver traces,
+    the bootstrap search problems and those the value function's solver states were drawn from."""
     cfg = cfg or BootstrapCriticsConfig()
     keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
+    keys |= solver_problem_keys(cfg.solver_states, seed, default_difficulty()) if cfg.solver_states else set()
     return keys | {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
 
 
@@ -313,7 +321,17 @@ def ensure_default_critics(
             "config": asdict(cfg),
         },
     }
-    reports = train_critics_on_trees(trees, final, base, cfg.train, meta=meta, side_by_side=side_by_side)
+    labels = all_labels(trees, cfg.train.min_verified)
+    extra = None
+    if cfg.solver_states and "value" in cfg.train.kinds:
+        rows, rate = solver_value_rows(
+            labels["value"], problems, cfg.solver_states, seed, default_difficulty(), held_out_keys(),
+            cfg.train.val_fraction, cfg.train.seed,
+        )  # fmt: skip
+        extra, meta["bootstrap"]["solver_value_rows"] = {"value": rows}, {"rows": len(rows), "rate": rate}
+    reports = train_critics_on_trees(
+        trees, final, base, cfg.train, meta=meta, side_by_side=side_by_side, labels=labels, extra_train=extra
+    )
     total = time.perf_counter() - t0
     summary = {
         **meta["bootstrap"],

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from critics.base import KINDS
+from critics.labels import Labels
 from critics.train import TrainCriticsConfig, train_critics
 from mcts.finished import FinishedTree
 from rewards.critic_data import all_labels
@@ -25,20 +26,32 @@ def train_critics_on_trees(
     cfg: TrainCriticsConfig | None = None,
     meta: dict | None = None,
     side_by_side: bool = False,
+    labels: dict[str, Labels] | None = None,
+    extra_train: dict[str, Labels] | None = None,
 ) -> dict:
-    """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`), their
-    steps joined by the trees' own separator (the one the critics are scored with)."""
+    """`critics.train.train_critics` on the rows of `trees` (labels with `cfg.min_verified`, or
+    `labels` already made from them), their steps joined by the trees' own separator (the one the
+    critics are scored with); `extra_train` as `train_critics` takes it."""
     cfg = cfg or TrainCriticsConfig()
     separators = {t.separator for t in trees}
     if len(separators) > 1:
         raise ValueError(
             f"trees with different step separators {sorted(separators)}: train on one task's trees"
         )
-    labels = all_labels(trees, cfg.min_verified)
+    labels = labels if labels is not None else all_labels(trees, cfg.min_verified)
     tasks = sorted({t.task for t in trees})
     meta = {"trees": len(trees), **({"task": tasks[0]} if len(tasks) == 1 else {}), **(meta or {})}
     sep = separators.pop() if separators else "\n"
-    return train_critics(labels, out_dir, policy_dir, cfg, sep=sep, meta=meta, side_by_side=side_by_side)
+    return train_critics(
+        labels,
+        out_dir,
+        policy_dir,
+        cfg,
+        sep=sep,
+        meta=meta,
+        side_by_side=side_by_side,
+        extra_train=extra_train,
+    )
 
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
