@@ -55,7 +55,7 @@ from mcts.search import run_search
 from mcts.tasks.base import Problem, content_key
 from mcts.tasks.countdown import CountdownTask, distinct_problems
 from rewards.critic_data import all_labels
-from rewards.solver_rows import solver_problem_keys, solver_value_rows
+from rewards.solver_rows import solver_value_rows
 from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
@@ -109,9 +109,10 @@ class BootstrapCriticsConfig:
     max_rollout_tokens: int = 48
     solver_states: int = 90_000
     """Problems drawn for the value function's solver-labelled states (`rewards.solver_rows`; 0:
-    none). Those left once the held-out pool and the bootstrap's own problems are out give ~30k
-    rows. Mean AUROC over training seeds 0 and 1, tune + audit slices (4,723 value positions, three
-    search seeds): 0.762 on the search's rows alone, 0.777 with these."""
+    none): ~29k rows, from problems the trunk trained on less the held-out pool and the bootstrap's
+    own. Value AUROC over the tune + audit slices (4,723 positions, three search seeds), training
+    seeds 0 / 1 / 2: 0.768 / 0.757 / 0.753 on the search's rows alone, 0.779 / 0.775 / 0.785 with
+    these (docs/measurements.md)."""
     threads: int = 2
 
 
@@ -169,11 +170,10 @@ def training_problems(n: int, seed: int) -> list[Problem]:
 
 
 def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None) -> set[str]:
-    """Content keys of every problem the default critics saw in training: the trunk's solver traces,
-    the bootstrap search problems and those the value function's solver states were drawn from."""
+    """Content keys of every problem the default critics saw in training: the trunk's solver traces
+    and the bootstrap search problems (the value function's solver states come from the first)."""
     cfg = cfg or BootstrapCriticsConfig()
     keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
-    keys |= solver_problem_keys(cfg.solver_states, seed, default_difficulty()) if cfg.solver_states else set()
     return keys | {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
 
 
@@ -326,7 +326,7 @@ def ensure_default_critics(
     if cfg.solver_states and "value" in cfg.train.kinds:
         rows, rate = solver_value_rows(
             labels["value"], problems, cfg.solver_states, seed, default_difficulty(), held_out_keys(),
-            cfg.train.val_fraction, cfg.train.seed,
+            cfg.train.val_fraction, cfg.train.seed, within=trained_on(seed, cfg.trunk or TrainConfig()),
         )  # fmt: skip
         extra, meta["bootstrap"]["solver_value_rows"] = {"value": rows}, {"rows": len(rows), "rate": rate}
     reports = train_critics_on_trees(

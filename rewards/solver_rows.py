@@ -11,7 +11,8 @@ mean back (`critics.train.train_one`).
 
 The problems the rows come from are drawn with seed `SOLVER_SEED_BASE + seed`; the held-out
 evaluation pool and the bootstrap search's own problems (its validation split among them) are left
-out by content.
+out by content, and only problems the critics' trunk already trained on are kept (`within`): the
+rows add no problem to what the critics saw, so a job's audit keeps its problems unseen in training.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from critics.labels import Labels, split_by_problem
 from mcts.tasks.base import Problem, content_key
-from mcts.tasks.countdown import CountdownDifficulty, CountdownTask, generate_problems
+from mcts.tasks.countdown import CountdownDifficulty, CountdownTask
 from mcts.tasks.countdown_states import reachable, solver_states
 
 SOLVER_SEED_BASE = 3_000_000  # problems of the solver's value rows: seed SOLVER_SEED_BASE + seed
@@ -47,9 +48,11 @@ def solver_value_rows(
     exclude: Iterable[str],
     val_fraction: float,
     split_seed: int,
+    within: set[str] | None = None,
 ) -> tuple[Labels, float]:
     """(value rows of solver states from `draws` generated problems, none of `exclude` (content
-    keys) or of `problems` (the search's, by content), and the target a reachable one takes:
+    keys) or of `problems` (the search's, by content), all in `within` where given, and the target
+    a reachable one takes:
     `reachable_rate` over `value`'s training split (`split_by_problem(value, val_fraction, split_seed)`,
     as `critics.train` splits it))."""
     by_id = {p.id: p for p in problems}
@@ -57,15 +60,8 @@ def solver_value_rows(
     rate = reachable_rate(train, by_id)
     held = set(exclude) | {content_key(p.question, p.meta) for p in by_id.values()}
     task, rows = CountdownTask(), Labels("value")
-    for r in solver_states(draws, SOLVER_SEED_BASE + seed, difficulty, held):
+    for r in solver_states(draws, SOLVER_SEED_BASE + seed, difficulty, held, within=within):
         ok = r.reachable[-1]
         key = content_key(r.problem.question, r.problem.meta)
         rows.add_solved(r.problem.id, key, task.prompt(r.problem), r.steps, [rate * ok], [ok])
     return rows, rate
-
-
-def solver_problem_keys(draws: int, seed: int, difficulty: CountdownDifficulty | None) -> set[str]:
-    """Content keys of every problem the solver's rows may come from (all drawn: a superset)."""
-    return {
-        content_key(p.question, p.meta) for p in generate_problems(draws, SOLVER_SEED_BASE + seed, difficulty)
-    }

@@ -156,7 +156,7 @@ def test_every_batch_in_flight_on_a_dead_worker_is_resubmitted_and_counted(spec_
 
     def kill_mid_batch(n: int, worker: int, pool: WorkerPool) -> None:
         if n == 2:  # batches 0 and 1 are in flight on worker 0
-            time.sleep(0.5)  # ... and have begun there
+            time.sleep(1.0)  # ... and have begun there (each answers at once; a batch takes ~3 s)
             os.kill(pool.pids()[0], signal.SIGKILL)
 
     try:

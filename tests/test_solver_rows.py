@@ -15,7 +15,7 @@ from mcts.embedded import default_difficulty
 from mcts.tasks.base import content_key
 from mcts.tasks.countdown import CountdownTask, generate_problems, make_problem, solve
 from mcts.tasks.countdown_states import pool_after, reachable, solver_states
-from rewards.solver_rows import SOLVER_SEED_BASE, reachable_rate, solver_problem_keys, solver_value_rows
+from rewards.solver_rows import SOLVER_SEED_BASE, reachable_rate, solver_value_rows
 
 TASK = CountdownTask()
 
@@ -72,7 +72,7 @@ def test_rate_is_read_on_the_training_split_only():
     assert rows.nodes == [[]] * len(rows), "no tree holds a solver row"
 
 
-def test_solver_rows_leave_out_the_held_out_and_the_searched_problems():
+def test_solver_rows_leave_out_the_held_out_and_the_searched_problems_and_keep_within():
     drawn = generate_problems(300, SOLVER_SEED_BASE, default_difficulty())
     keys = [content_key(p.question, p.meta) for p in drawn]
     held = set(keys[:40])
@@ -81,7 +81,9 @@ def test_solver_rows_leave_out_the_held_out_and_the_searched_problems():
     rows, _ = solver_value_rows(empty, searched, 300, 0, default_difficulty(), held, 0.1, 0)
     got = set(rows.keys)
     assert got and not got & held and not got & {content_key(p.question, p.meta) for p in searched}
-    assert got <= solver_problem_keys(300, 0, default_difficulty()), "the audit's exclusion covers them"
+    within = set(keys[100:200])
+    inside, _ = solver_value_rows(empty, searched, 300, 0, default_difficulty(), held, 0.1, 0, within=within)
+    assert inside and set(inside.keys) <= within and len(inside) < len(rows), "no problem outside `within`"
     assert rows.prompts[0] == TASK.prompt(
         next(p for p in drawn if content_key(p.question, p.meta) == rows.keys[0])
     )

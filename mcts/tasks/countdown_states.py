@@ -83,10 +83,11 @@ def _legal_step(pool: list[int], target: int, rng: random.Random, p_solver: floa
 
 
 def _problems(
-    n: int, seed: int, difficulty: CountdownDifficulty | None, exclude: Iterable[str]
+    n: int, seed: int, difficulty: CountdownDifficulty | None, exclude: Iterable[str], within: set[str] | None
 ) -> list[Problem]:
     held = set(exclude)
-    return [p for p in generate_problems(n, seed, difficulty) if content_key(p.question, p.meta) not in held]
+    keys = [(p, content_key(p.question, p.meta)) for p in generate_problems(n, seed, difficulty)]
+    return [p for p, k in keys if k not in held and (within is None or k in within)]
 
 
 def solver_states(
@@ -95,12 +96,14 @@ def solver_states(
     difficulty: CountdownDifficulty | None = None,
     exclude: Iterable[str] = (),
     p_solver: float = 0.5,
+    within: set[str] | None = None,
 ) -> list[SolvedPath]:
-    """States of the first `n` generated problems (those in `exclude`, content keys, left out):
-    one or two legal steps (two from four numbers or more), ending short of the target with two
-    numbers or more left; a problem whose draw ends otherwise gives no row."""
+    """States of the first `n` generated problems (those in `exclude`, content keys, left out, and
+    where `within` is given, those not in it): one or two legal steps (two from four numbers or
+    more), ending short of the target with two numbers or more left; a problem whose draw ends
+    otherwise gives no row."""
     rng, out = random.Random(seed), []
-    for problem in _problems(n, seed, difficulty, exclude):
+    for problem in _problems(n, seed, difficulty, exclude, within):
         pool, target = list(problem.meta["numbers"]), problem.meta["target"]
         steps, made = [], False
         for _ in range(rng.choice((1, 2)) if len(pool) >= 4 else 1):
