@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from mcts.finished import FinishedTree
 from mcts.tasks.base import Problem
+from rewards.interrupts import deferred_sigint
 from rewards.worker import WORKER_ENV, SearchWorker, WorkerSpec
 
 log = logging.getLogger("arborist")
@@ -324,7 +325,7 @@ def stream_batches(
     shard and returns its name) as each completes. `method` / `extra`: another worker call of the
     same shape, `method(problems, seed, *extra) -> (result, stats)` (the audit's).
 
-    A dead worker. Every batch in flight on a worker that died (or that Ray was still restarting)
+    A worker's death: every batch in flight on a worker that died (or that Ray was still restarting)
     goes back to the queue. It counts as one of the batch's `max_retries` deaths only if it had
     begun on that worker, i.e. the worker's first answer to the call (`WorkerActor.stream`) reached
     the driver: a worker that died idle, or before the batch reached it, lost no run of it. One
@@ -335,6 +336,15 @@ def stream_batches(
     Returns {"retries": batches resubmitted, "lost_runs": deaths counted against batches,
     "by_worker": batches per worker pid}.
     """
+    with deferred_sigint() as interrupts:  # a Ctrl-C must not land in a generator's __del__
+        return _stream_batches(
+            pool, work, seed, on_done, max_retries, tick, hooks, restart_wait_s, method, extra, interrupts
+        )
+
+
+def _stream_batches(
+    pool, work, seed, on_done, max_retries, tick, hooks, restart_wait_s, method, extra, interrupts
+) -> dict:
     queue = deque(work)
     free = deque(w for _ in range(pool.batches_per_worker) for w in range(len(pool.actors)))  # slots
     inflight: dict = {}  # ObjectRefGenerator -> [worker index, (batch index, problems), begun there]
@@ -365,6 +375,7 @@ def stream_batches(
         log.warning("worker %d died on %s %d; resubmitting it (%s)", w, what, item[0], type(e).__name__)
 
     while queue or inflight:
+        interrupts.check()
         while queue and free:
             w, item = free.popleft(), queue.popleft()
             inflight[pool.actors[w].stream.remote(method, item[1], seed, *extra)] = [w, item, False]
