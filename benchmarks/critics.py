@@ -41,7 +41,7 @@ import numpy as np
 
 from critics.base import CriticsConfig, CriticSet
 from critics.labels import Labels
-from critics.metrics import auroc, auroc_se, ece
+from critics.metrics import auroc, auroc_se, auroc_se_by_group, ece
 from critics.models import ModelCritic
 from mcts.base import SearchConfig
 from mcts.embedded import bootstrap_policy, evaluation_problems
@@ -61,7 +61,7 @@ def agreement(critic: ModelCritic, labels: Labels, calibrate_on: str) -> dict:
     """AUROC vs the binary labels and ECE vs `calibrate_on` ("soft" or "hard") over every labelled
     position, each (tree, node) counted once."""
     probs = critic.score_texts(labels.prompts, labels.steps, every_step=True)
-    seen, p, hard, soft = set(), [], [], []
+    seen, p, hard, soft, trees = set(), [], [], [], []
     for row_p, row_n, row_h, row_s in zip(probs, labels.nodes, labels.hard, labels.soft, strict=True):
         for x, node, h, s in zip(row_p, row_n, row_h, row_s, strict=True):
             if node in seen:
@@ -70,12 +70,14 @@ def agreement(critic: ModelCritic, labels: Labels, calibrate_on: str) -> dict:
             p.append(x)
             hard.append(h)
             soft.append(s)
+            trees.append(node[0])
     p, hard = np.array(p), np.array(hard, bool)
     target = np.array(soft) if calibrate_on == "soft" else hard.astype(float)
     auc = auroc(p, hard)
     return {
         "auroc": auc,
         "auroc_se": auroc_se(auc, int(hard.sum()), int((~hard).sum())),
+        "auroc_se_trees": auroc_se_by_group(p, hard, trees),  # positions of one tree move together
         "ece": ece(p, target),
         "n": len(p),
         "positive_rate": float(hard.mean()),
@@ -137,6 +139,7 @@ def run(args) -> dict:
     s_plain, s_guided = mean["rollouts"], mean["critics"]
     result = {f"auroc_{k}": q["auroc"] for k, q in quality.items()}
     result |= {f"auroc_{k}_se": q["auroc_se"] for k, q in quality.items()}
+    result |= {f"auroc_{k}_se_trees": q["auroc_se_trees"] for k, q in quality.items()}
     result |= {f"ece_{k}": q["ece"] for k, q in quality.items()}
     result |= {
         "search_success_critics": s_guided["success"],
@@ -164,11 +167,13 @@ def run(args) -> dict:
 
 def print_table(r: dict) -> None:
     print(
-        f"{'critic':8} {'AUROC':>7} {'+-se':>6} {'ECE':>7} {'n':>6} {'pos':>6}   ({r['config']['split']} split)"
+        f"{'critic':8} {'AUROC':>7} {'+-se':>6} {'trees':>6} {'ECE':>7} {'n':>6} {'pos':>6}   "
+        f"({r['config']['split']} split; se: positions independent / by a bootstrap over trees)"
     )
     for k, q in r["critics"].items():
         print(
-            f"{k:8} {q['auroc']:7.3f} {q['auroc_se']:6.3f} {q['ece']:7.3f} {q['n']:6d} {q['positive_rate']:6.2f}"
+            f"{k:8} {q['auroc']:7.3f} {q['auroc_se']:6.3f} {q['auroc_se_trees']:6.3f} {q['ece']:7.3f} "
+            f"{q['n']:6d} {q['positive_rate']:6.2f}"
         )
     seeds = r["config"]["seeds"]
     print(

@@ -56,3 +56,28 @@ def auroc_se(auc: float, n_pos: int, n_neg: int) -> float:
         n_pos * n_neg
     )
     return float(np.sqrt(max(var, 0.0)))
+
+
+def auroc_se_by_group(
+    scores: np.ndarray, labels: np.ndarray, groups, n_boot: int = 1000, seed: int = 0
+) -> float:
+    """Standard error of an AUROC whose positions come in groups (the nodes of one search tree
+    share their problem and their ancestors): the standard deviation of the AUROC over `n_boot`
+    resamples of whole groups with replacement. Hanley-McNeil (`auroc_se`) treats every position
+    as independent and so understates it. NaN with fewer than two groups, or where a resample
+    leaves one class empty every time."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    if n_groups < 2 or np.isnan(auroc(s, y)):
+        return float("nan")
+    members = np.split(np.argsort(g, kind="stable"), np.cumsum(np.bincount(g, minlength=n_groups))[:-1])
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, n_groups, n_groups)])
+        auc = auroc(s[idx], y[idx])
+        if not np.isnan(auc):
+            draws.append(auc)
+    return float(np.std(draws, ddof=1)) if len(draws) > 1 else float("nan")

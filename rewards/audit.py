@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from critics.metrics import auroc, auroc_se, ece
+from critics.metrics import auroc, auroc_se, auroc_se_by_group, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
 from rewards.records import normalize_text, solution_key, text_steps
@@ -210,29 +210,32 @@ def pair_precision(
 # -- critics on trees they did not steer -----------------------------------------------------------
 def critic_agreement(trees: list[FinishedTree]) -> dict:
     """AUROC (+ standard error) and ECE of each critic on rollout-valued trees (see the docstring)."""
-    rows: dict[str, list[tuple[float, bool, float]]] = defaultdict(list)
+    rows: dict[str, list[tuple[float, bool, float, int]]] = defaultdict(list)
     favourite = []
-    for t in trees:
+    for k, t in enumerate(trees):
         st = node_stats(t)
         inner = np.flatnonzero((st.depth > 0) & ~st.terminal & (st.trials > 0))
         for name in ("value", "prm"):
             s = t.nodes[name].astype(np.float64)
-            rows[name] += [(s[i], bool(st.success_below[i]), float(st.success[i])) for i in inner]
+            rows[name] += [(s[i], bool(st.success_below[i]), float(st.success[i]), k) for i in inner]
         verified = np.flatnonzero(st.terminal & (st.outcome >= 0) & (st.depth > 0))
         orm = t.nodes["orm"].astype(np.float64)
-        rows["orm"] += [(orm[i], st.outcome[i] == CORRECT, float(st.outcome[i] == CORRECT)) for i in verified]
+        rows["orm"] += [
+            (orm[i], st.outcome[i] == CORRECT, float(st.outcome[i] == CORRECT), k) for i in verified
+        ]
         scored = verified[~np.isnan(orm[verified])]
         if len(scored):
             favourite.append(bool(st.outcome[scored[np.argmax(orm[scored])]] != CORRECT))
     out: dict = {}
     for name in CRITICS:
-        a = np.asarray(rows[name], dtype=np.float64).reshape(-1, 3)
+        a = np.asarray(rows[name], dtype=np.float64).reshape(-1, 4)
         a = a[~np.isnan(a[:, 0])]
         y = a[:, 1] > 0
         auc = auroc(a[:, 0], y)
         out[name] = {
             "auroc": auc,
             "auroc_se": auroc_se(auc, int(y.sum()), int((~y).sum())),
+            "auroc_se_trees": auroc_se_by_group(a[:, 0], y, a[:, 3]),
             "ece": _safe_ece(a[:, 0], a[:, 2]),
             "n": len(a),
             "positive_rate": float(y.mean()) if len(y) else None,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critics.metrics import auroc, ece
+from critics.metrics import auroc, auroc_se, auroc_se_by_group, ece
 from mcts.finished import FinishedTree
 from mcts.tasks.base import content_key
 from rewards.audit import audit_dataset
@@ -36,6 +36,22 @@ def test_auroc_matches_pairwise_count(data):
         return
     ref = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
     assert auroc(s, y) == pytest.approx(ref)
+
+
+def test_auroc_se_by_group_widens_for_clustered_positions():
+    """Positions copied within a group carry no new evidence: resampling whole groups gives an
+    interval as wide as the groups alone give, where Hanley-McNeil counts every copy."""
+    rng = np.random.default_rng(1)
+    base_y = rng.random(100) < 0.2
+    base_s = rng.normal(0, 1, 100) + base_y
+    alone = auroc_se_by_group(base_s, base_y, np.arange(100))
+    g = np.repeat(np.arange(100), 7)
+    s, y = base_s[g], base_y[g]
+    grouped = auroc_se_by_group(s, y, g)
+    assert grouped == pytest.approx(alone, rel=0.25), "copies add nothing"
+    assert grouped > 2 * auroc_se(auroc(s, y), int(y.sum()), int((~y).sum())), "Hanley-McNeil counts copies"
+    assert math.isnan(auroc_se_by_group(s, y, np.zeros(len(s)))), "one group: no spread to measure"
+    assert auroc_se_by_group(s, y, g) == grouped, "seeded"
 
 
 def test_ece():
@@ -101,6 +117,7 @@ def test_audit_on_golden_trees():
     assert a["orm_favourite_rejected"] == 0.5  # fooled's favourite is wrong, golden's is right
     assert 0 < a["critics"]["orm"]["auroc"] < 1 and a["critics"]["orm"]["n"] == 8
     assert a["critics"]["orm"]["auroc_se"] > 0
+    assert a["critics"]["orm"]["auroc_se_trees"] > 0, "two trees: a bootstrap over them has a spread"
     assert "score" not in a["critics"]  # a terminal's score is its own verdict: nothing to audit
     # a negative the verifier accepts, a positive it refuses, duplicates and a contradiction are counted
     bad = {**pairs[0], "rejected": pairs[0]["chosen"]}
