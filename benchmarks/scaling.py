@@ -79,14 +79,18 @@ def _free_port() -> int:
 
 
 def _processes_under(marker: str) -> list[int]:
-    """Pids whose command line names `marker` (every process of a Ray node names its temp dir)."""
+    """Pids whose command line names `marker`, or that hold a file under it open: every process of
+    a Ray node names its temp dir or logs there, but its agents and client server rename their
+    command line (`ray::DashboardAgent`), and were left running by a match on command lines alone."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace") or any(
+                    os.readlink(fd).startswith(marker) for fd in (entry / "fd").iterdir()
+                ):
                     pids.append(int(entry.name))
-            except OSError:  # the process ended meanwhile
+            except OSError:  # the process ended meanwhile, or is not ours to read
                 continue
     return pids
 
