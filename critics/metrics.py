@@ -64,8 +64,9 @@ def auroc_se_by_group(
     """Standard error of an AUROC whose positions come in groups (the nodes of one search tree
     share their problem and their ancestors): the standard deviation of the AUROC over `n_boot`
     resamples of whole groups with replacement. Hanley-McNeil (`auroc_se`) treats every position
-    as independent and so understates it. NaN with fewer than two groups, or where a resample
-    leaves one class empty every time."""
+    as independent, which understates the error where a group's positions move together (on the
+    embedded critics' held-out trees it did not: 0.034 / 0.019 / 0.019 against 0.028 / 0.016 /
+    0.013 by trees). NaN with fewer than two groups, or where every resample leaves a class empty."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
     _, g = np.unique(np.asarray(groups), return_inverse=True)
