@@ -13,7 +13,8 @@ another recipe (`bootstrap.json` records it), or before critic.json carried the 
    node valued by one verified fast rollout (no critics: the labels must come from the verifier);
    the problems are drawn with seed `CRITICS_SEED_BASE + seed`, and every (numbers, target) of the
    held-out evaluation problems (`mcts.embedded.EVAL_SEED`, first `EVAL_EXCLUDE`) is removed;
-3. train the three critics from those trees (`rewards.train_critics`), each starting from the trunk.
+3. train the three critics from those trees (`rewards.train_critics`), each starting from the trunk;
+   the value function also on ~29k states the Countdown solver labels (`rewards.solver_rows`).
 
 The labels are the default policy's (its trees, its success rates); only the weights the critics
 start from are the trunk's. The whole run is seeded; each directory appears atomically.
