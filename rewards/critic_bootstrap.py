@@ -174,8 +174,9 @@ def critics_trained_on(seed: int = 0, cfg: BootstrapCriticsConfig | None = None)
     """Content keys of every problem the default critics saw in training: the trunk's solver traces
     and the bootstrap search problems (the value function's solver states come from the first)."""
     cfg = cfg or BootstrapCriticsConfig()
-    keys = trained_on(seed, cfg.trunk) if cfg.trunk is not None else trained_on(seed)
-    return keys | {content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)}
+    return trained_on(seed, cfg.trunk) | {
+        content_key(p.question, p.meta) for p in training_problems(cfg.problems, seed)
+    }
 
 
 def rollout_trees(
@@ -327,7 +328,7 @@ def ensure_default_critics(
     if cfg.solver_states and "value" in cfg.train.kinds:
         rows, rate = solver_value_rows(
             labels["value"], problems, cfg.solver_states, seed, default_difficulty(), held_out_keys(),
-            cfg.train.val_fraction, cfg.train.seed, within=trained_on(seed, cfg.trunk or TrainConfig()),
+            cfg.train.val_fraction, cfg.train.seed, within=trained_on(seed, cfg.trunk),
         )  # fmt: skip
         extra, meta["bootstrap"]["solver_value_rows"] = {"value": rows}, {"rows": len(rows), "rate": rate}
     reports = train_critics_on_trees(

@@ -336,7 +336,9 @@ def stream_batches(
     Returns {"retries": batches resubmitted, "lost_runs": deaths counted against batches,
     "by_worker": batches per worker pid}.
     """
-    with deferred_sigint() as interrupts:  # a Ctrl-C must not land in a generator's __del__
+    # A Ctrl-C must not land in a generator's __del__. The loop is a function of its own so that its
+    # frame, and every generator it holds, is gone before the SIGINT handler comes back.
+    with deferred_sigint() as interrupts:
         return _stream_batches(
             pool, work, seed, on_done, max_retries, tick, hooks, restart_wait_s, method, extra, interrupts
         )

@@ -61,7 +61,7 @@ def solver_value_rows(
     held = set(exclude) | {content_key(p.question, p.meta) for p in by_id.values()}
     task, rows = CountdownTask(), Labels("value")
     for r in solver_states(draws, SOLVER_SEED_BASE + seed, difficulty, held, within=within):
-        ok = r.reachable[-1]
+        ok = r.reachable
         key = content_key(r.problem.question, r.problem.meta)
         rows.add_solved(r.problem.id, key, task.prompt(r.problem), r.steps, [rate * ok], [ok])
     return rows, rate

@@ -31,12 +31,12 @@ _TASK = CountdownTask()
 
 
 @dataclass(frozen=True)
-class SolvedPath:
-    """A problem, steps from its start, and per step whether the target is still reachable after it."""
+class SolvedState:
+    """A problem, legal steps from its start, and whether the target is still reachable after them."""
 
     problem: Problem
     steps: tuple[str, ...]
-    reachable: tuple[bool, ...]
+    reachable: bool
 
 
 def pool_after(numbers: list[int], steps: list[str]) -> list[int] | None:
@@ -97,7 +97,7 @@ def solver_states(
     exclude: Iterable[str] = (),
     p_solver: float = 0.5,
     within: set[str] | None = None,
-) -> list[SolvedPath]:
+) -> list[SolvedState]:
     """States of the first `n` generated problems (those in `exclude`, content keys, left out, and
     where `within` is given, those not in it): one or two legal steps (two from four numbers or
     more), ending short of the target with two numbers or more left; a problem whose draw ends
@@ -115,6 +115,6 @@ def solver_states(
                 break
         if made or target in pool or len(pool) < 2:
             continue
-        labels = tuple(reachable(problem, steps[: k + 1]) for k in range(len(steps)))
-        out.append(SolvedPath(problem, tuple(steps), labels))
+        # legal steps to a state that is not terminal: `reachable` would walk them again to this pool
+        out.append(SolvedState(problem, tuple(steps), solve(pool, target) is not None))
     return out
