@@ -15,8 +15,14 @@ the policy conditioned on. Sequences are right-padded.
 
 Critic directories are `save_pretrained` output (safetensors + tokenizer) plus `critic.json`
 (kind, training figures, and `logit_offset`, added to every logit before the sigmoid: 0 unless
-the critic was trained with a class-balanced loss). Nothing is downloaded: `local_files_only=True`,
-safetensors only.
+the critic was trained with a class-balanced loss or beside rows of another source). Nothing is
+downloaded: `local_files_only=True`, safetensors only.
+
+An ensemble (`critics.train`'s `value_members`) is one such directory whose critic.json names
+`members`: sub-directories, each a critic of the same kind on the same frozen trunk
+(`shares_trunk`), trained with another seed. Its logit is the mean of the directory's own and its
+members' logits, then its own `logit_offset`: one pass through the trunk, one top block and head
+per member.
 """
 
 from __future__ import annotations
@@ -120,6 +126,8 @@ class ModelCritic:
         self.logit_offset = float(logit_offset)
         self.encoder = StepEncoder(tokenizer, task.step_separator)
         self.forward_calls = 0
+        # critics whose logits are averaged with this one's, read from this one's trunk pass
+        self.members: list[ModelCritic] = []
 
     def score(self, problems: list[Problem], steps: list[list[str]]) -> np.ndarray:
         """Probability per item [n]: PRM = its last step's soundness; value/ORM = the whole text."""
@@ -158,10 +166,13 @@ class ModelCritic:
             width = max(len(at[i]) for i in chunk)
             pos = torch.tensor([at[i] + [at[i][-1]] * (width - len(at[i])) for i in chunk])
             x, mask, pos = x.to(self.device), mask.to(self.device), pos.to(self.device)
-            if rider is None:
+            if rider is None and not self.members:
                 logits = step_logits(self.model, self.kind, x, mask, pos)
             else:
                 logits, top_input = _with_top_input(self.model, self.kind, x, mask, pos)
+                if self.members:
+                    logits = self._mean_with_members(logits, top_input, x, pos)
+            if rider is not None:
                 ride = (
                     (rider[0].top_logits(top_input, x, pos) + rider[0].logit_offset).sigmoid().cpu().numpy()
                 )
@@ -174,9 +185,19 @@ class ModelCritic:
         return out
 
     def top_logits(self, top_input: dict, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """This critic's logits [n, k] from another critic's input to the top block they both have:
-        its own top block, final norm and head, then the read-out `step_logits` makes (the last
-        non-pad token for value/ORM, as the model's own pooling picks it; `ends` for the PRM)."""
+        """This critic's logits [n, k] from another critic's input to the top block they both have
+        (`_own_top_logits`, averaged with its members' where it has them)."""
+        own = self._own_top_logits(top_input, ids, ends)
+        return self._mean_with_members(own, top_input, ids, ends) if self.members else own
+
+    def _mean_with_members(self, own: torch.Tensor, top_input: dict, ids, ends) -> torch.Tensor:
+        total = own + sum(m._own_top_logits(top_input, ids, ends) for m in self.members)
+        return total / (1 + len(self.members))
+
+    def _own_top_logits(self, top_input: dict, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """This model's own top block, final norm and head on `top_input`, then the read-out
+        `step_logits` makes (the last non-pad token for value/ORM, as the model's own pooling
+        picks it; `ends` for the PRM)."""
         kwargs = {k: v for k, v in top_input["kwargs"].items() if k not in ("past_key_values", "cache")}
         out = self.model.model.layers[-1](*top_input["args"], **kwargs)
         hidden = self.model.model.norm(out[0] if isinstance(out, tuple) else out)
@@ -315,8 +336,31 @@ def load_critic(
     )
     # Sequence classifiers pool the last non-pad token; they need to know which id pads.
     model.config.pad_token_id = tok.pad_token_id
-    offset = float(read_meta(p).get("logit_offset", 0.0))
-    return ModelCritic(model.to(dev).eval(), tok, kind, task, dev, batch_size, logit_offset=offset)
+    meta = read_meta(p)
+    critic = ModelCritic(
+        model.to(dev).eval(),
+        tok,
+        kind,
+        task,
+        dev,
+        batch_size,
+        logit_offset=float(meta.get("logit_offset", 0.0)),
+    )
+    members = meta.get("members", [])
+    for name in members if isinstance(members, list) else [members]:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CriticLoadError(
+                f"critics.{kind}_path={path}: critic.json names a member {name!r} that is not a "
+                "sub-directory of it: members must be plain directory names inside the critic"
+            )
+        member = load_critic(p / name, kind, task, device, dtype, batch_size)
+        if member.members or not shares_trunk(critic, member):
+            raise CriticLoadError(
+                f"critics.{kind}_path={path}: its member {name} does not share its frozen trunk "
+                "(embeddings and lower blocks bit-identical): retrain the ensemble with `arborist train-critics`"
+            )
+        critic.members.append(member)
+    return critic
 
 
 def init_from_policy(policy_dir: str | Path, kind: str, seed: int = 0):

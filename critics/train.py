@@ -39,8 +39,8 @@ import torch
 from critics.base import KINDS
 from critics.features import TopBlocks
 from critics.labels import Labels, split_by_problem
-from critics.metrics import auroc, ece
-from critics.models import StepEncoder, init_from_policy, pad_right, save_critic, step_logits
+from critics.models import StepEncoder, init_from_policy, save_critic, step_logits
+from critics.readout import Rows, evaluate, fit_offset, read_logits
 from mcts.aside import Aside, usable_cores
 from mcts.charlm import warmup_cosine
 from mcts.policy import resolve_device
@@ -63,6 +63,12 @@ class TrainCriticsConfig:
     orm_steps: int | None = None
     """The ORM's steps when they differ (None: `steps`); the embedded critics give it 2,000
     (validation AUROC 0.909 at 1,000, 0.916 at 2,000; tune slice 0.934 -> 0.937)."""
+    value_members: int = 1
+    """Value heads trained on the same split with seeds `seed`, `seed` + 1, ..., their logits
+    averaged (`critics.models`: one trunk pass, a top block and head each), the logit offset then
+    fitted on the mean. The embedded critics take 3 (docs/measurements.md: held-out value AUROC
+    over tune + audit 0.781 one head, 0.790 two, 0.793 three); each head costs its steps again in
+    training and a top block in scoring."""
     train_layers: int = 1
     """Transformer blocks trained, counted from the top, with what follows them (the final norm)
     and the head; the embeddings and the blocks below keep the base checkpoint's weights.
@@ -108,6 +114,10 @@ class TrainCriticsConfig:
             raise ValueError(
                 f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
             )
+        if self.value_members < 1:
+            raise ValueError(
+                f"value_members={self.value_members}: the value function needs at least one head"
+            )
         for name in ("steps", "value_steps", "orm_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -115,30 +125,6 @@ class TrainCriticsConfig:
 
 
 CALIBRATION_ROWS = 8192  # training rows a fitted logit offset is read on (a sample: ~3 s, not ~10 s for all)
-
-
-class _Rows:
-    """Encoded rows of one critic: ids, labelled positions, targets and loss weights per position."""
-
-    def __init__(self, labels: Labels, enc: StepEncoder, kind: str, targets: list[list[float]], weights=None):
-        self.ids, ends = enc.encode(labels.prompts, labels.steps)
-        self.pos = [e if kind == "prm" else [len(r) - 1] for r, e in zip(self.ids, ends, strict=True)]
-        self.targets = targets
-        self.weights = weights or [[1.0] * len(t) for t in targets]
-        for p, t in zip(self.pos, targets, strict=True):
-            assert len(p) == len(t), f"{len(p)} labelled positions but {len(t)} targets"
-
-    def batch(self, idx, pad_id: int, device):
-        x, mask = pad_right([self.ids[i] for i in idx], pad_id)
-        k = max(len(self.pos[i]) for i in idx)
-        pos = torch.zeros(len(idx), k, dtype=torch.long)
-        tgt, w = torch.zeros(len(idx), k), torch.zeros(len(idx), k)  # weight 0 = padding position
-        for j, i in enumerate(idx):
-            n = len(self.pos[i])
-            pos[j, :n] = torch.tensor(self.pos[i])
-            tgt[j, :n] = torch.tensor(self.targets[i], dtype=torch.float32)
-            w[j, :n] = torch.tensor(self.weights[i], dtype=torch.float32)
-        return x.to(device), mask.to(device), pos.to(device), tgt.to(device), w.to(device)
 
 
 def _targets(kind: str, labels: Labels, cfg: TrainCriticsConfig):
@@ -205,9 +191,10 @@ def train_one(
     cfg: TrainCriticsConfig,
     step_hook: Callable[[int], None] | None = None,
     extra: Labels | None = None,
+    head: str = "",
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
-    runs before each optimizer step. `extra`: rows trained on beside `train` (another source, such
+    runs before each optimizer step; `head` names it on the progress bar (one of an ensemble's). `extra`: rows trained on beside `train` (another source, such
     as a task's solver, whose targets need not share `train`'s mean); the critic's logit offset is
     then fitted after training to give back the mean target of up to CALIBRATION_ROWS of `train`."""
     t0 = time.perf_counter()
@@ -220,7 +207,7 @@ def train_one(
     enc = StepEncoder(tok, sep)
     rows_of = train.plus(extra) if extra is not None and len(extra) else train
     targets, weights, offset = _targets(kind, rows_of, cfg)
-    rows = _Rows(rows_of, enc, kind, targets, weights)
+    rows = Rows(rows_of, enc, kind, targets, weights)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, cfg.steps, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -234,7 +221,9 @@ def train_one(
         )  # fmt: skip
     from tqdm import tqdm
 
-    bar = tqdm(range(cfg.steps), desc=f"training {kind} critic", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(
+        range(cfg.steps), desc=f"training {kind} critic{head}", disable=not cfg.progress, file=sys.stderr
+    )
     for step in bar:
         if step_hook is not None:
             step_hook(step)
@@ -257,9 +246,8 @@ def train_one(
     model.eval()
     calibrated = 0
     if rows_of is not train:
-        keep = np.random.default_rng(cfg.seed).permutation(len(train))[:CALIBRATION_ROWS]
-        sample = train.subset(sorted(keep.tolist()))
-        logits, soft, _ = _read(model, tok, kind, sample, sep, device)
+        sample = _calibration_rows(train, cfg)
+        logits, soft, _ = read_logits(model, tok, kind, sample, sep, device)
         offset, calibrated = fit_offset(logits, soft), len(sample)
     report = {
         "train_rows": len(train),
@@ -279,42 +267,40 @@ def train_one(
     return model, tok, report
 
 
-@torch.inference_mode()
-def _read(model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256):
-    """(logits, soft targets, hard labels) at every labelled position of `labels`, in order."""
-    rows = _Rows(labels, StepEncoder(tok, sep), kind, labels.soft)
-    logits, soft = [], []
-    for lo in range(0, len(labels), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(labels))))
-        x, mask, pos, tgt, w = rows.batch(idx, tok.pad_token_id, device)
-        keep = (w > 0).cpu().numpy()
-        logits.append(step_logits(model, kind, x, mask, pos).float().cpu().numpy()[keep])
-        soft.append(tgt.cpu().numpy()[keep])
-    hard = np.array([h for row in labels.hard for h in row], bool)
-    return np.concatenate(logits).astype(np.float64), np.concatenate(soft), hard
+def _calibration_rows(train: Labels, cfg: TrainCriticsConfig) -> Labels:
+    keep = np.random.default_rng(cfg.seed).permutation(len(train))[:CALIBRATION_ROWS]
+    return train.subset(sorted(keep.tolist()))
 
 
-def evaluate(
-    model, tok, kind: str, labels: Labels, sep: str, device, batch_size: int = 256, logit_offset: float = 0.0
-) -> dict:
-    """Validation AUROC (vs the binary label) and ECE (vs the soft target) over every labelled
-    position, probabilities read as at scoring time (`logit_offset` added); NaN when there are no
-    rows or one class only."""
-    if not len(labels):
-        return {"val_rows": 0, "val_auroc": float("nan"), "val_ece": float("nan")}
-    logits, soft, hard = _read(model, tok, kind, labels, sep, device, batch_size)
-    probs = (torch.from_numpy(logits).float() + logit_offset).sigmoid().numpy()  # as scoring reads them
-    return {"val_rows": len(labels), "val_auroc": auroc(probs, hard), "val_ece": ece(probs, soft)}
-
-
-def fit_offset(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The logit offset o with mean(sigmoid(logits + o)) = mean(targets): the one constant shift
-    that gives the rows' own mean back (a shift keeps every rank, so AUROC is unchanged)."""
-    goal, lo, hi = float(np.mean(targets)), -30.0, 30.0
-    for _ in range(60):  # the mean is increasing in o: bisection to ~1e-16
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.mean(1.0 / (1.0 + np.exp(-(logits + mid)))) < goal else (lo, mid)
-    return (lo + hi) / 2
+def _train_members(kind, train, val, base_dir, sep, cfg, step_hook, extra, first) -> tuple[list, list, dict]:
+    """The value function's heads after `first` = (model, tokenizer, report) of the one with
+    `cfg.seed`: (their models, their reports, the ensemble's report: validation figures of the
+    averaged logits, the logit offset refitted on them where the heads fitted theirs)."""
+    model, tok, report = first
+    models, reports = [model], [report]
+    for j in range(1, cfg.value_members):
+        m, _, r = train_one(
+            kind, train, val, base_dir, sep, replace(cfg, seed=cfg.seed + j), step_hook, extra
+        )
+        models.append(m)
+        reports.append(r)
+    device = resolve_device(cfg.device)
+    offset = report["logit_offset"]  # the class-balanced loss's shift, the same for every head
+    if report["calibration_rows"]:
+        logits, soft, _ = read_logits(models, tok, kind, _calibration_rows(train, cfg), sep, device)
+        offset = fit_offset(logits, soft)
+    return (
+        models[1:],
+        reports[1:],
+        {
+            **report,
+            "members": len(models),
+            "member_val_auroc": [r["val_auroc"] for r in reports],
+            "logit_offset": offset,
+            **evaluate(models, tok, kind, val, sep, device, logit_offset=offset),
+            "seconds": round(sum(r["seconds"] for r in reports), 1),
+        },
+    )
 
 
 def _train_kind(
@@ -332,16 +318,27 @@ def _train_kind(
     """Split, train and save one critic into `dest`; returns its report (`quiet`: no progress bar).
     `extra` rows train beside the split's training part, never in its validation."""
     train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
-    model, tok, report = train_one(
-        kind, train, val, base_dir, sep, replace(cfg, progress=cfg.progress and not quiet), step_hook, extra
-    )
+    run = replace(cfg, progress=cfg.progress and not quiet)
+    heads = cfg.value_members if kind == "value" else 1
+    head = f" (head 1 of {heads})" if heads > 1 else ""
+    model, tok, report = train_one(kind, train, val, base_dir, sep, run, step_hook, extra, head)
+    members, member_reports = [], []
+    if heads > 1:
+        members, member_reports, report = _train_members(
+            kind, train, val, base_dir, sep, run, step_hook, extra, (model, tok, report)
+        )
     info = {
         "base": str(base_dir),
         "logit_offset": report["logit_offset"],  # read by critics.models.load_critic
         "train": report,
         "config": asdict(cfg),
     }
-    save_critic(model, tok, kind, dest, {**info, **(meta or {})})
+    names = [f"member-{j}" for j in range(1, len(members) + 1)]
+    save_critic(model, tok, kind, dest, {**info, **({"members": names} if names else {}), **(meta or {})})
+    for name, m, r in zip(names, members, member_reports, strict=True):  # each loadable alone too
+        save_critic(
+            m, tok, kind, dest / name, {**info, "logit_offset": r["logit_offset"], "train": r, **(meta or {})}
+        )
     return report
 
 

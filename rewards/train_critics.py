@@ -104,6 +104,12 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--orm-steps", type=int, default=None, help="the ORM's steps (default: --steps)")
     ap.add_argument(
+        "--value-members",
+        type=int,
+        default=TrainCriticsConfig.value_members,
+        help="value heads trained with seeds SEED, SEED+1, ... and averaged (one trunk pass scores them all)",
+    )
+    ap.add_argument(
         "--train-layers",
         type=int,
         default=TrainCriticsConfig.train_layers,
@@ -122,6 +128,7 @@ def main_train_critics(argv: list[str] | None = None) -> int:
             steps=args.steps,
             value_steps=args.value_steps,
             orm_steps=args.orm_steps,
+            value_members=args.value_members,
             train_layers=args.train_layers,
             seed=args.seed,
             device=args.device,

@@ -10,7 +10,8 @@ from _tiny_models import save_tiny_llama
 
 from critics.labels import Labels, split_by_problem
 from critics.metrics import auroc
-from critics.train import TrainCriticsConfig, fit_offset, train_one
+from critics.readout import fit_offset, read_logits
+from critics.train import TrainCriticsConfig, train_one
 from mcts.embedded import default_difficulty
 from mcts.tasks.base import content_key
 from mcts.tasks.countdown import CountdownTask, generate_problems, make_problem, solve
@@ -120,9 +121,7 @@ def test_extra_rows_train_but_never_validate_and_the_offset_restores_the_mean(tm
     model, tok, report = train_one("value", train, val, policy, "\n", cfg, extra=extra)
     assert report["extra_rows"] == 256 and report["train_rows"] == 64 and report["val_rows"] == 32
     assert report["calibration_rows"] == 64
-    from critics.train import _read
-
-    logits, soft, _ = _read(model, tok, "value", train, "\n", "cpu")
+    logits, soft, _ = read_logits(model, tok, "value", train, "\n", "cpu")
     probs = 1 / (1 + np.exp(-(logits + report["logit_offset"])))
     assert probs.mean() == pytest.approx(soft.mean(), abs=1e-6), "the search rows' mean comes back"
     assert report["logit_offset"] < -0.5, "the extra rows' higher targets were taken back"
