@@ -197,16 +197,31 @@ class ModelCritic:
     def _own_top_logits(self, top_input: dict, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """This model's own top block, final norm and head on `top_input`, then the read-out
         `step_logits` makes (the last non-pad token for value/ORM, as the model's own pooling
-        picks it; `ends` for the PRM)."""
+        picks it; `ends` for the PRM).
+
+        A value function or ORM reads one position, so its block's MLP (two thirds of the embedded
+        block's work) runs on that position alone: its output, [n, 1, d], is broadcast into the
+        residual sum, which is right at the read position and never read elsewhere. Attention
+        still sees every position."""
         kwargs = {k: v for k, v in top_input["kwargs"].items() if k not in ("past_key_values", "cache")}
-        out = self.model.model.layers[-1](*top_input["args"], **kwargs)
-        hidden = self.model.model.norm(out[0] if isinstance(out, tuple) else out)
-        logits = self.model.score(hidden).float()
+        block, hook = self.model.model.layers[-1], None
         if self.kind in SEQ_KINDS:
             pad = self.model.config.pad_token_id
             at = ((ids != pad).int() * torch.arange(ids.shape[1], device=ids.device)).argmax(-1)
-            return logits[torch.arange(ids.shape[0], device=ids.device), at].view(-1, 1)
-        return logits[..., 0].gather(1, ends)
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            if isinstance(getattr(block, "mlp", None), torch.nn.Module):
+                hook = block.mlp.register_forward_pre_hook(
+                    lambda _m, args: (args[0][rows, at].unsqueeze(1), *args[1:]) if args else None
+                )
+        try:
+            out = block(*top_input["args"], **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        out = out[0] if isinstance(out, tuple) else out
+        if self.kind in SEQ_KINDS:
+            return self.model.score(self.model.model.norm(out[rows, at])).float().view(-1, 1)
+        return self.model.score(self.model.model.norm(out)).float()[..., 0].gather(1, ends)
 
 
 def _with_top_input(model, kind: str, ids, mask, ends) -> tuple[torch.Tensor, dict]:
