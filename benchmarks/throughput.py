@@ -144,11 +144,13 @@ def measure(
     if critics_dir is not None:
         critics = CriticSet.load(CriticsConfig(device=device), task, default_dir=critics_dir)
         meters += [ModelMeter(c.model) for c in (critics.prm, critics.orm) if c is not None]
-        if critics.value is not None and critics.shared_trunk:  # it runs its top block and head only
-            value = critics.value.model
-            meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
+        if critics.value is not None and critics.shared_trunk:  # each head runs its top block and head only
+            for value in (c.model for c in (critics.value, *critics.value.members)):
+                meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
         elif critics.value is not None:
             meters.append(ModelMeter(critics.value.model))
+            for value in (c.model for c in critics.value.members):  # on the value function's own pass
+                meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
     cfg = CriticsConfig() if critics is not None else ExpandConfig()
     expander = PolicyExpander(policy, task, cfg, critics=critics)
     probs = evaluation_problems("test", problems)
