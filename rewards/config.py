@@ -71,7 +71,10 @@ class JsonlTaskConf(TaskConf):
     name: str = "jsonl"
 
     max_steps: int = JsonlTask.max_steps
-    """Lines before a solution without a `####` answer counts as failed (checked by JsonlTask)."""
+    """Steps before a solution without a `####` answer counts as failed (checked by JsonlTask)."""
+    step_separator: str = JsonlTask.step_separator
+    """What ends a step, written after each one (the policy stops at it): a line by default;
+    '\\n\\n' for paragraph steps. `\\n`, `\\t` and `\\\\` are read as escapes."""
 
 
 @dataclass

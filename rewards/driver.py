@@ -5,6 +5,7 @@ Ray stays behind `rewards.launcher`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -324,5 +325,9 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
 
 
 def task_kwargs(conf) -> dict:
-    """The task group's settings that `make_task` takes (the rest only shape the problem list)."""
-    return {"max_steps": conf.task.max_steps} if conf.task.name == "jsonl" else {}
+    """The task group's settings that `make_task` takes (the rest only shape the problem list):
+    those of the task's own dataclass that the group has (jsonl: `max_steps`, `step_separator`)."""
+    from mcts.tasks.registry import TASKS
+
+    fields = (f.name for f in dataclasses.fields(TASKS[conf.task.name]) if f.name != "name")
+    return {k: getattr(conf.task, k) for k in fields if hasattr(conf.task, k)}

@@ -114,7 +114,7 @@ def check_config(cfg: DictConfig | Config) -> Job:
 
     conf = to_schema(cfg)
     settings = task_settings(conf.task)
-    make_task(conf.task.name, **{k: v for k, v in settings.items() if k == "max_steps"})
+    make_task(conf.task.name, **settings)  # its own settings checked; the problem list's ignored
     problems = _distinct(load_problems(conf.task.name, **settings))
     if not problems:
         raise TaskInputError(f"task {conf.task.name!r} has no problems: check task.path / task.num_problems")

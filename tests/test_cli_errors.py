@@ -95,6 +95,7 @@ def test_invalid_number_in_a_subprocess(out):
         (["+search.simulatons=8"], ["unknown setting 'search.simulatons'"]),
         (["task=jsonl"], ["task.path"]),
         (["task=jsonl", "task.path=/nonexistent/problems.jsonl"], ["/nonexistent/problems.jsonl"]),
+        (["task=jsonl", "task.path=p.jsonl", "task.step_separator=''"], ["step_separator=''", "'\\n\\n'"]),
         (["policy.path=/nonexistent/model"], ["policy.path=/nonexistent/model", "does not exist"]),
         (["policy=hf"], ["policy.path"]),
         (["critics.value_path=/nonexistent/critic"], ["critics.value_path"]),

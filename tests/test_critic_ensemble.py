@@ -18,6 +18,7 @@ from critics.labels import Labels
 from critics.models import CriticLoadError, load_critic
 from critics.train import TrainCriticsConfig, train_critics
 from mcts.tasks.countdown import CountdownTask, make_problem
+from rewards.train_critics import main_train_critics
 
 TASK = CountdownTask()
 PROBLEMS = [make_problem(f"p{i}", [3, 7, 9, 4], 24) for i in range(7)]
@@ -125,6 +126,9 @@ def test_a_member_outside_the_critic_or_off_its_trunk_is_refused(trained, tmp_pa
         load_critic(bad, "value", TASK, device="cpu")
 
 
-def test_value_members_must_be_at_least_one():
+def test_value_members_must_be_at_least_one(tmp_path, capsys):
     with pytest.raises(ValueError, match="value_members=0"):
         TrainCriticsConfig(value_members=0)
+    assert main_train_critics([str(tmp_path), "--value-members", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "value_members=0" in err and "\n" not in err

@@ -9,10 +9,11 @@ File columns (one problem per row):
 | answer   | number, or text whose final answer follows `####`      | `42`, `"3 + 4 = 7\\n#### 7"`  |
 
 Formats:
-- prompt: `"Question: <question>\\nAnswer:\\n"`; steps are lines (no newline), one per option;
-- a step that starts with `####` (after leading spaces) is the final answer, e.g. `"#### 1,234"`;
-  it succeeds iff its number equals the reference exactly;
-- a partial solution with `max_steps` lines and no answer is a terminal failure.
+- prompt: `"Question: <question>\\nAnswer:\\n"`; a step ends at `step_separator`: one line each by
+  default, paragraphs with `"\\n\\n"` (the step layout of OpenR or PRM800K-style data);
+- a step line that starts with `####` (after leading spaces) is the final answer, e.g.
+  `"#### 1,234"`; it succeeds iff its number equals the reference exactly;
+- a partial solution with `max_steps` steps and no answer is a terminal failure.
 
 Numbers are compared exactly as fractions: `,` `$` and spaces are removed, an optional sign, then
 an integer, a decimal (`0.75`, `.5`) or a fraction (`3/4`); a final `.` (end of sentence) is
@@ -58,11 +59,30 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def final_answer(step: str) -> str | None:
-    """The text after `####` if `step` is an answer line, else None."""
-    stripped = step.lstrip()
-    if not stripped.startswith(ANSWER_MARK):
-        return None
-    return stripped[len(ANSWER_MARK) :]
+    """The text after `####` of the first answer line of `step` (a one-line step is its own line),
+    else None."""
+    for line in step.split("\n"):
+        stripped = line.lstrip()
+        if stripped.startswith(ANSWER_MARK):
+            return stripped[len(ANSWER_MARK) :]
+    return None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` read as a newline, a tab and a backslash: a command line
+    (`task.step_separator='\\n\\n'`) passes them as two characters each."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def _reference(problem: Problem) -> Fraction:
@@ -116,18 +136,24 @@ class JsonlTask:
     """Line-by-line reasoning ending in a `#### <number>` line (see the module docstring)."""
 
     name: str = "jsonl"
-    step_separator: str = "\n"
-    max_steps: int = 16  # lines before a solution without an answer counts as failed
+    step_separator: str = "\n"  # backslash escapes read as `unescape` reads them
+    max_steps: int = 16  # steps before a solution without an answer counts as failed
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise TaskInputError(f"jsonl task: max_steps must be >= 1, got {self.max_steps}")
+        self.step_separator = unescape(str(self.step_separator))
+        if not self.step_separator or ANSWER_MARK in self.step_separator:
+            raise TaskInputError(
+                f"jsonl task: step_separator={self.step_separator!r} must be non-empty text without "
+                f"{ANSWER_MARK!r}, e.g. task.step_separator='\\n' (one line a step) or '\\n\\n' (paragraphs)"
+            )
 
     def prompt(self, problem: Problem) -> str:
         return f"Question: {problem.question}\nAnswer:\n"
 
     def check(self, problem: Problem, steps: list[str]) -> StepCheck:
-        """Terminal at the first `####` line (success iff its number matches) or after max_steps lines."""
+        """Terminal at the first `####` line (success iff its number matches) or after max_steps steps."""
         for step in steps[: self.max_steps]:
             answer = final_answer(step)
             if answer is not None:
