@@ -314,7 +314,37 @@ def check_critic_dir(path: str | Path, kind: str, task: str | None = None) -> Pa
             f"{name} learned from {meta['task']} trees, not {task} ones (critic.json): train critics on "
             "this task's search output with `arborist train-critics`, or search with critics=rollouts"
         )
+    _check_members(p, name, kind, task, meta.get("members", []))
     return p
+
+
+def _check_members(p: Path, name: str, kind: str, task: str | None, members) -> None:
+    """An ensemble's members (critic.json `members`): plain sub-directories of `p` (no link out of
+    it), each a loadable critic of `kind` that has no members of its own."""
+    for member in members if isinstance(members, list) else [members]:
+        where = f"{name}: critic.json names a member {member!r}"
+        if not isinstance(member, str) or Path(member).name != member or member in ("", ".", ".."):
+            raise CriticLoadError(
+                f"{where} that is not a sub-directory of it: members must be plain directory names"
+            )
+        target = (p / member).resolve()
+        if target == p.resolve() or not target.is_relative_to(p.resolve()):
+            raise CriticLoadError(
+                f"{where} that leads out of it (a link?): a member must lie inside its critic"
+            )
+        if not (p / member).is_dir():
+            raise CriticLoadError(f"{where}, which is missing: copy the whole directory, or retrain it")
+        if read_meta(p / member).get("members"):
+            raise CriticLoadError(
+                f"{where} that has members of its own: an ensemble's members are single critics"
+            )
+        try:
+            check_critic_dir(p / member, kind, task)
+        except CriticLoadError as e:
+            reason = str(e).removeprefix(f"critics.{kind}_path={p / member}").strip(" :")
+            raise CriticLoadError(
+                f"{where}, which {reason}: retrain it with `arborist train-critics`"
+            ) from None
 
 
 def read_meta(path: str | Path) -> dict:
@@ -339,7 +369,8 @@ def load_tokenizer(path: str | Path):
 def load_critic(
     path: str | Path, kind: str, task: Task, device: str = "auto", dtype: str = "auto", batch_size: int = 256
 ) -> ModelCritic:
-    """Load a critic of `kind` ("value", "prm", "orm") from a local directory."""
+    """Load a critic of `kind` ("value", "prm", "orm") from a local directory, with the members
+    its critic.json names (an ensemble: see the module docstring)."""
     p = check_critic_dir(path, kind, task.name)
     dev = resolve_device(device)
     tok = load_tokenizer(p)
@@ -362,14 +393,9 @@ def load_critic(
         logit_offset=float(meta.get("logit_offset", 0.0)),
     )
     members = meta.get("members", [])
-    for name in members if isinstance(members, list) else [members]:
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise CriticLoadError(
-                f"critics.{kind}_path={path}: critic.json names a member {name!r} that is not a "
-                "sub-directory of it: members must be plain directory names inside the critic"
-            )
+    for name in members if isinstance(members, list) else [members]:  # checked by check_critic_dir
         member = load_critic(p / name, kind, task, device, dtype, batch_size)
-        if member.members or not shares_trunk(critic, member):
+        if not shares_trunk(critic, member):
             raise CriticLoadError(
                 f"critics.{kind}_path={path}: its member {name} does not share its frozen trunk "
                 "(embeddings and lower blocks bit-identical): retrain the ensemble with `arborist train-critics`"

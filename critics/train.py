@@ -64,11 +64,10 @@ class TrainCriticsConfig:
     """The ORM's steps when they differ (None: `steps`); the embedded critics give it 2,000
     (validation AUROC 0.909 at 1,000, 0.916 at 2,000; tune slice 0.934 -> 0.937)."""
     value_members: int = 1
-    """Value heads trained on the same split with seeds `seed`, `seed` + 1, ..., their logits
-    averaged (`critics.models`: one trunk pass, a top block and head each), the logit offset then
-    fitted on the mean. The embedded critics take 3 (docs/measurements.md: held-out value AUROC
-    over tune + audit 0.781 one head, 0.790 two, 0.793 three); each head costs its steps again in
-    training and a top block in scoring."""
+    """Value heads trained on one split with seeds `seed`, `seed` + 1, ..., logits averaged (one
+    trunk pass, a top block and head each: `train_layers` 0 or 1, a Llama-style base); a fitted
+    logit offset (`extra` rows) is refitted on the mean. The embedded critics take 3 (held-out
+    value AUROC, tune + audit: 0.781 one head, 0.790 two, 0.793 three; docs/measurements.md)."""
     train_layers: int = 1
     """Transformer blocks trained, counted from the top, with what follows them (the final norm)
     and the head; the embeddings and the blocks below keep the base checkpoint's weights.
@@ -117,6 +116,11 @@ class TrainCriticsConfig:
         if self.value_members < 1:
             raise ValueError(
                 f"value_members={self.value_members}: the value function needs at least one head"
+            )
+        if self.value_members > 1 and self.train_layers not in (0, 1):
+            raise ValueError(
+                f"value_members={self.value_members} with train_layers={self.train_layers}: heads are "
+                "scored from one trunk pass, so they may train the top block at most (train_layers 0 or 1)"
             )
         for name in ("steps", "value_steps", "orm_steps"):
             value = getattr(self, name)
@@ -275,8 +279,15 @@ def _calibration_rows(train: Labels, cfg: TrainCriticsConfig) -> Labels:
 def _train_members(kind, train, val, base_dir, sep, cfg, step_hook, extra, first) -> tuple[list, list, dict]:
     """The value function's heads after `first` = (model, tokenizer, report) of the one with
     `cfg.seed`: (their models, their reports, the ensemble's report: validation figures of the
-    averaged logits, the logit offset refitted on them where the heads fitted theirs)."""
+    averaged logits, the logit offset refitted on them where the heads fitted theirs; its other
+    training fields are the first head's, `seconds` the heads' sum)."""
     model, tok, report = first
+    if not (hasattr(model, "score") and hasattr(getattr(model, "model", None), "layers")):
+        raise ValueError(
+            f"value_members={cfg.value_members}: heads are scored from one trunk pass, which needs a "
+            f"Llama-style base (model.model.layers, a final norm, a score head); {type(model).__name__} "
+            "is not one: train with value_members=1"
+        )
     models, reports = [model], [report]
     for j in range(1, cfg.value_members):
         m, _, r = train_one(
@@ -367,9 +378,10 @@ def train_critics(
     number of trees the rows came from). `extra_train[kind]`: rows trained beside a critic's own
     training split, never validated on, with its logit offset fitted after (`train_one`).
 
-    `side_by_side` (with two usable cores): the critic with the most steps trains in a second
-    process (`mcts.aside`) on one core while this process trains the others on the other, moving to
-    `cfg.threads` once the second is done; if the second fails, its critic is trained here after.
+    `side_by_side` (with two usable cores): the critic with the most steps (a value function's
+    heads counted) trains in a second process (`mcts.aside`) on one core while this process trains
+    the others on the other; whichever is done first leaves the other `cfg.threads`. If the second
+    fails, its critic is trained here after.
     Only for machines where the thread count leaves the floats as they are
     (`mcts.aside.threads_agree`): each critic's weights are then the same as one after another."""
     cfg = cfg or TrainCriticsConfig()
@@ -382,10 +394,10 @@ def train_critics(
     try:
         hook = None
         if side_by_side and len(kinds) > 1 and usable_cores() >= 2:
-            first = max(kinds, key=lambda k: steps_of(k, cfg))
+            first = max(kinds, key=lambda k: steps_of(k, cfg) * (cfg.value_members if k == "value" else 1))
             kinds.remove(first)
             args = (first, labels[first], policy_dir, sep, cfg, tmp / first, meta, extra.get(first))
-            aside = Aside(_train_kind_quietly, args, f"arborist-{first}-critic")
+            aside = Aside(_train_kind_quietly, args, f"arborist-{first}-critic", threads=cfg.threads)
             if cfg.progress:
                 print(
                     f"arborist: training the {first} critic in a second process beside the others",
@@ -407,6 +419,7 @@ def train_critics(
                 print(_report_line(kind, reports[kind]), file=sys.stderr)
         if aside is not None:
             torch.set_num_threads(cfg.threads)
+            aside.more_threads()  # this process is done: the other core is the second's
             if aside.wait():
                 reports[first] = json.loads((tmp / first / "critic.json").read_text())["train"]
             else:

@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig
 from critics.base import CriticsConfig
 from mcts.base import PolicyConfig, SearchConfig
 from mcts.tasks.countdown import CountdownDifficulty
-from mcts.tasks.jsonl import JsonlTask
+from mcts.tasks.jsonl import JsonlTask, unescape
 from mcts.tasks.registry import GENERATED_PROBLEMS
 from rewards.derive import DeriveConfig
 
@@ -74,7 +74,12 @@ class JsonlTaskConf(TaskConf):
     """Steps before a solution without a `####` answer counts as failed (checked by JsonlTask)."""
     step_separator: str = JsonlTask.step_separator
     """What ends a step, written after each one (the policy stops at it): a line by default;
-    '\\n\\n' for paragraph steps. `\\n`, `\\t` and `\\\\` are read as escapes."""
+    '\\n\\n' for paragraph steps. `\\n`, `\\t` and `\\\\` are read as escapes (a command line passes
+    them as text), once, here: the config and its hash hold the separator itself."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.step_separator = unescape(self.step_separator)
 
 
 @dataclass

@@ -108,15 +108,26 @@ def test_the_heads_ride_the_prms_pass(trained):
     assert np.array_equal(together["prm"], apart["prm"])
 
 
-def test_a_member_outside_the_critic_or_off_its_trunk_is_refused(trained, tmp_path):
+def test_a_member_outside_the_critic_missing_or_off_its_trunk_is_refused(trained, tmp_path):
     root = trained[0]
     bad = tmp_path / "value"
     shutil.copytree(root / "three" / "value", bad)
     meta = json.loads((bad / "critic.json").read_text())
-    (bad / "critic.json").write_text(json.dumps({**meta, "members": ["../prm"]}))
-    with pytest.raises(CriticLoadError, match="not a sub-directory of it") as e:
-        load_critic(bad, "value", TASK, device="cpu")
-    assert "\n" not in str(e.value)
+
+    def refused(members, needle: str) -> None:
+        (bad / "critic.json").write_text(json.dumps({**meta, "members": members}))
+        with pytest.raises(CriticLoadError, match=needle) as e:
+            load_critic(bad, "value", TASK, device="cpu")
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+    refused(["../prm"], "not a sub-directory of it")
+    (bad / "loop").symlink_to(bad)  # a member that is the critic itself: no endless recursion
+    refused(["loop"], "leads out of it")
+    (bad / "away").symlink_to(root / "three" / "prm")
+    refused(["away"], "leads out of it")
+    refused(["member-1", "member-3"], "'member-3', which is missing")
+    (bad / "empty").mkdir()
+    refused(["empty"], "'empty', which has no config.json")
     (bad / "critic.json").write_text(json.dumps(meta))
     member = load_critic(bad / "member-1", "value", TASK, device="cpu")
     with torch.no_grad():
@@ -126,9 +137,19 @@ def test_a_member_outside_the_critic_or_off_its_trunk_is_refused(trained, tmp_pa
         load_critic(bad, "value", TASK, device="cpu")
 
 
-def test_value_members_must_be_at_least_one(tmp_path, capsys):
+def test_heads_need_one_trunk_pass(tmp_path, capsys):
+    """Heads that could not share a trunk pass are refused before (or, for the base's shape, at) training."""
+    from _tiny_models import save_tiny_gpt2
+
     with pytest.raises(ValueError, match="value_members=0"):
         TrainCriticsConfig(value_members=0)
+    with pytest.raises(ValueError, match="train_layers=2: heads are scored from one trunk pass"):
+        TrainCriticsConfig(value_members=2, train_layers=2)
     assert main_train_critics([str(tmp_path), "--value-members", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "value_members=0" in err and "\n" not in err
+    cfg = TrainCriticsConfig(kinds=("value",), steps=2, batch_size=8, value_members=2, progress=False)
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="needs a Llama-style base .* train with value_members=1"):
+        train_critics({"value": _labels("value", 32)}, tmp_path / "out", gpt2, cfg)
+    assert not (tmp_path / "out").exists()

@@ -395,10 +395,14 @@ def _side_by_side_matches_one_after_another(policy_dir: Path, tmp_path: Path) ->
     for i, kind in enumerate(("value", "prm", "orm")):
         labels[kind] = _toy_labels(40 + 8 * i)
         labels[kind].kind = kind
-    cfg = TrainCriticsConfig(steps=5, value_steps=12, batch_size=8, val_fraction=0.25, progress=False)
+    cfg = TrainCriticsConfig(
+        steps=5, value_steps=12, value_members=2, batch_size=8, val_fraction=0.25, progress=False
+    )
     apart = train_critics(labels, tmp_path / "apart", policy_dir, cfg)
     together = train_critics(labels, tmp_path / "together", policy_dir, cfg, side_by_side=True)
     assert list(together) == ["value", "prm", "orm"] and together["value"]["steps"] == 12
+    member = "value/member-1"  # the value function's second head trains in the same process as its first
+    assert weights_hash(tmp_path / "together" / member) == weights_hash(tmp_path / "apart" / member)
     for kind in apart:
         assert weights_hash(tmp_path / "together" / kind) == weights_hash(tmp_path / "apart" / kind), kind
         drop = {"seconds"}

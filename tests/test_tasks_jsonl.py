@@ -205,23 +205,27 @@ def test_registry_load_problems(tmp_path):
 
 
 def test_paragraph_steps_from_a_command_line():
-    """`task.step_separator='\\n\\n'` as a shell passes it (backslash, n, twice): paragraph steps,
-    an answer on any line of a step, and the job's config reaching the task."""
-    task = make_task("jsonl", step_separator="\\n\\n", path="ignored.jsonl")
-    assert task.step_separator == "\n\n"
-    assert task.check(GSM, ["40 + 2 = 42.\nSo she has 42."]) == GOING
-    assert task.check(GSM, ["40 + 2 = 42.", "So:\n#### 42"]) == OK
-    assert task.check(GSM, ["#### 41\n#### 42"]) == FAIL  # the first answer line is the answer
-    assert make_task("jsonl", step_separator="\\\\n").step_separator == "\\n"  # an escaped backslash
-    for bad in ("", " #### "):
-        with pytest.raises(TaskInputError, match="step_separator=.* must be non-empty text without '####'"):
-            make_task("jsonl", step_separator=bad)
-
+    """`task.step_separator='\\n\\n'` as a shell passes it (backslash, n, twice): the config reads
+    the escapes once, the task takes paragraph steps, and an answer on any line of a step counts."""
     from rewards.config import compose
     from rewards.driver import task_kwargs
     from rewards.pipeline import to_schema
 
     conf = to_schema(compose(["task=jsonl", "task.path=p.jsonl", "task.step_separator='\\n\\n'"]))
-    assert task_kwargs(conf) == {"step_separator": "\\n\\n", "max_steps": 16}
-    assert make_task("jsonl", **task_kwargs(conf)).step_separator == "\n\n"
+    assert task_kwargs(conf) == {"step_separator": "\n\n", "max_steps": 16}
+    assert task_kwargs(to_schema(compose(["task=jsonl", "task.step_separator='a\\\\nb'"]))) == {
+        "step_separator": "a\\nb",  # an escaped backslash stays one
+        "max_steps": 16,
+    }
     assert task_kwargs(to_schema(compose([]))) == {}, "countdown takes no task settings"
+    task = make_task("jsonl", **task_kwargs(conf))
+    assert task.step_separator == "\n\n"
+    assert task.check(GSM, ["40 + 2 = 42.\nSo she has 42."]) == GOING
+    assert task.check(GSM, ["40 + 2 = 42.", "So:\n#### 42"]) == OK
+    assert task.check(GSM, ["#### 41\n#### 42"]) == FAIL  # the first answer line is the answer
+    assert make_task("jsonl", step_separator="\\n").step_separator == "\\n", (
+        "the task itself reads no escapes"
+    )
+    for bad in ("", " #### "):
+        with pytest.raises(TaskInputError, match="step_separator=.* must be non-empty text without '####'"):
+            make_task("jsonl", step_separator=bad)

@@ -133,17 +133,21 @@ def _float_text(value: float) -> str:
 
 @dataclass
 class JsonlTask:
-    """Line-by-line reasoning ending in a `#### <number>` line (see the module docstring)."""
+    """Step-by-step reasoning (a line a step by default) ending in a `#### <number>` line (see the
+    module docstring)."""
 
     name: str = "jsonl"
-    step_separator: str = "\n"  # backslash escapes read as `unescape` reads them
+    step_separator: str = "\n"  # the job's config reads backslash escapes in it (`unescape`)
     max_steps: int = 16  # steps before a solution without an answer counts as failed
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise TaskInputError(f"jsonl task: max_steps must be >= 1, got {self.max_steps}")
-        self.step_separator = unescape(str(self.step_separator))
-        if not self.step_separator or ANSWER_MARK in self.step_separator:
+        if (
+            not isinstance(self.step_separator, str)
+            or not self.step_separator
+            or ANSWER_MARK in self.step_separator
+        ):
             raise TaskInputError(
                 f"jsonl task: step_separator={self.step_separator!r} must be non-empty text without "
                 f"{ANSWER_MARK!r}, e.g. task.step_separator='\\n' (one line a step) or '\\n\\n' (paragraphs)"
