@@ -60,12 +60,12 @@ from rewards.solver_rows import solver_value_rows
 from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
-# The bootstrap search and the three heads on 2 cores: 480-590 s measured on the EPYC before the
-# heads trained on cached trunk inputs (`critics.features`: the heads 250 -> 175-190 s on a Xeon).
-BUILD_MINUTES = 7.5
-# Policy, trunk and critics from an empty cache, side by side: 1,133 s measured on the EPYC
-# (2026-12-05) before the heads' cache, which takes ~1 min off.
-SIDE_BY_SIDE_MINUTES = 18
+# The bootstrap search and the heads on 2 cores, from a cached trunk: 625 s measured on a Xeon with
+# the value function's three heads (value 310 s, PRM 57 s, ORM 85 s, search 152 s).
+BUILD_MINUTES = 10.5
+# Policy, trunk and critics from an empty cache: 18-20 min measured on the EPYC (side by side) and
+# the Xeon (one after another) before the value function's two more heads, which add ~4 min.
+SIDE_BY_SIDE_MINUTES = 22
 
 
 @dataclass(frozen=True)
