@@ -134,8 +134,10 @@ def check_config(cfg: DictConfig | Config) -> Job:
 
 
 def input_hashes(conf: Config, problems: list[Problem]) -> dict:
-    """What shapes the records beyond the settings: the problems' content and the policy's weights
-    (a local directory; the embedded policy is fixed by its seed and recipe version)."""
+    """What shapes the records beyond the settings: the problems' content, the policy's and the
+    critics' weights (local directories, an ensemble's members included), and the embedded critics'
+    recipe (their weights follow from it; the embedded policy is fixed by its seed and recipe
+    version). A resume across a critic rebuild would mix records scored by two sets of critics."""
     out = {"problems_sha": problems_sha(problems)}
     for key, path in (
         ("policy_weights_sha", conf.policy.path),
@@ -143,16 +145,25 @@ def input_hashes(conf: Config, problems: list[Problem]) -> dict:
     ):
         if path:
             out[key] = weights_fingerprint(Path(path))
+    for kind, path in conf.critics.paths().items():
+        if path and path != "default":
+            out[f"{kind}_critic_weights_sha"] = weights_fingerprint(Path(path), "**/*.safetensors")
+    if builds_default_critics(conf):
+        from rewards.critic_bootstrap import BootstrapCriticsConfig
+
+        recipe = json.dumps(dataclasses.asdict(BootstrapCriticsConfig()), sort_keys=True, default=str)
+        out["default_critics_recipe_sha"] = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     return out
 
 
-def weights_fingerprint(path: Path, chunk: int = 64 << 20) -> str:
+def weights_fingerprint(path: Path, pattern: str = "*.safetensors", chunk: int = 64 << 20) -> str:
     """sha256 of each safetensors file's size and its first and last `chunk` bytes: cheap for a
-    multi-GB model, and any retraining changes the first tensors' bytes."""
+    multi-GB model, and any retraining changes the first tensors' bytes. `pattern`: which files
+    ("**/*.safetensors" takes a critic ensemble's members too)."""
     h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
+    for f in sorted(path.glob(pattern)):
         size = f.stat().st_size
-        h.update(f"{f.name}|{size}".encode())
+        h.update(f"{f.relative_to(path)}|{size}".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(chunk))
             if size > 2 * chunk:

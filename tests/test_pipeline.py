@@ -189,3 +189,28 @@ def test_a_solving_policy_writes_the_same_records_with_one_worker_or_two(
         )
     run(compose(countdown_job(tmp_path / "resumed", "ray.num_workers=2", *rerolled)))
     assert records(tmp_path / "resumed") == two
+
+
+def test_the_critics_are_inputs_of_the_config_hash(job_overrides, tiny_policy, tmp_path):
+    """A resume across a critic rebuild would mix records scored by two sets of critics: a critic
+    directory's weights (an ensemble's members included) and the embedded critics' recipe are in the
+    hash, so it is refused like any other change."""
+    from critics.models import init_from_policy, save_critic
+
+    default = check_config(compose([f"out={tmp_path / 'default'}"]))
+    assert set(default.config["inputs"]) == {"problems_sha", "default_critics_recipe_sha"}
+
+    critic = tmp_path / "value"
+    model, tok = init_from_policy(tiny_policy, "value", seed=1)
+    save_critic(model, tok, "value", critic, {})
+    first = check_config(compose(job_overrides(tmp_path / "out", f"critics.value_path={critic}")))
+    assert "value_critic_weights_sha" in first.config["inputs"]
+    model, _ = init_from_policy(tiny_policy, "value", seed=2)
+    save_critic(model, tok, "value", critic / "member-1", {})  # a head added: another critic
+    (critic / "critic.json").write_text(json.dumps({"kind": "value", "members": ["member-1"]}))
+    second = check_config(compose(job_overrides(tmp_path / "out", f"critics.value_path={critic}")))
+    assert (
+        second.config["inputs"]["value_critic_weights_sha"]
+        != first.config["inputs"]["value_critic_weights_sha"]
+    )
+    assert second.config_hash != first.config_hash
