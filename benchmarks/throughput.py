@@ -144,12 +144,13 @@ def measure(
     if critics_dir is not None:
         critics = CriticSet.load(CriticsConfig(device=device), task, default_dir=critics_dir)
         meters += [ModelMeter(c.model) for c in (critics.prm, critics.orm) if c is not None]
-        if critics.value is not None and critics.shared_trunk:  # each head runs its top block and head only
-            for value in (c.model for c in (critics.value, *critics.value.members)):
-                meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
-        elif critics.value is not None:
-            meters.append(ModelMeter(critics.value.model))
-            for value in (c.model for c in critics.value.members):  # on the value function's own pass
+        if critics.value is not None:
+            # on the PRM's pass every head runs its top block and head only; on its own pass the
+            # value function's model runs whole, and its members' top blocks and heads after it
+            heads = [critics.value, *critics.value.members]
+            if not critics.shared_trunk:
+                meters.append(ModelMeter(heads.pop(0).model))
+            for value in (c.model for c in heads):
                 meters += [ModelMeter(m) for m in (value.model.layers[-1], value.model.norm, value.score)]
     cfg = CriticsConfig() if critics is not None else ExpandConfig()
     expander = PolicyExpander(policy, task, cfg, critics=critics)

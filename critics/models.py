@@ -314,14 +314,20 @@ def check_critic_dir(path: str | Path, kind: str, task: str | None = None) -> Pa
             f"{name} learned from {meta['task']} trees, not {task} ones (critic.json): train critics on "
             "this task's search output with `arborist train-critics`, or search with critics=rollouts"
         )
-    _check_members(p, name, kind, task, meta.get("members", []))
+    _check_members(p, name, kind, task, member_names(meta))
     return p
 
 
-def _check_members(p: Path, name: str, kind: str, task: str | None, members) -> None:
-    """An ensemble's members (critic.json `members`): plain sub-directories of `p` (no link out of
-    it), each a loadable critic of `kind` that has no members of its own."""
-    for member in members if isinstance(members, list) else [members]:
+def member_names(meta: dict) -> list:
+    """The members critic.json names (an ensemble's; [] for a single critic), as a list."""
+    members = meta.get("members", [])
+    return members if isinstance(members, list) else [members]
+
+
+def _check_members(p: Path, name: str, kind: str, task: str | None, members: list) -> None:
+    """An ensemble's members (`member_names`): plain sub-directories of `p` (no link out of it),
+    each a loadable critic of `kind` that has no members of its own."""
+    for member in members:
         where = f"{name}: critic.json names a member {member!r}"
         if not isinstance(member, str) or Path(member).name != member or member in ("", ".", ".."):
             raise CriticLoadError(
@@ -392,8 +398,7 @@ def load_critic(
         batch_size,
         logit_offset=float(meta.get("logit_offset", 0.0)),
     )
-    members = meta.get("members", [])
-    for name in members if isinstance(members, list) else [members]:  # checked by check_critic_dir
+    for name in member_names(meta):  # checked by check_critic_dir
         member = load_critic(p / name, kind, task, device, dtype, batch_size)
         if not shares_trunk(critic, member):
             raise CriticLoadError(

@@ -198,9 +198,10 @@ def train_one(
     head: str = "",
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
-    runs before each optimizer step; `head` names it on the progress bar (one of an ensemble's). `extra`: rows trained on beside `train` (another source, such
-    as a task's solver, whose targets need not share `train`'s mean); the critic's logit offset is
-    then fitted after training to give back the mean target of up to CALIBRATION_ROWS of `train`."""
+    runs before each optimizer step; `head` names it on the progress bar (one of an ensemble's).
+    `extra`: rows trained on beside `train` (another source, such as a task's solver, whose targets
+    need not share `train`'s mean); the critic's logit offset is then fitted after training to
+    give back the mean target of up to CALIBRATION_ROWS of `train`."""
     t0 = time.perf_counter()
     cfg = replace(cfg, steps=steps_of(kind, cfg))
     assert len(train), f"no {kind} training rows: the trees hold nothing to label (search longer?)"
@@ -276,42 +277,24 @@ def _calibration_rows(train: Labels, cfg: TrainCriticsConfig) -> Labels:
     return train.subset(sorted(keep.tolist()))
 
 
-def _train_members(kind, train, val, base_dir, sep, cfg, step_hook, extra, first) -> tuple[list, list, dict]:
-    """The value function's heads after `first` = (model, tokenizer, report) of the one with
-    `cfg.seed`: (their models, their reports, the ensemble's report: validation figures of the
-    averaged logits, the logit offset refitted on them where the heads fitted theirs; its other
-    training fields are the first head's, `seconds` the heads' sum)."""
-    model, tok, report = first
-    if not (hasattr(model, "score") and hasattr(getattr(model, "model", None), "layers")):
-        raise ValueError(
-            f"value_members={cfg.value_members}: heads are scored from one trunk pass, which needs a "
-            f"Llama-style base (model.model.layers, a final norm, a score head); {type(model).__name__} "
-            "is not one: train with value_members=1"
-        )
-    models, reports = [model], [report]
-    for j in range(1, cfg.value_members):
-        m, _, r = train_one(
-            kind, train, val, base_dir, sep, replace(cfg, seed=cfg.seed + j), step_hook, extra
-        )
-        models.append(m)
-        reports.append(r)
-    device = resolve_device(cfg.device)
-    offset = report["logit_offset"]  # the class-balanced loss's shift, the same for every head
-    if report["calibration_rows"]:
+def _ensemble_report(kind, trained: list, train, val, sep, cfg) -> dict:
+    """The report of the value function's heads, `trained` = [(model, tokenizer, report)] in seed
+    order: validation figures of their averaged logits, the logit offset refitted on them where the
+    heads fitted theirs; its other training fields are the first head's, `seconds` the heads' sum."""
+    models, tok, reports = [m for m, _, _ in trained], trained[0][1], [r for _, _, r in trained]
+    device, first = resolve_device(cfg.device), reports[0]
+    offset = first["logit_offset"]  # the class-balanced loss's shift, the same for every head
+    if first["calibration_rows"]:
         logits, soft, _ = read_logits(models, tok, kind, _calibration_rows(train, cfg), sep, device)
         offset = fit_offset(logits, soft)
-    return (
-        models[1:],
-        reports[1:],
-        {
-            **report,
-            "members": len(models),
-            "member_val_auroc": [r["val_auroc"] for r in reports],
-            "logit_offset": offset,
-            **evaluate(models, tok, kind, val, sep, device, logit_offset=offset),
-            "seconds": round(sum(r["seconds"] for r in reports), 1),
-        },
-    )
+    return {
+        **first,
+        "members": len(models),
+        "member_val_auroc": [r["val_auroc"] for r in reports],
+        "logit_offset": offset,
+        **evaluate(models, tok, kind, val, sep, device, logit_offset=offset),
+        "seconds": round(sum(r["seconds"] for r in reports), 1),
+    }
 
 
 def _train_kind(
@@ -330,26 +313,40 @@ def _train_kind(
     `extra` rows train beside the split's training part, never in its validation."""
     train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
     run = replace(cfg, progress=cfg.progress and not quiet)
-    heads = cfg.value_members if kind == "value" else 1
-    head = f" (head 1 of {heads})" if heads > 1 else ""
-    model, tok, report = train_one(kind, train, val, base_dir, sep, run, step_hook, extra, head)
-    members, member_reports = [], []
-    if heads > 1:
-        members, member_reports, report = _train_members(
-            kind, train, val, base_dir, sep, run, step_hook, extra, (model, tok, report)
+    heads, trained = cfg.value_members if kind == "value" else 1, []
+    for j in range(heads):  # the value function's heads: seeds seed, seed + 1, ... on one split
+        if j == 1 and not (
+            hasattr(trained[0][0], "score") and hasattr(getattr(trained[0][0], "model", None), "layers")
+        ):
+            raise ValueError(
+                f"value_members={heads}: heads are scored from one trunk pass, which needs a Llama-style "
+                f"base (model.model.layers, a final norm, a score head); {type(trained[0][0]).__name__} "
+                "is not one: train with value_members=1"
+            )
+        label = f" (head {j + 1} of {heads})" if heads > 1 else ""
+        trained.append(
+            train_one(
+                kind, train, val, base_dir, sep, replace(run, seed=cfg.seed + j), step_hook, extra, label
+            )
         )
+    model, tok, report = trained[0]
+    if heads > 1:
+        report = _ensemble_report(kind, trained, train, val, sep, cfg)
     info = {
         "base": str(base_dir),
         "logit_offset": report["logit_offset"],  # read by critics.models.load_critic
         "train": report,
         "config": asdict(cfg),
     }
-    names = [f"member-{j}" for j in range(1, len(members) + 1)]
+    names = [f"member-{j}" for j in range(1, heads)]
     save_critic(model, tok, kind, dest, {**info, **({"members": names} if names else {}), **(meta or {})})
-    for name, m, r in zip(names, members, member_reports, strict=True):  # each loadable alone too
-        save_critic(
-            m, tok, kind, dest / name, {**info, "logit_offset": r["logit_offset"], "train": r, **(meta or {})}
-        )
+    for j, (m, _, r) in enumerate(trained[1:], 1):  # each member loadable alone too, with its own seed
+        own = {
+            "logit_offset": r["logit_offset"],
+            "train": r,
+            "config": asdict(replace(cfg, seed=cfg.seed + j)),
+        }
+        save_critic(m, tok, kind, dest / names[j - 1], {**info, **own, **(meta or {})})
     return report
 
 

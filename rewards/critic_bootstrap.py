@@ -197,12 +197,17 @@ def rollout_trees(
     return run_search(problems, task, expander, search, seed=seed)
 
 
+def recipe(cfg: BootstrapCriticsConfig | None = None) -> dict:
+    """The recipe as bootstrap.json records it (plain JSON): what `_fresh` compares, and what a
+    job's config hash takes of the embedded critics (`rewards.pipeline.input_hashes`)."""
+    return json.loads(json.dumps(asdict(cfg or BootstrapCriticsConfig()), default=float))
+
+
 def _fresh(final: Path, policy_sha: str, trunk_sha: str, cfg: BootstrapCriticsConfig) -> bool:
     """Built for these policy weights, from this trunk, with this recipe (a change rebuilds)."""
     if not (final / "report.json").is_file() or not (final / "bootstrap.json").is_file():
         return False
-    recipe = json.loads(json.dumps(asdict(cfg), default=float))
-    if json.loads((final / "bootstrap.json").read_text()).get("config") != recipe:
+    if json.loads((final / "bootstrap.json").read_text()).get("config") != recipe(cfg):
         return False
     for kind in cfg.train.kinds:
         meta_file = final / kind / "critic.json"

@@ -149,10 +149,10 @@ def input_hashes(conf: Config, problems: list[Problem]) -> dict:
         if path and path != "default":
             out[f"{kind}_critic_weights_sha"] = weights_fingerprint(Path(path), "**/*.safetensors")
     if builds_default_critics(conf):
-        from rewards.critic_bootstrap import BootstrapCriticsConfig
+        from rewards.critic_bootstrap import recipe
 
-        recipe = json.dumps(dataclasses.asdict(BootstrapCriticsConfig()), sort_keys=True, default=str)
-        out["default_critics_recipe_sha"] = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+        text = json.dumps(recipe(), sort_keys=True)
+        out["default_critics_recipe_sha"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return out
 
 

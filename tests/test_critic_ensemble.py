@@ -68,6 +68,11 @@ def test_training_writes_the_heads_and_reports_their_mean(trained):
     assert first == (root / "one" / "value" / "model.safetensors").read_bytes()
     heads = [(root / "three" / "value" / m / "model.safetensors").read_bytes() for m in meta["members"]]
     assert len({first, *heads}) == 3, "each head trained with its own seed"
+    seeds = [
+        json.loads((root / "three" / "value" / m / "critic.json").read_text())["config"]["seed"]
+        for m in meta["members"]
+    ]
+    assert (meta["config"]["seed"], seeds) == (0, [1, 2]), "each head's critic.json records its own seed"
     assert "members" not in json.loads((root / "three" / "prm" / "critic.json").read_text()), (
         "the PRM is one head"
     )
