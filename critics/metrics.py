@@ -1,7 +1,10 @@
 """Small numpy metrics shared by the critics' training and the audit: rank-based AUROC (with its
-standard error) and expected calibration error."""
+standard error) and expected calibration error; `json_safe` writes their undefined values (NaN:
+a class with no rows) as JSON null."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -82,3 +85,16 @@ def auroc_se_by_group(
         if not np.isnan(auc):
             draws.append(auc)
     return float(np.std(draws, ddof=1)) if len(draws) > 1 else float("nan")
+
+
+def json_safe(obj):
+    """NaN/inf -> None so the JSON is strict (json.dumps would write the non-standard `NaN`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars, without importing numpy
+        return json_safe(obj.item())
+    return obj

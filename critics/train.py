@@ -39,6 +39,7 @@ import torch
 from critics.base import KINDS
 from critics.features import TopBlocks
 from critics.labels import Labels, split_by_problem
+from critics.metrics import json_safe
 from critics.models import StepEncoder, init_from_policy, save_critic, step_logits
 from critics.readout import Rows, evaluate, fit_offset, read_logits
 from mcts.aside import Aside, usable_cores
@@ -196,9 +197,12 @@ def train_one(
     step_hook: Callable[[int], None] | None = None,
     extra: Labels | None = None,
     head: str = "",
+    features: list | None = None,
 ) -> tuple[object, object, dict]:
     """Fine-tune one critic from `base_dir`; returns (model, tokenizer, report). `step_hook(step)`
     runs before each optimizer step; `head` names it on the progress bar (one of an ensemble's).
+    `features`: a list an ensemble's heads share; the first head leaves its cache of the frozen
+    blocks' outputs there (`critics.features`), and the heads after it reuse it (same rows, trunk).
     `extra`: rows trained on beside `train` (another source, such as a task's solver, whose targets
     need not share `train`'s mean); the critic's logit offset is then fitted after training to
     give back the mean target of up to CALIBRATION_ROWS of `train`."""
@@ -222,8 +226,10 @@ def train_one(
         first = order[: cfg.batch_size].tolist()
         top = TopBlocks.build(
             model, kind, rows.ids, cfg.train_layers, tok.pad_token_id, device, cfg.feature_cache_mb,
-            (first, *rows.batch(first, tok.pad_token_id, device)[:3]),
+            (first, *rows.batch(first, tok.pad_token_id, device)[:3]), (features or [None])[0],
         )  # fmt: skip
+        if features is not None and not features and top is not None:
+            features.append(top)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -313,7 +319,7 @@ def _train_kind(
     `extra` rows train beside the split's training part, never in its validation."""
     train, val = split_by_problem(labels, cfg.val_fraction, cfg.seed)
     run = replace(cfg, progress=cfg.progress and not quiet)
-    heads, trained = cfg.value_members if kind == "value" else 1, []
+    heads, trained, features = cfg.value_members if kind == "value" else 1, [], []
     for j in range(heads):  # the value function's heads: seeds seed, seed + 1, ... on one split
         if j == 1 and not (
             hasattr(trained[0][0], "score") and hasattr(getattr(trained[0][0], "model", None), "layers")
@@ -323,12 +329,8 @@ def _train_kind(
                 f"base (model.model.layers, a final norm, a score head); {type(trained[0][0]).__name__} "
                 "is not one: train with value_members=1"
             )
-        label = f" (head {j + 1} of {heads})" if heads > 1 else ""
-        trained.append(
-            train_one(
-                kind, train, val, base_dir, sep, replace(run, seed=cfg.seed + j), step_hook, extra, label
-            )
-        )
+        label, seeded = f" (head {j + 1} of {heads})" if heads > 1 else "", replace(run, seed=cfg.seed + j)
+        trained.append(train_one(kind, train, val, base_dir, sep, seeded, step_hook, extra, label, features))
     model, tok, report = trained[0]
     if heads > 1:
         report = _ensemble_report(kind, trained, train, val, sep, cfg)
@@ -431,7 +433,7 @@ def train_critics(
             if cfg.progress:
                 print(_report_line(first, reports[first]), file=sys.stderr)
             reports = {k: reports[k] for k in cfg.kinds}
-        (tmp / "report.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+        (tmp / "report.json").write_text(json.dumps(json_safe(reports), indent=2, allow_nan=False) + "\n")
         old = out.parent / f".{out.name}-old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)

@@ -61,8 +61,9 @@ from rewards.train_critics import train_critics_on_trees
 
 CRITICS_SEED_BASE = 2_000_000  # bootstrap search problems: seed CRITICS_SEED_BASE + seed
 # The bootstrap search and the heads on 2 cores, from a cached trunk: 625 s measured on a Xeon with
-# the value function's three heads (value 310 s, PRM 57 s, ORM 85 s, search 152 s).
-BUILD_MINUTES = 10.5
+# the value function's three heads (value 310 s, PRM 57 s, ORM 85 s, search 152 s), before the heads
+# shared their feature cache (~45 s less: `critics.features`).
+BUILD_MINUTES = 10
 # Policy, trunk and critics from an empty cache: 18-20 min measured on the EPYC (side by side) and
 # the Xeon (one after another) before the value function's two more heads, which add ~4 min.
 SIDE_BY_SIDE_MINUTES = 22

@@ -4,6 +4,8 @@ it stands aside where it does not apply."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,34 @@ def test_training_with_the_cache_follows_training_without(base_dir, kind):
     assert any(k.startswith("model.layers.2.") for k in moved) and "score.weight" in moved
     for k in plain:
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_later_head_reuses_the_first_heads_cache_and_trains_the_same_weights(base_dir, monkeypatch):
+    """An ensemble's heads share one fill (`train_one(features=...)`): the stored inputs are the
+    ones a fill of the head's own gives, so its weights are equal bit for bit; rows that differ
+    get a fill of their own."""
+    labels = _labels(48, "value")
+    cfg = TrainCriticsConfig(steps=12, batch_size=8, lr=3e-3, val_fraction=0.0, progress=False, seed=1)
+    fills, fill = [], TopBlocks._fill
+    monkeypatch.setattr(TopBlocks, "_fill", staticmethod(lambda *a, **k: fills.append(1) or fill(*a, **k)))
+    shared: list = []
+    train_one("value", labels, Labels("value"), base_dir, "\n", replace(cfg, seed=0), features=shared)
+    assert len(shared) == 1
+    reused, _, report = train_one("value", labels, Labels("value"), base_dir, "\n", cfg, features=shared)
+    own, _, _ = train_one("value", labels, Labels("value"), base_dir, "\n", cfg)
+    assert report["feature_cache"] and len(shared) == 1 and len(fills) == 2  # the first head's, and `own`'s
+    a, b = reused.state_dict(), own.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    model, tok = init_from_policy(base_dir, "value", seed=0)
+    _train_top_layers(model, 1)
+    other = _labels(20, "value")
+    ids, *check = _batch(tok, other, "value", [0, 1])
+    fresh = TopBlocks.build(
+        model, "value", ids, 1, tok.pad_token_id, "cpu", 64.0, ([0, 1], *check), shared[0]
+    )
+    assert (
+        fresh is not None
+        and fresh.flat is not shared[0].flat
+        and fresh.flat.shape[0] < shared[0].flat.shape[0]
+    )
