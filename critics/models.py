@@ -28,11 +28,13 @@ per member.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from critics.metrics import json_safe
 from mcts.policy import resolve_device, resolve_dtype
 from mcts.tasks.base import Problem, Task
 
@@ -354,9 +356,21 @@ def _check_members(p: Path, name: str, kind: str, task: str | None, members: lis
 
 
 def read_meta(path: str | Path) -> dict:
-    """`critic.json` of a critic directory ({} when absent: a user-brought model)."""
+    """`critic.json` of a critic directory ({} when absent: a user-brought model); one line where it
+    is no JSON object or its logit offset no finite number (NaN scores: the critic silently off)."""
     f = Path(path) / "critic.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise CriticLoadError(
+            f"{f} is not valid JSON ({e}): retrain the critic, or delete the file"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CriticLoadError(f"{f} is not a JSON object: retrain the critic, or delete the file")
+    offset = meta.get("logit_offset", 0.0)
+    if isinstance(offset, bool) or not isinstance(offset, int | float) or not math.isfinite(offset):
+        raise CriticLoadError(f"{f}: logit_offset={offset!r} is not a finite number: retrain the critic")
+    return meta
 
 
 def load_tokenizer(path: str | Path):
@@ -431,5 +445,6 @@ def save_critic(model, tok, kind: str, path: str | Path, meta: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
-    (path / "critic.json").write_text(json.dumps({"kind": kind, **meta}, indent=2, default=float) + "\n")
+    text = json.dumps(json_safe({"kind": kind, **meta}), indent=2, allow_nan=False)
+    (path / "critic.json").write_text(text + "\n")
     return path

@@ -8,6 +8,7 @@ model-backed expander; tests drive the loop with table-driven ones.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Sequence
@@ -71,6 +72,14 @@ class SearchConfig:
             )
         if self.adaptive_branching and not 1 <= self.c_min <= self.c_max:
             raise ValueError(f"search needs 1 <= c_min <= c_max, got c_min={self.c_min} c_max={self.c_max}")
+        for name in ("c_puct", "alpha"):  # NaN and inf fail too: no comparison holds for NaN
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"search.{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.converged_share <= 1:
+            raise ValueError(f"search.converged_share must be in [0, 1] (0: off), got {self.converged_share}")
+        for name in ("min_simulations", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"search.{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_rollouts not in ("all", "solved", "none"):
             raise ValueError(f"search.keep_rollouts={self.keep_rollouts!r}: use all, solved or none")
         if not 2 <= self.max_nodes <= MAX_NODES:
@@ -121,8 +130,8 @@ class PolicyConfig:
     embedded policy's states are 4 KB a token; a 7B model's in half precision ~0.5 MB."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"policy.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"policy.temperature must be > 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"policy.top_p must be in (0, 1], got {self.top_p}")
         for name in ("max_step_tokens", "max_rollout_tokens", "max_batch"):
@@ -183,8 +192,8 @@ class ExpandConfig:
                 f"critics.rollout_tokens must be >= 0 (0: the policy's cap), got {self.rollout_tokens}"
             )
         for name in ("w_rollout", "w_value", "w_prm", "w_orm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"critics.{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"critics.{name} must be >= 0 and finite, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,8 @@ tokenizer and safetensors weights) works. Nothing is downloaded: loading passes
 `local_files_only=True`, weights must be safetensors (pickle checkpoints are refused), and
 remote code runs only when `trust_remote_code=True`.
 
-Every call is batched: `propose` samples k options for many leaves in one `generate` call
-(split only at `max_batch` sequences), `rollout` and `greedy` continue many prompts at once.
-Prompts are left-padded, so every sequence's new tokens start at the same column.
+Every call is batched (split at `max_batch` rows): `propose` samples k options for many leaves,
+`rollout` and `greedy` continue many prompts (`mcts.decode`: one prefill per distinct prompt).
 
 Log-probabilities (`Option.logprob`) are sums of the *unmodified* model's log-probs
 (temperature 1, no top-p) of the generated tokens, separator or EOS included: that is the
@@ -84,6 +83,11 @@ class Rollout:
     ended: bool
 
 
+# Heads that write no tokens (nor does a bare "...Model"): loaded as a causal LM, a random LM head.
+NOT_GENERATIVE = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+NOT_GENERATIVE += ("ForMaskedLM", "ForMultipleChoice")
+
+
 def check_policy_dir(path: str | Path) -> Path:
     """Raise `PolicyLoadError` unless `path` looks like a loadable, safe local checkpoint."""
     p = Path(path).expanduser()
@@ -120,6 +124,10 @@ def check_policy_dir(path: str | Path) -> Path:
         ) from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise PolicyLoadError(f"policy.path={path}: its config.json names no model_type: re-save the model")
+    heads = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if heads and all(a.endswith(NOT_GENERATIVE) or a.endswith("Model") and "LMHead" not in a for a in heads):
+        why = f"holds a {heads[0]}, which has no language-model head (a critic? an encoder?)"
+        raise PolicyLoadError(f"policy.path={path} {why}: point it at a *ForCausalLM checkpoint")
     tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((p / f).is_file() for f in tok_files):
         raise PolicyLoadError(

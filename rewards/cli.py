@@ -24,6 +24,8 @@ import argparse
 import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
@@ -103,15 +105,19 @@ def search(overrides: list[str]) -> int:
         bare = [a for a in overrides if "=" not in a and not a.startswith("~")]  # `~key` deletes
         if bare:
             return _fail(ValueError(f"override {bare[0]!r} has no value: write {bare[0]}=VALUE"))
+        # Imported before the try: an except clause that imports while a Ctrl-C unwinds a half-done
+        # import of torch would raise that import's error in place of the interrupt.
+        input_errors = _input_errors()
         try:
             job = pipeline.check_config(compose(overrides))
-        except _input_errors() as e:
+        except input_errors as e:
             return _fail(e)
-        try:  # Hydra writes its logs under out/ first: a directory that cannot be made is one line
+        try:  # Hydra writes its logs under out/ first: a directory it cannot write to is one line
             job.out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=job.out).close()  # made and gone: root passes mode bits, not this
         except OSError as e:
             return _fail(
-                OSError(f"out={job.out} cannot be created ({e.strerror or e}): choose a writable out=DIR")
+                OSError(f"out={job.out} cannot be written ({e.strerror or e}): choose a writable out=DIR")
             )
     sys.argv = ["arborist search", *overrides]
     pipeline.main()  # exits 2 itself on input errors it finds later (an unreachable cluster)
@@ -153,7 +159,7 @@ def train_critics(argv: list[str]) -> int:
 
 def train(argv: list[str]) -> int:
     """`arborist train DATASET_DIR... --out DIR`: rewards.train, with one-line errors."""
-    from rewards.train import RECIPES, TrainInputError, TrainPolicyConfig, train_policy
+    from rewards.train import RECIPES, TrainInputError, TrainPolicyConfig, search_settings, train_policy
 
     parser = argparse.ArgumentParser(
         prog="arborist train", description="Train a policy with TRL on an arborist dataset as it is."
@@ -162,7 +168,11 @@ def train(argv: list[str]) -> int:
         "dataset", nargs="+", help="the out= directory of `arborist search` (several: all their rows)"
     )
     parser.add_argument("--out", required=True, help="where the trained model directory goes")
-    parser.add_argument("--policy", default="", help="model to start from (default: the embedded policy)")
+    parser.add_argument(
+        "--policy",
+        default="",
+        help="model to start from (default: the policy that searched the first dataset)",
+    )
     parser.add_argument("--recipe", default=TrainPolicyConfig.recipe, choices=RECIPES)
     parser.add_argument("--sft-epochs", type=float, default=TrainPolicyConfig.sft_epochs)
     parser.add_argument("--sft-lr", type=float, default=TrainPolicyConfig.sft_lr)
@@ -194,10 +204,16 @@ def train(argv: list[str]) -> int:
             device=args.device,
         )
         policy = args.policy
-        if not policy:
-            from mcts.embedded import bootstrap_policy
+        if not policy:  # the searching policy: the embedded Countdown model would not read a jsonl task
+            _, policy, seed = search_settings([Path(d) for d in args.dataset])
+            if not policy:
+                from mcts.embedded import bootstrap_policy
 
-            policy = str(bootstrap_policy(0))
+                policy = str(bootstrap_policy(seed))
+            print(
+                f"arborist: starting from {policy}, the policy that searched {args.dataset[0]}",
+                file=sys.stderr,
+            )
         report = train_policy(args.dataset, args.out, policy, cfg)
     except (TrainInputError, PolicyLoadError) as e:
         return _fail(e)
@@ -240,6 +256,10 @@ def improve(argv: list[str]) -> int:
     from mcts.policy import PolicyLoadError
     from rewards.launcher import error_line, runtime_errors
 
+    input_errors, failures = (
+        (TrainInputError, PolicyLoadError, *_input_errors()),
+        runtime_errors(),
+    )  # see search
     try:
         cfg = ImproveConfig(
             rounds=args.rounds,
@@ -260,9 +280,9 @@ def improve(argv: list[str]) -> int:
 
             policy = str(bootstrap_policy(0))
         summary = run_improve(args.out, cfg, policy)
-    except (TrainInputError, PolicyLoadError, *_input_errors()) as e:
+    except input_errors as e:
         return _fail(e)
-    except runtime_errors() as e:  # a round's job failed while running (a lost worker, a full disk)
+    except failures as e:  # a round's job failed while running (a lost worker, a full disk)
         print(f"arborist: error: {error_line(e, out_flag='--out').splitlines()[0]}", file=sys.stderr)
         return 1
     print(table(summary))
@@ -289,6 +309,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_env()
+    from rewards.interrupts import terminate_as_interrupt
+
+    terminate_as_interrupt()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else EXIT_BAD_INPUT

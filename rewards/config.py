@@ -7,6 +7,7 @@ Config groups (`conf/`): task, policy, critics, search, rewards, ray, and an opt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,8 +191,10 @@ class RayConf:
             raise ValueError(f"ray.num_workers must be >= 1, got {self.num_workers}")
         if self.batches_per_worker < 1:
             raise ValueError(f"ray.batches_per_worker must be >= 1, got {self.batches_per_worker}")
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
-            raise ValueError("ray.cpus_per_worker and ray.gpus_per_worker must be >= 0")
+        for name in ("cpus_per_worker", "gpus_per_worker"):  # Ray takes finite amounts in 1/10,000 units
+            value = getattr(self, name)
+            if not 0 <= value < math.inf or round(value, 4) != value:
+                raise ValueError(f"ray.{name} must be >= 0 with at most 4 decimals, got {value}")
         if self.torch_threads < 1:
             raise ValueError(f"ray.torch_threads must be >= 1, got {self.torch_threads}")
         if self.max_retries < 0:
@@ -247,6 +250,17 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The job's config with `overrides`, composed as `arborist search` would (tests, the CLI)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        except ValueError as e:  # `search=null`: Hydra's own check, a ValueError with a stack of its own
+            if "Config group override" not in str(e):
+                raise
+            group = next(
+                (o.split("=")[0] for o in overrides if o.split("=", 1)[-1] in ("", "null")), "a group"
+            )
+            raise ConfigCompositionException(
+                f"{group} is a config group: name one of its options ({group}=default), not null or nothing"
+            ) from None

@@ -5,6 +5,7 @@ Ray stays behind `rewards.launcher`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -203,10 +204,13 @@ def build_spec(job, models: dict) -> WorkerSpec:
     )
 
 
-def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None = None) -> dict:
+def run_job(
+    job, models: dict, hooks: Hooks | None = None, started: float | None = None, lock: int | None = None
+) -> dict:
     """Search every batch not yet in `job.out`'s manifest, write shards as they complete, then the
     audit, the dataset card and `metrics.json`. Returns the metrics. `started`: the job's
-    `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too)."""
+    `time.perf_counter()` at its start (wall_seconds counts from there: Ray start and bootstrap too);
+    `lock`: the out dir's lock, taken by the caller (`rewards.export.lock_out_dir`)."""
     from mcts.tasks.registry import make_task
     from rewards.card import write_card
     from rewards.derive import derive_all
@@ -216,7 +220,12 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
     conf, out = job.conf, job.out
     t_start = time.perf_counter() if started is None else started
     writer = DatasetWriter(
-        out, job.config, {**versions(), "policy_dir": models["policy"]}, job.config_hash, conf.append_run
+        out,
+        job.config,
+        {**versions(), "policy_dir": models["policy"]},
+        job.config_hash,
+        conf.append_run,
+        lock,
     )
     try:
         if writer.swept:
@@ -290,6 +299,9 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             write_metrics(progress)
             return name
 
+        if todo:  # the audit and the card of the shards there so far would outlive a run cut short
+            for stale in ("audit.json", "README.md"):
+                (out / stale).unlink(missing_ok=True)
         try:
             write_metrics(progress)
             stream = stream_batches(
@@ -301,15 +313,16 @@ def run_job(job, models: dict, hooks: Hooks | None = None, started: float | None
             log.info("auditing the dataset (%d problems)", len(job.problems))
             task = make_task(conf.task.name, **task_kwargs(conf))
             audit = audit_on(pool, out, manifest, job.problems, task, conf, models)
+            write_audit(out, audit)
+            write_card(out)
         except BaseException as e:  # what was written is kept; metrics.json must not say "running"
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            write_metrics(progress, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+            with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+                write_metrics(progress, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
             raise
         finally:
             progress.close()
             pool.shutdown()
-        write_audit(out, audit)
-        write_card(out)
         write_metrics(
             progress,
             status="finished",

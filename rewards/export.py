@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
 import secrets
@@ -43,6 +42,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from critics.metrics import json_safe
 from mcts.finished import FinishedTree
 from rewards import records
 from rewards.records import KINDS
@@ -209,19 +209,6 @@ def check_resume(manifest: dict, config: dict, config_hash: str, append_run: boo
     )
 
 
-def json_safe(obj):
-    """NaN/inf -> None so the JSON is strict (json.dumps would write the non-standard `NaN`)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars, without importing numpy
-        return json_safe(obj.item())
-    return obj
-
-
 # -- the writer -------------------------------------------------------------------------------------
 class DatasetWriter:
     """Writes shards into `out_dir` and keeps `manifest.json` in step with them.
@@ -240,15 +227,18 @@ class DatasetWriter:
         versions: dict,
         config_hash: str = "",
         append_run: bool = False,
+        lock: int | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = None
-        self._lock = lock_out_dir(self.out_dir)
+        # `lock`: the caller's fd of `lock_out_dir`, held since before the models were loaded (it
+        # stays the caller's to close); else this writer takes the lock and releases it on close.
+        self._lock = lock_out_dir(self.out_dir) if lock is None else None
         try:
             manifest = load_manifest(self.out_dir)
             ours = manifest is not None  # only a directory this job family wrote is swept
-            if manifest is None:
+            if manifest is None or not manifest["shards"]:  # a job that finished nothing binds nothing
                 manifest = {
                     "format": FORMAT_VERSION,
                     "config": config,
@@ -419,12 +409,10 @@ def iter_shards(
 
 
 def read_trees(out_dir: Path | str) -> list[FinishedTree]:
-    """Every finished tree of an output directory (from the files the manifest names)."""
-    manifest = load_manifest(out_dir) or {"files": {"trees": []}}
-    trees = []
-    for rel in manifest["files"]["trees"]:
-        trees += [FinishedTree.from_row(r) for r in pq.read_table(Path(out_dir) / rel).to_pylist()]
-    return trees
+    """Every finished tree of an output directory, a killed job's finished shards included, in
+    shard-name order (what is trained on them must not depend on which batch finished first)."""
+    manifest = load_manifest(out_dir) or {"shards": {}}
+    return [FinishedTree.from_row(r) for r in read_rows(out_dir, manifest, "trees")]
 
 
 def write_audit(out_dir: Path | str, audit: dict) -> Path:

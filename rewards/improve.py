@@ -76,6 +76,9 @@ class ImproveConfig:
         for name in ("rounds", "problems_per_round", "simulations", "pass_k", "num_workers", "sft_solutions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rollouts", "eval_problems", "seed"):  # eval_problems 0: the whole slice
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # Settings a finished round depends on: a rerun of the same --out with other values would mix rounds

@@ -31,16 +31,25 @@ class Interrupts:
 
 @contextmanager
 def deferred_sigint() -> Iterator[Interrupts]:
-    """While the block runs, SIGINT only sets `Interrupts.caught`; the block calls `check()` at its
+    """While the block runs, SIGINT (and SIGTERM) only sets `Interrupts.caught`; the block calls `check()` at its
     own safe points, and a signal not yet raised is raised when the block ends. Off the main thread
     (where no handler can be set), a flag that never sets."""
     flag = Interrupts()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    before = signal.signal(signal.SIGINT, flag)
+    before = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     flag.check()
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM (how Slurm, Kubernetes and systemd stop a job) ends a command as Ctrl-C does: one
+    line, metrics.json "interrupted", what was finished kept. Set again after `ray.init`, whose
+    driver puts in a handler of its own that aborts the process with a C++ stack dump."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from mcts.finished import FinishedTree
 from mcts.tasks.base import Problem
-from rewards.interrupts import deferred_sigint
+from rewards.interrupts import deferred_sigint, terminate_as_interrupt
 from rewards.worker import WORKER_ENV, SearchWorker, WorkerSpec
 
 log = logging.getLogger("arborist")
@@ -92,6 +92,7 @@ def connect(address: str, num_cpus: int | None, log_to_driver: bool) -> Iterator
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
+        terminate_as_interrupt()
     except ConnectionError as e:
         from rewards.job import JobInputError
 

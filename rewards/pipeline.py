@@ -65,6 +65,13 @@ def to_schema(cfg: DictConfig | Config) -> Config:
         conf = OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as e:
         raise JobInputError(str(e).splitlines()[0]) from None
+    for name, seed in (
+        ("seed", conf.seed),
+        ("task.seed", getattr(conf.task, "seed", 0)),  # a problem file has none
+        ("policy.bootstrap_seed", conf.policy.bootstrap_seed),
+    ):
+        if not 0 <= seed < 2**32:  # numpy and torch refuse other seeds, and only once the job runs
+            raise JobInputError(f"{name}={seed}: a seed must be in [0, 2**32)")
     extra = _unknown_keys(conf)
     if extra:  # Hydra's `+key=value` adds a key the schema lacks; nothing would read it
         raise JobInputError(
@@ -114,11 +121,12 @@ def check_config(cfg: DictConfig | Config) -> Job:
 
     conf = to_schema(cfg)
     settings = task_settings(conf.task)
-    make_task(conf.task.name, **settings)  # its own settings checked; the problem list's ignored
+    task = make_task(conf.task.name, **settings)  # its own settings checked; the problem list's ignored
     problems = _distinct(load_problems(conf.task.name, **settings))
     if not problems:
         raise TaskInputError(f"task {conf.task.name!r} has no problems: check task.path / task.num_problems")
     _check_model_dirs(conf)
+    _check_policy_reads(conf, [task.prompt(p) for p in problems[:64]])
     check_cluster_address(conf.ray.address)
     size = conf.search.batch_problems
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
@@ -189,6 +197,42 @@ def _check_model_dirs(conf: Config) -> None:
                 raise JobInputError(str(e).splitlines()[0]) from None
 
 
+def _check_policy_reads(conf: Config, prompts: list[str]) -> None:
+    """Warn where the policy's tokenizer has no tokens for the task's text (the embedded Countdown
+    model on word problems reads every letter as its unknown token, and searches on noise). A
+    warning, not a refusal: a tokenizer without byte fallback may lack a rare character or two."""
+    from transformers import AutoTokenizer
+
+    from mcts.charlm import build_char_tokenizer
+    from mcts.policy import PolicyLoadError
+
+    for name, path in (("policy.path", conf.policy.path), ("policy.rollout_path", conf.policy.rollout_path)):
+        if not path and name == "policy.rollout_path":
+            continue
+        try:
+            remote = conf.policy.trust_remote_code
+            tok = (
+                AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
+                if path
+                else build_char_tokenizer()
+            )
+        except (OSError, ValueError) as e:
+            raise PolicyLoadError(
+                f"{name}={path}: the tokenizer does not load ({str(e).splitlines()[0][:120]}): "
+                "save it with tokenizer.save_pretrained(dir)"
+            ) from None
+        unk = tok.unk_token_id
+        text = "".join(dict.fromkeys("".join(prompts)))  # each character once
+        lost = [c for c in text if unk is not None and unk in tok(c, add_special_tokens=False)["input_ids"]]
+        if lost:
+            who = f"{name}={path}" if path else "the embedded policy (a Countdown model)"
+            log.warning(
+                "%s has no token for %d characters of the task's prompts (%r): it reads them as its unknown "
+                "token. Is it the model of this task? (policy=hf policy.path=DIR)",
+                who, len(lost), "".join(lost[:16]),
+            )  # fmt: skip
+
+
 def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_hash: str, append: bool) -> None:
     """Refuse an output directory written under another config (`rewards.export.check_resume`), or
     whose finished shards do not match this job's batches (resuming with another task, problem count
@@ -207,6 +251,8 @@ def _check_out(out: Path, batches: list[list[Problem]], config: dict, config_has
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
         raise JobInputError(f"{out}/manifest.json is not an arborist manifest: choose a new out=DIR")
     shards = manifest.get("shards", {})
+    if not shards:  # a job that failed before its first shard (a model that did not load) binds nothing
+        return
     for i, batch in enumerate(batches):
         entry = shards.get(shard_name(i))
         ids = sorted(p.id for p in batch)
@@ -308,13 +354,19 @@ def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from rewards import driver, launcher
+    from rewards.export import lock_out_dir
 
     started = time.perf_counter()
     job = check_config(cfg)
     ray_conf = job.conf.ray
-    with launcher.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
-        models = resolve_models(job)  # after Ray is up: a bad ray.address fails before a bootstrap
-        metrics = driver.run_job(job, models, hooks=hooks, started=started)
+    job.out.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(job.out)  # now: a second job on this out= is refused before Ray and models start
+    try:
+        with launcher.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
+            models = resolve_models(job)  # after Ray is up: a bad ray.address fails before a bootstrap
+            metrics = driver.run_job(job, models, hooks=hooks, started=started, lock=lock)
+    finally:
+        os.close(lock)
     report_done(metrics)
     return metrics
 

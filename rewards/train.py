@@ -32,12 +32,13 @@ The result is a local model directory (safetensors + tokenizer + `arborist_train
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RECIPES = ("sft", "dpo", "sft+dpo")
@@ -72,7 +73,8 @@ class TrainPolicyConfig:
     device: str = "auto"
     """"auto" (cuda when available), "cpu" or "cuda"."""
     separator: str = "\n"
-    """The task's step separator: a completion ends with it, as the policy ends its steps."""
+    """The task's step separator: a completion ends with it, as the policy ends its steps
+    (`train_policy` takes the one the datasets' search used)."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -80,10 +82,12 @@ class TrainPolicyConfig:
                 f"recipe {self.recipe!r} is not one of {', '.join(RECIPES)}: use --recipe sft+dpo"
             )
         for name in ("sft_epochs", "sft_lr", "dpo_epochs", "dpo_lr", "beta", "batch_size", "max_length"):
-            if not getattr(self, name) > 0:
-                raise TrainInputError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.nll_weight < 0:
-            raise TrainInputError(f"nll_weight must be >= 0, got {self.nll_weight}")
+            if not 0 < getattr(self, name) < math.inf:  # NaN fails too (beta inf trained NaN weights)
+                raise TrainInputError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.nll_weight < math.inf:
+            raise TrainInputError(f"nll_weight must be >= 0 and finite, got {self.nll_weight}")
+        if not 0 <= self.seed < 2**32:
+            raise TrainInputError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -152,22 +156,44 @@ def _check_lengths(tokenizer, rows: list[dict], keys: tuple[str, ...], max_lengt
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def read_kind(dataset: Path, kind: str) -> list[dict]:
-    """Rows of one kind of an arborist output directory (the files its manifest names)."""
+def _manifest(dataset: Path, kind: str = "sft") -> dict:
+    """The manifest of an arborist output directory, the shard log of a running or killed job
+    folded in; `TrainInputError` (one line) where there is none or it is not ours."""
     manifest_path = dataset / "manifest.json"
     if not manifest_path.is_file():
         raise TrainInputError(f"{dataset} has no manifest.json: pass the out= directory of `arborist search`")
-    from rewards.export import load_manifest, read_rows
+    from rewards.export import load_manifest
 
     try:
-        manifest = load_manifest(dataset)  # the shard log of a running or killed job included
-        manifest["files"][kind]  # a manifest without this kind is not one of ours
+        manifest = load_manifest(dataset)
+        manifest["files"][kind]  # noqa: B018 (a manifest without this kind is not one of ours)
     except (ValueError, KeyError, TypeError) as e:
         raise TrainInputError(
-            f"{manifest_path} is not an arborist manifest ({e}): rerun `arborist search`"
+            f"{manifest_path} is not an arborist manifest ({e!r}): rerun `arborist search`"
         ) from None
+    return manifest
 
-    return read_rows(dataset, manifest, kind)
+
+def read_kind(dataset: Path, kind: str) -> list[dict]:
+    """Rows of one kind of an arborist output directory (the files its manifest names)."""
+    from rewards.export import read_rows
+
+    return read_rows(dataset, _manifest(dataset, kind), kind)
+
+
+def search_settings(datasets: list[Path]) -> tuple[str, str, int]:
+    """(step separator, policy.path, policy.bootstrap_seed) of the searches that wrote `datasets`:
+    the separator their steps end with (one for all of them), and the policy that searched the
+    first ('' : the embedded policy of that seed), which `arborist train` starts from by default."""
+    configs = [_manifest(d).get("config", {}) for d in datasets]
+    seps = {c.get("task", {}).get("step_separator", "\n") for c in configs}
+    if len(seps) > 1:
+        raise TrainInputError(
+            f"{datasets_name(datasets)} end their steps with different separators ({sorted(seps)}): "
+            "train on datasets of one task format at a time"
+        )
+    policy = configs[0].get("policy", {})
+    return seps.pop(), str(policy.get("path", "")), int(policy.get("bootstrap_seed", 0))
 
 
 def _device(name: str) -> str:
@@ -288,6 +314,7 @@ def train_policy(
     given) with `cfg`; write the model to `out` atomically; return a report."""
     datasets = [Path(d) for d in (dataset if isinstance(dataset, list | tuple) else [dataset])]
     named = datasets_name(datasets)
+    cfg = replace(cfg, separator=search_settings(datasets)[0])  # as the rows' steps were cut
     sft = [row for d in datasets for row in read_kind(d, "sft")] if "sft" in cfg.recipe else []
     pairs = [row for d in datasets for row in read_kind(d, "pairs")] if "dpo" in cfg.recipe else []
     if "sft" in cfg.recipe and not sft:
@@ -337,9 +364,12 @@ def train_on_rows(
         tokenizer.save_pretrained(final)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         (final / "arborist_train.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(final, out)
+        from rewards.interrupts import deferred_sigint
+
+        with deferred_sigint():  # two renames, never one of them alone: the old model goes when the new is in
+            if out.exists():
+                os.replace(out, work / "replaced")
+            os.replace(final, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report

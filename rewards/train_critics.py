@@ -14,9 +14,11 @@ from pathlib import Path
 
 from critics.base import KINDS
 from critics.labels import Labels
+from critics.metrics import json_safe
 from critics.train import TrainCriticsConfig, train_critics
 from mcts.finished import FinishedTree
 from rewards.critic_data import all_labels
+from rewards.export import read_trees
 
 
 def train_critics_on_trees(
@@ -55,20 +57,27 @@ def train_critics_on_trees(
 
 
 def read_tree_dir(dataset_dir: str | Path) -> list[FinishedTree]:
-    """Trees of a dataset directory: the manifest's finished `trees` files, else `trees/*.parquet`."""
+    """Trees of a dataset directory in shard-name order: its finished shards (a killed job's
+    too: `rewards.export.read_trees`), else `trees/*.parquet` of a directory without a manifest."""
     import pyarrow.parquet as pq
 
     root = Path(dataset_dir)
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        files = [root / f for f in json.loads(manifest.read_text()).get("files", {}).get("trees", [])]
+    if (root / "manifest.json").is_file():
+        try:
+            trees = read_trees(root)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{root / 'manifest.json'} is not an arborist manifest ({e!r}): rerun `arborist search`"
+            ) from None
     else:
         files = sorted((root / "trees").glob("*.parquet"))
-    if not files:
+        trees = [FinishedTree.from_row(r) for f in files for r in pq.read_table(f).to_pylist()]
+    if not trees:
         raise ValueError(
-            f"{root} has no trees/*.parquet: point train-critics at the output directory of `arborist search`"
+            f"{root} has no finished trees: point train-critics at the output directory of `arborist "
+            "search` (a job killed before its first batch finished has none yet: rerun it)"
         )
-    return [FinishedTree.from_row(r) for f in files for r in pq.read_table(f).to_pylist()]
+    return trees
 
 
 def train_critics_from_dir(
@@ -137,7 +146,7 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(json.dumps(reports, indent=2, default=float))
+    print(json.dumps(json_safe(reports), indent=2, allow_nan=False))
     return 0
 
 

@@ -143,6 +143,83 @@ def test_pickle_weights_are_refused(tmp_path, out, capsys):
     _nothing_written(out)
 
 
+def test_a_second_job_on_an_out_dir_is_refused_before_ray_and_the_models_start(tmp_path, monkeypatch):
+    """The out dir's lock is taken right after the settings are checked: a second job must not
+    first start Ray or build the embedded models (~25 minutes from an empty cache) to learn it."""
+    import os
+
+    from rewards import launcher, pipeline
+    from rewards.config import compose
+    from rewards.export import OutDirError, lock_out_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = lock_out_dir(out)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("Ray started before the lock was checked")
+
+    monkeypatch.setattr(launcher, "connect", too_late)
+    try:
+        with pytest.raises(OutDirError, match=f"in use by another arborist job \\(pid {os.getpid()}\\)"):
+            pipeline.run(compose([f"out={out}", "experiment=tiny"]))
+    finally:
+        os.close(held)
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """An existing directory the job may not write to (root ignores mode bits, so the test makes
+    the probe file's creation fail as a read-only or immutable directory makes it fail)."""
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    assert main(["search", f"out={out}"]) == 2
+    _check_one_line(capsys.readouterr().err, f"out={out} cannot be written", "Permission denied", "writable")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("meta", ['{"kind": "prm", "logit_offset": NaN}', '["prm"]', "{broken"])
+def test_a_critic_json_that_would_switch_the_critic_off_is_one_line(tmp_path, out, capsys, meta):
+    """A NaN logit offset scored every node NaN and the search dropped the critic without a word."""
+    from _tiny_models import save_tiny_llama
+
+    from critics.models import init_from_policy, save_critic
+
+    model, tok = init_from_policy(save_tiny_llama(tmp_path / "lm"), "prm")
+    critic = save_critic(model, tok, "prm", tmp_path / "prm", {})
+    (critic / "critic.json").write_text(meta)
+    capsys.readouterr()
+    assert main(["search", f"critics.prm_path={critic}", f"out={out}"]) == 2
+    _check_one_line(capsys.readouterr().err, str(critic / "critic.json"))
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("head", ["LlamaForSequenceClassification", "LlamaModel"])
+def test_a_checkpoint_without_a_language_model_head_is_refused_as_policy(tmp_path, out, capsys, head):
+    """A critic (or a bare trunk) loads as a causal LM with a random LM head and writes noise."""
+    from _tiny_models import save_tiny_llama
+    from transformers import AutoModelForSequenceClassification, LlamaModel
+
+    lm = save_tiny_llama(tmp_path / "lm")
+    model = (
+        AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
+        if head.endswith("Classification")
+        else LlamaModel.from_pretrained(lm)
+    )
+    model.save_pretrained(tmp_path / "other")
+    for f in lm.glob("tok*"):
+        (tmp_path / "other" / f.name).write_bytes(f.read_bytes())
+    capsys.readouterr()  # the saving's progress bars
+    assert main(["search", f"policy.path={tmp_path / 'other'}", f"out={out}"]) == 2
+    _check_one_line(capsys.readouterr().err, head, "no language-model head", "ForCausalLM")
+    _nothing_written(out)
+
+
 def test_a_finished_problem_is_never_reported_twice_on_bad_input(tmp_path, capsys):
     """An existing output directory with another batch layout is refused, and left as it was."""
     from rewards.export import MANIFEST
@@ -254,6 +331,15 @@ SETTINGS = {
     "ray.torch_threads=0": ["ray.torch_threads"],
     "ray.address=": ["ray.address is empty"],
     "seed=abc": ["seed=abc"],
+    "seed=99999999999999999999999": ["a seed must be in [0, 2**32)"],
+    "search=null": ["search is a config group", "search=default"],
+    "search.c_puct=nan": ["search.c_puct must be >= 0 and finite"],
+    "search.alpha=-5": ["search.alpha must be >= 0"],
+    "search.converged_share=5": ["search.converged_share must be in [0, 1]"],
+    "search.max_tokens=-1": ["search.max_tokens must be >= 0"],
+    "policy.temperature=inf": ["policy.temperature must be > 0 and finite"],
+    "critics.w_prm=nan": ["critics.w_prm must be >= 0 and finite"],
+    "ray.cpus_per_worker=0.00001": ["ray.cpus_per_worker must be >= 0 with at most 4 decimals"],
     "task.max_numbers=9": ["countdown difficulty"],
     "out=": ["out is empty"],
 }

@@ -277,6 +277,21 @@ def test_trees_round_trip_and_rederive(tmp_path):
     assert same(derive_all(back, CFG)) == same(derived)
 
 
+def test_trees_are_read_in_shard_name_order_and_a_killed_jobs_shards_count(tmp_path):
+    """`read_trees` (and `train-critics`, which trains on what it returns) must not depend on which
+    batch finished first, and a job killed mid-way has its finished shards in the shard log only."""
+    from rewards.train_critics import read_tree_dir
+
+    w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
+    w.write_shard(*_batch("p2"), "shard-00001")  # the second batch finished first
+    w.write_shard(*_batch("p1"), "shard-00000")
+    assert load_manifest(tmp_path)["files"]["trees"][0] == "trees/shard-00001.parquet"  # completion order
+    # not closed: as a killed job leaves it, its manifest.json names no shard yet
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == {}
+    for trees in (read_trees(tmp_path), read_tree_dir(tmp_path)):
+        assert [t.problem_id for t in trees] == ["p1", "p2"]
+
+
 def test_card_and_audit(tmp_path):
     DatasetWriter(tmp_path, CONFIG, VERSIONS).write_shard(*_batch("p1"), "shard-00000")
     card = write_card(tmp_path).read_text()

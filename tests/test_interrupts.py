@@ -49,3 +49,45 @@ def test_a_sigint_never_checked_is_raised_when_the_block_ends_and_the_handler_co
     with deferred_sigint() as quiet:
         pass
     assert not quiet.caught and signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_while_the_settings_are_checked_is_one_line(monkeypatch, tmp_path, capsys):
+    """An `except` clause whose tuple is built by importing (torch, via the critics) ran while a
+    Ctrl-C unwound a half-done import of torch, and raised that import's error in its place: the
+    error types are gathered before the settings are checked."""
+    from rewards import cli, pipeline
+
+    errors = cli._input_errors
+
+    def gathered_before():
+        if sys.exc_info()[0] is not None:
+            raise ImportError("partially initialized module 'torch'")  # what the re-import raised
+        return errors()
+
+    def interrupted(conf):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_input_errors", gathered_before)
+    monkeypatch.setattr(pipeline, "check_config", interrupted)
+    assert cli.main(["search", f"out={tmp_path / 'out'}"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "arborist: interrupted: rerun the same command to resume"
+    ]
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_waits_like_it_inside_the_stream():
+    """Slurm, Kubernetes and systemd stop a job with SIGTERM: it must end as Ctrl-C does (one line,
+    "interrupted", finished shards kept), not as Ray's driver handler did (exit 15, or a C++ dump)."""
+    from rewards.interrupts import terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        terminate_as_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt), deferred_sigint() as interrupts:
+            signal.raise_signal(signal.SIGTERM)
+            assert interrupts.caught  # noted, raised at the block's end
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)

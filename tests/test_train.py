@@ -181,3 +181,56 @@ def test_train_takes_the_rows_of_several_datasets(dataset, tmp_path, capsys):
     assert "'sft_rows': 6" in capsys.readouterr().out  # both datasets' three rows
     meta = json.loads((tmp_path / "o" / "arborist_train.json").read_text())
     assert meta["dataset"] == f"{dataset} + {dataset}"
+
+
+def test_the_datasets_search_settings_decide_the_separator_and_the_default_policy(tmp_path, capsys):
+    """`arborist train` cuts the rows' steps at the separator their search used, refuses datasets
+    of two, and starts from the policy that searched the first dataset unless --policy says."""
+    from rewards.train import search_settings
+
+    trees = [golden_tree("p1")]
+    dirs = []
+    for name, sep, path in (("a", "\n\n", "/models/m"), ("b", "\n", "")):
+        config = {
+            "task": {"name": "jsonl", "step_separator": sep},
+            "policy": {"path": path, "bootstrap_seed": 2},
+        }
+        DatasetWriter(tmp_path / name, config, {}).write_shard(
+            derive_all(trees, DeriveConfig(confidence=0.0)), ["p1"], "s0"
+        )
+        dirs.append(tmp_path / name)
+    assert search_settings(dirs[:1]) == ("\n\n", "/models/m", 2)
+    assert search_settings(dirs[1:]) == ("\n", "", 2)
+    with pytest.raises(TrainInputError, match="different separators"):
+        search_settings(dirs)
+    # no --policy: the searching policy's directory, refused here in one line as it does not exist
+    capsys.readouterr()
+    assert main(["train", str(dirs[0]), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "starting from /models/m" in err[0] and err[1].startswith("arborist: error: policy.path=/models/m")
+
+
+@pytest.mark.slow
+def test_a_model_replaced_under_ctrl_c_is_the_old_or_the_new_one_whole(dataset, tmp_path, monkeypatch):
+    """Training into an existing --out swaps the new model in with two renames; a Ctrl-C between
+    them waits for the second, so --out always holds a whole model."""
+    import os
+    import signal
+
+    policy = save_tiny_llama(tmp_path / "policy")
+    cfg = TrainPolicyConfig(recipe="sft", sft_epochs=1, batch_size=4, device="cpu")
+    first = train_policy(dataset, tmp_path / "trained", policy, cfg)
+    rename = os.replace
+
+    def interrupted(src, dst):
+        rename(src, dst)
+        if Path(dst).name == "replaced":  # the old model moved aside, the new one not yet in
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(dataset, tmp_path / "trained", policy, TrainPolicyConfig(**{**cfg.__dict__, "seed": 1}))
+    meta = json.loads((tmp_path / "trained" / "arborist_train.json").read_text())
+    assert meta["config"]["seed"] == 1 and first["config"]["seed"] == 0  # the new one, whole
+    assert Policy.load(PolicyConfig(path=str(tmp_path / "trained"), device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy", "trained"]  # no work dir left
