@@ -4,7 +4,9 @@ a class with no rows) as JSON null."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +100,17 @@ def json_safe(obj):
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars, without importing numpy
         return json_safe(obj.item())
     return obj
+
+
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
+    """The JSON object in the file `path` ({} where there is none); `error` in one line, naming the
+    file and then `fix`, where it is not valid JSON or not an object (a file edited by hand)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not valid JSON ({str(e)[:80]}): {fix}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} is not a JSON object: {fix}")
+    return value

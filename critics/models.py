@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from critics.metrics import json_safe
+from critics.metrics import json_safe, read_json_object
 from mcts.policy import resolve_device, resolve_dtype
 from mcts.tasks.base import Problem, Task
 
@@ -359,14 +359,7 @@ def read_meta(path: str | Path) -> dict:
     """`critic.json` of a critic directory ({} when absent: a user-brought model); one line where it
     is no JSON object or its logit offset no finite number (NaN scores: the critic silently off)."""
     f = Path(path) / "critic.json"
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise CriticLoadError(
-            f"{f} is not valid JSON ({e}): retrain the critic, or delete the file"
-        ) from None
-    if not isinstance(meta, dict):
-        raise CriticLoadError(f"{f} is not a JSON object: retrain the critic, or delete the file")
+    meta = read_json_object(f, CriticLoadError, "retrain the critic, or delete the file")
     offset = meta.get("logit_offset", 0.0)
     if isinstance(offset, bool) or not isinstance(offset, int | float) or not math.isfinite(offset):
         raise CriticLoadError(f"{f}: logit_offset={offset!r} is not a finite number: retrain the critic")

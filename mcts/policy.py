@@ -83,9 +83,8 @@ class Rollout:
     ended: bool
 
 
-# Heads that write no tokens (nor does a bare "...Model"): loaded as a causal LM, a random LM head.
+# Heads that write no tokens; a bare "...Model" has none either (unless auto_map says: ChatGLM's).
 NOT_GENERATIVE = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
-NOT_GENERATIVE += ("ForMaskedLM", "ForMultipleChoice")
 
 
 def check_policy_dir(path: str | Path) -> Path:
@@ -125,7 +124,8 @@ def check_policy_dir(path: str | Path) -> Path:
     if not isinstance(config, dict) or "model_type" not in config:
         raise PolicyLoadError(f"policy.path={path}: its config.json names no model_type: re-save the model")
     heads = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    if heads and all(a.endswith(NOT_GENERATIVE) or a.endswith("Model") and "LMHead" not in a for a in heads):
+    bare = [a.endswith(NOT_GENERATIVE) or a.endswith("Model") and "LMHead" not in a for a in heads]
+    if heads and all(bare) and "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
         why = f"holds a {heads[0]}, which has no language-model head (a critic? an encoder?)"
         raise PolicyLoadError(f"policy.path={path} {why}: point it at a *ForCausalLM checkpoint")
     tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

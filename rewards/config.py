@@ -258,9 +258,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         except ValueError as e:  # `search=null`: Hydra's own check, a ValueError with a stack of its own
             if "Config group override" not in str(e):
                 raise
-            group = next(
-                (o.split("=")[0] for o in overrides if o.split("=", 1)[-1] in ("", "null")), "a group"
-            )
+            nulls = (o.split("=", 1)[0] for o in overrides if o.split("=", 1)[-1] in ("", "null"))
+            group = next((g for g in nulls if (CONF_DIR / g).is_dir()), "a group")
             raise ConfigCompositionException(
                 f"{group} is a config group: name one of its options ({group}=default), not null or nothing"
             ) from None

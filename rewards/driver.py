@@ -299,10 +299,10 @@ def run_job(
             write_metrics(progress)
             return name
 
-        if todo:  # the audit and the card of the shards there so far would outlive a run cut short
-            for stale in ("audit.json", "README.md"):
-                (out / stale).unlink(missing_ok=True)
         try:
+            if todo:  # the audit and the card of the shards there so far would outlive a run cut short
+                for stale in ("audit.json", "README.md"):
+                    (out / stale).unlink(missing_ok=True)
             write_metrics(progress)
             stream = stream_batches(
                 pool, todo, conf.seed, on_done, conf.ray.max_retries, tick=progress.tick, hooks=hooks

@@ -235,6 +235,8 @@ def run_improve(
     out = Path(out)
     if out.is_file():
         raise TrainInputError(f"--out {out} is a file: choose a directory")
+    if (out / "manifest.json").is_file():  # rounds live in round-k/ below --out, never beside a job's shards
+        raise TrainInputError(f"--out {out} holds an `arborist search` output: choose another directory")
     check_policy_dir(base_policy)  # bad input is refused before anything is written under out
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sys
@@ -10,6 +11,27 @@ from importlib import metadata
 
 class JobInputError(ValueError):
     """A bad setting or input of the job; the message is one line saying what to change."""
+
+
+def check_local_resources(ray) -> None:
+    """Refuse workers the local Ray (`ray.address=local`) could never place: a worker asking for
+    more CPUs than it has, or for a GPU where torch sees none, would wait `ray.start_timeout_s`."""
+    if ray.address != "local":
+        return
+    cpus = ray.num_cpus or os.cpu_count() or 1
+    if ray.cpus_per_worker > cpus:
+        raise JobInputError(
+            f"ray.cpus_per_worker={ray.cpus_per_worker}, but the local Ray has {cpus} CPUs: no worker could "
+            "start; lower it, or join a cluster (ray.address=auto)"
+        )
+    if ray.gpus_per_worker > 0:
+        import torch
+
+        if ray.gpus_per_worker > torch.cuda.device_count():
+            raise JobInputError(
+                f"ray.gpus_per_worker={ray.gpus_per_worker}, but torch sees {torch.cuda.device_count()} GPUs "
+                "here: set ray.gpus_per_worker=0, or join a cluster that has them (ray.address=auto)"
+            )
 
 
 def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:

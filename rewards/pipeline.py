@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mcts.tasks.base import Problem, TaskInputError
 from rewards.config import CONF_DIR, Config, TaskConf
-from rewards.job import JobInputError, check_cluster_address, problems_sha, shard_name
+from rewards.job import JobInputError, check_cluster_address, check_local_resources, problems_sha, shard_name
 
 log = logging.getLogger("arborist")
 
@@ -70,8 +70,8 @@ def to_schema(cfg: DictConfig | Config) -> Config:
         ("task.seed", getattr(conf.task, "seed", 0)),  # a problem file has none
         ("policy.bootstrap_seed", conf.policy.bootstrap_seed),
     ):
-        if not 0 <= seed < 2**32:  # numpy and torch refuse other seeds, and only once the job runs
-            raise JobInputError(f"{name}={seed}: a seed must be in [0, 2**32)")
+        if not 0 <= seed < 2**63:  # the trees' int64 columns hold it; a bigger one failed mid-job
+            raise JobInputError(f"{name}={seed}: a seed must be in [0, 2**63)")
     extra = _unknown_keys(conf)
     if extra:  # Hydra's `+key=value` adds a key the schema lacks; nothing would read it
         raise JobInputError(
@@ -121,13 +121,13 @@ def check_config(cfg: DictConfig | Config) -> Job:
 
     conf = to_schema(cfg)
     settings = task_settings(conf.task)
-    task = make_task(conf.task.name, **settings)  # its own settings checked; the problem list's ignored
+    make_task(conf.task.name, **settings)  # its own settings checked; the problem list's ignored
     problems = _distinct(load_problems(conf.task.name, **settings))
     if not problems:
         raise TaskInputError(f"task {conf.task.name!r} has no problems: check task.path / task.num_problems")
     _check_model_dirs(conf)
-    _check_policy_reads(conf, [task.prompt(p) for p in problems[:64]])
     check_cluster_address(conf.ray.address)
+    check_local_resources(conf.ray)
     size = conf.search.batch_problems
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
     if not conf.out.strip():
@@ -197,6 +197,14 @@ def _check_model_dirs(conf: Config) -> None:
                 raise JobInputError(str(e).splitlines()[0]) from None
 
 
+def warn_unreadable_prompts(job: Job) -> None:
+    """`_check_policy_reads` on the prompts of the job's first 64 problems."""
+    from mcts.tasks.registry import make_task
+
+    task = make_task(job.conf.task.name, **task_settings(job.conf.task))
+    _check_policy_reads(job.conf, [task.prompt(p) for p in job.problems[:64]])
+
+
 def _check_policy_reads(conf: Config, prompts: list[str]) -> None:
     """Warn where the policy's tokenizer has no tokens for the task's text (the embedded Countdown
     model on word problems reads every letter as its unknown token, and searches on noise). A
@@ -212,11 +220,13 @@ def _check_policy_reads(conf: Config, prompts: list[str]) -> None:
         try:
             remote = conf.policy.trust_remote_code
             tok = (
-                AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
+                AutoTokenizer.from_pretrained(
+                    Path(path).expanduser(), local_files_only=True, trust_remote_code=remote
+                )
                 if path
                 else build_char_tokenizer()
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a tokenizer's library missing
             raise PolicyLoadError(
                 f"{name}={path}: the tokenizer does not load ({str(e).splitlines()[0][:120]}): "
                 "save it with tokenizer.save_pretrained(dir)"
@@ -341,7 +351,9 @@ def resolve_models(job: Job) -> dict[str, Any]:
         from rewards.critic_bootstrap import ensure_default_critics
 
         critics_dir = str(ensure_default_critics(conf.policy.bootstrap_seed, progress=conf.progress))
-    policy = conf.policy.path or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
+    # absolute: a Ray worker's working directory is not the driver's, and `arborist train` reads it back
+    policy = str(Path(conf.policy.path).expanduser().resolve()) if conf.policy.path else None
+    policy = policy or str(bootstrap_policy(conf.policy.bootstrap_seed, progress=conf.progress))
     return {"policy": policy, "critics_dir": critics_dir, "bootstrap_s": time.perf_counter() - t0}
 
 
@@ -349,7 +361,8 @@ def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
     """Run the job described by `cfg`; returns the metrics (also written to `out/metrics.json`).
 
     `hooks` (a `rewards.launcher.Hooks`) lets tests act at points of the job (kill a worker).
-    Raises JobInputError / TaskInputError / PolicyLoadError on bad input, before writing anything.
+    Raises JobInputError / TaskInputError / PolicyLoadError on bad input, before writing anything
+    (then OutDirError where another job holds `out`, before Ray starts: only its lock file is made).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -358,6 +371,7 @@ def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
 
     started = time.perf_counter()
     job = check_config(cfg)
+    warn_unreadable_prompts(job)  # here, not in check_config: `arborist search` checks twice
     ray_conf = job.conf.ray
     job.out.mkdir(parents=True, exist_ok=True)
     lock = lock_out_dir(job.out)  # now: a second job on this out= is refused before Ray and models start

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from critics.metrics import read_json_object
 from mcts.finished import FinishedTree
 from rewards.export import load_manifest, read_rows
 from rewards.stats import node_stats
@@ -46,8 +47,7 @@ def load(out: str | Path) -> tuple[list[FinishedTree], list[dict], dict]:
         ) from None
     if not trees:
         raise ShowInputError(f"{out} holds no finished tree yet: let `arborist search` finish a batch")
-    audit_path = out / "audit.json"
-    audit = json.loads(audit_path.read_text()) if audit_path.is_file() else {}
+    audit = read_json_object(out / "audit.json", ShowInputError, "rerun `arborist search` to rewrite it")
     return trees, pairs, audit
 
 

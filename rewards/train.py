@@ -176,16 +176,32 @@ def _manifest(dataset: Path, kind: str = "sft") -> dict:
 
 def read_kind(dataset: Path, kind: str) -> list[dict]:
     """Rows of one kind of an arborist output directory (the files its manifest names)."""
+    import pyarrow as pa
+
     from rewards.export import read_rows
 
-    return read_rows(dataset, _manifest(dataset, kind), kind)
+    try:
+        rows = read_rows(dataset, _manifest(dataset, kind), kind)
+    except (OSError, pa.ArrowException) as e:  # a shard deleted, truncated or not parquet
+        raise TrainInputError(
+            f"{dataset}: a {kind} shard cannot be read ({str(e).splitlines()[0][:160]}): rerun `arborist search` "
+            "into a new out=DIR"
+        ) from None
+    need = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}.get(kind, ())
+    missing = [c for c in need if rows and c not in rows[0]]
+    if missing:
+        raise TrainInputError(
+            f"{dataset}: its {kind} rows have no {missing[0]!r} column: not arborist's {kind}"
+        )
+    return rows
 
 
 def search_settings(datasets: list[Path]) -> tuple[str, str, int]:
     """(step separator, policy.path, policy.bootstrap_seed) of the searches that wrote `datasets`:
     the separator their steps end with (one for all of them), and the policy that searched the
     first ('' : the embedded policy of that seed), which `arborist train` starts from by default."""
-    configs = [_manifest(d).get("config", {}) for d in datasets]
+    manifests = [_manifest(d) for d in datasets]
+    configs = [m.get("config", {}) for m in manifests]
     seps = {c.get("task", {}).get("step_separator", "\n") for c in configs}
     if len(seps) > 1:
         raise TrainInputError(
@@ -193,7 +209,10 @@ def search_settings(datasets: list[Path]) -> tuple[str, str, int]:
             "train on datasets of one task format at a time"
         )
     policy = configs[0].get("policy", {})
-    return seps.pop(), str(policy.get("path", "")), int(policy.get("bootstrap_seed", 0))
+    path = policy.get("path") and manifests[0].get("versions", {}).get(
+        "policy_dir", policy["path"]
+    )  # absolute
+    return seps.pop(), str(path or ""), int(policy.get("bootstrap_seed", 0))
 
 
 def _device(name: str) -> str:
@@ -202,7 +221,12 @@ def _device(name: str) -> str:
 
     from mcts.policy import resolve_device
 
-    device = resolve_device(name)
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError) as e:  # "tpu": torch's own words
+        raise TrainInputError(
+            f"--device {name}: {str(e).splitlines()[0][:120]}: use auto, cpu or cuda"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainInputError(f"device={name}, but torch sees no CUDA device: use --device cpu")
     return str(device)
@@ -338,8 +362,9 @@ def train_on_rows(
 
     from mcts.policy import check_policy_dir
 
-    out, policy = Path(out), Path(policy)
-    check_policy_dir(policy)
+    out, policy = Path(out), check_policy_dir(policy)  # `~` expanded
+    if out.exists() and not out.is_dir():
+        raise TrainInputError(f"--out {out} is a file: choose a directory for the trained model")
     if out.exists() and any(out.iterdir()) and not (out / "arborist_train.json").is_file():
         raise TrainInputError(
             f"--out {out} exists and is not a model `arborist train` wrote: choose a new --out"

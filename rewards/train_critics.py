@@ -97,6 +97,20 @@ def train_critics_from_dir(
     return train_critics_on_trees(trees, out, base_dir, cfg, meta={"dataset": str(dataset_dir)})
 
 
+def _check_device(name: str) -> None:
+    """Refuse a device torch does not know, or CUDA where it sees none, before anything trains."""
+    import torch
+
+    from mcts.policy import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {str(e).splitlines()[0][:120]}: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA device: use --device cpu")
+
+
 def main_train_critics(argv: list[str] | None = None) -> int:
     """Command line of `arborist train-critics`; returns the exit status."""
     ap = argparse.ArgumentParser(
@@ -129,7 +143,10 @@ def main_train_critics(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or set(kinds) - set(KINDS):
-        print(f"arborist train-critics: --kinds={args.kinds}: use a subset of value,prm,orm", file=sys.stderr)
+        print(
+            f"arborist: error: train-critics: --kinds={args.kinds}: use a subset of value,prm,orm",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = TrainCriticsConfig(
@@ -142,9 +159,10 @@ def main_train_critics(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
+        _check_device(args.device)
         reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
     except (ValueError, OSError) as e:
-        print(f"arborist train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"arborist: error: train-critics: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps(json_safe(reports), indent=2, allow_nan=False))
     return 0

@@ -331,7 +331,7 @@ SETTINGS = {
     "ray.torch_threads=0": ["ray.torch_threads"],
     "ray.address=": ["ray.address is empty"],
     "seed=abc": ["seed=abc"],
-    "seed=99999999999999999999999": ["a seed must be in [0, 2**32)"],
+    "seed=99999999999999999999999": ["a seed must be in [0, 2**63)"],
     "search=null": ["search is a config group", "search=default"],
     "search.c_puct=nan": ["search.c_puct must be >= 0 and finite"],
     "search.alpha=-5": ["search.alpha must be >= 0"],
@@ -340,6 +340,7 @@ SETTINGS = {
     "policy.temperature=inf": ["policy.temperature must be > 0 and finite"],
     "critics.w_prm=nan": ["critics.w_prm must be >= 0 and finite"],
     "ray.cpus_per_worker=0.00001": ["ray.cpus_per_worker must be >= 0 with at most 4 decimals"],
+    "ray.cpus_per_worker=1000000": ["ray.cpus_per_worker=1000000", "the local Ray has", "CPUs"],
     "task.max_numbers=9": ["countdown difficulty"],
     "out=": ["out is empty"],
 }

@@ -344,6 +344,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     assert main_train_critics([str(tmp_path / "ds"), "--train-layers", "-3"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--value-steps", "0"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--orm-steps", "0"]) == 2
+    assert main_train_critics([str(tmp_path / "ds"), "--device", "tpu"]) == 2
     reports = train_critics_on_trees(
         trees,
         tmp_path / "direct",

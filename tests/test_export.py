@@ -238,6 +238,18 @@ def test_a_directory_without_a_manifest_loses_nothing(tmp_path):
     assert w.swept == [] and all(p.read_bytes() == b"mine" for p in keep)
 
 
+def test_a_job_that_finished_nothing_binds_nothing_and_one_that_did_is_kept(tmp_path):
+    """A job whose model failed to load wrote its manifest (under that model's weights hash) and no
+    shard: the rerun with the model fixed starts afresh. Once a shard is in, another config refuses."""
+    DatasetWriter(tmp_path, {**CONFIG, "model": "broken"}, VERSIONS, "hash-a").close()
+    w = DatasetWriter(tmp_path, {**CONFIG, "model": "fixed"}, VERSIONS, "hash-b")
+    assert w.manifest["config"]["model"] == "fixed" and w.manifest["config_history"] == []
+    w.write_shard(*_batch("p1"), "shard-00000")
+    w.close()
+    with pytest.raises(OutDirError, match="another config"):
+        DatasetWriter(tmp_path, {**CONFIG, "model": "other"}, VERSIONS, "hash-c")
+
+
 def test_rewrite_is_idempotent_or_refused(tmp_path):
     w = DatasetWriter(tmp_path, CONFIG, VERSIONS)
     first = w.write_shard(*_batch("p1", "p2"), "shard-00000")

@@ -103,6 +103,14 @@ def test_bad_input_leaves_out_untouched(tmp_path, capsys):
     assert main(["improve", "--out", str(afile), "--policy", str(policy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"arborist: error: --out {afile} is a file: choose a directory"]
+    job = tmp_path / "job"  # a search's output: improve.json and round-k/ would land among its shards
+    job.mkdir()
+    (job / "manifest.json").write_text("{}")
+    for bad in (["--out", str(job)], ["--out", str(out), "--eval-problems", "-1"]):
+        assert main(["improve", *bad, "--policy", str(policy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("arborist: error: "), err
+    assert sorted(p.name for p in job.iterdir()) == ["manifest.json"] and not out.exists()
 
 
 def test_round_k_trains_on_rounds_1_to_k_unless_no_replay(tmp_path):

@@ -61,6 +61,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     out = _dataset(tmp_path)
     assert cli(["show", str(out), "--problem", "nope"]) == 2
     assert "no tree of that id" in capsys.readouterr().err
+    for broken in ("{broken", "[1, 2]"):  # an audit.json edited by hand, or cut short
+        (out / "audit.json").write_text(broken)
+        assert cli(["show", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "audit.json is not" in err[0], err
     with pytest.raises(ShowInputError, match="no finished tree"):
         empty = tmp_path / "empty"
         DatasetWriter(empty, {}, {}).write_shard(derive_all([], DeriveConfig()), [], "shard-00000")

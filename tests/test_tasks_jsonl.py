@@ -238,24 +238,25 @@ def test_a_policy_that_cannot_read_the_task_is_named_before_the_search(tmp_path,
     import logging
 
     from rewards.config import compose
-    from rewards.pipeline import check_config
+    from rewards.pipeline import check_config, warn_unreadable_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"id": "a", "question": "Tom has 3 apples?", "answer": 3}) + "\n")
     base = ["task=jsonl", f"task.path={path}", f"out={tmp_path / 'out'}"]
     with caplog.at_level(logging.WARNING, logger="arborist"):
-        check_config(compose(base))
+        warn_unreadable_prompts(check_config(compose(base)))
     warned = [r.getMessage() for r in caplog.records if "unknown token" in r.getMessage()]
     assert len(warned) == 1 and "the embedded policy" in warned[0] and "T" in warned[0]
     caplog.clear()
     model = _byte_level_llama(tmp_path / "bytes")
     with caplog.at_level(logging.WARNING, logger="arborist"):
-        check_config(compose([*base, "policy=hf", f"policy.path={model}"]))
+        warn_unreadable_prompts(check_config(compose([*base, "policy=hf", f"policy.path={model}"])))
     assert not [r for r in caplog.records if "unknown token" in r.getMessage()]
 
 
 def _byte_level_llama(path: Path) -> Path:
-    """A random tiny Llama whose tokenizer writes every byte (GPT-2's byte-level BPE: no unknown token)."""
+    """A random tiny Llama whose tokenizer writes every byte (GPT-2's byte-level BPE), and has an
+    unknown token it never needs: the check looks at the characters, not at the token's absence."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -265,9 +266,12 @@ def _byte_level_llama(path: Path) -> Path:
     core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], initial_alphabet=alphabet
     )
     core.train_from_iterator(["Question: 3 apples?\nAnswer:\n"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    assert tok.unk_token_id is not None
     model = LlamaForCausalLM(tiny_llama_config(len(tok), 32, 2, n_heads=2, tok=tok))
     return save_model_dir(model.eval(), tok, path)

@@ -4,6 +4,7 @@ for token; the command trains, writes a model `policy.path=` loads, and refuses 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,15 @@ def test_bad_input_is_one_line(dataset, tmp_path, capsys):
         [str(dataset), "--out", str(tmp_path / "o"), "--policy", str(tmp_path / "no-model")],
         [str(dataset), "--out", str(dataset), "--policy", str(policy)],  # would overwrite the dataset
         [str(dataset), "--out", str(tmp_path / "o"), "--policy", str(policy), "--sft-lr", "-1"],
+        [str(dataset), "--out", str(tmp_path / "o"), "--policy", str(policy), "--beta", "inf"],
+        [str(dataset), "--out", str(tmp_path / "o"), "--policy", str(policy), "--device", "tpu"],
+        [str(dataset), "--out", str(policy / "config.json"), "--policy", str(policy)],  # a file
     ]
+    damaged = tmp_path / "damaged"  # a shard cut short, as a full disk outside arborist leaves it
+    shutil.copytree(dataset, damaged)
+    sft = next((damaged / "sft").glob("*.parquet"))
+    sft.write_bytes(sft.read_bytes()[:100])
+    cases.append([str(damaged), "--out", str(tmp_path / "o"), "--policy", str(policy)])
     for argv in cases:
         assert main(["train", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
