@@ -114,6 +114,8 @@ class TrainCriticsConfig:
             raise ValueError(
                 f"train_layers={self.train_layers}: use -1 (whole model), 0 (head only) or a block count"
             )
+        if not 0 <= self.seed < 2**32:  # torch and numpy take these; a negative one failed after the data
+            raise ValueError(f"seed={self.seed}: use a seed in [0, 2**32)")
         if self.value_members < 1:
             raise ValueError(
                 f"value_members={self.value_members}: the value function needs at least one head"

@@ -345,6 +345,7 @@ def test_train_critics_from_search_trees(policy_dir, tmp_path):
     assert main_train_critics([str(tmp_path / "ds"), "--value-steps", "0"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--orm-steps", "0"]) == 2
     assert main_train_critics([str(tmp_path / "ds"), "--device", "tpu"]) == 2
+    assert main_train_critics([str(tmp_path / "ds"), "--seed", "-1"]) == 2  # not a build for seed -1
     reports = train_critics_on_trees(
         trees,
         tmp_path / "direct",
