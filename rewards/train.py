@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -348,6 +349,21 @@ def train_policy(
     return train_on_rows(sft, pairs, out, policy, cfg, source=named)
 
 
+def _sweep_killed_work_dirs(out: Path) -> None:
+    """Remove the work directories (`.{out.name}.*`, a model's size each) of earlier runs into `out`
+    that were killed before they could remove their own: their `owner` names a process of this host
+    that is gone. A run still going, or one on another host (a shared filesystem), keeps its own."""
+    for work in out.parent.glob(f".{out.name}.*"):
+        try:
+            host, pid = (work / "owner").read_text().split()
+            if host == socket.gethostname():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except (OSError, ValueError):  # no owner file (not ours), or a process that is there
+            continue
+
+
 def train_on_rows(
     sft: list[dict],
     pairs: list[dict],
@@ -376,7 +392,9 @@ def train_on_rows(
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
     report: dict = {"config": asdict(cfg), "dataset": source, "base": str(policy), "device": device}
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_killed_work_dirs(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (work / "owner").write_text(f"{socket.gethostname()} {os.getpid()}")
     try:
         if sft:
             model, report["sft"] = train_sft(model, tokenizer, sft, cfg, work / "sft", device)

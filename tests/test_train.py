@@ -243,3 +243,33 @@ def test_a_model_replaced_under_ctrl_c_is_the_old_or_the_new_one_whole(dataset, 
     assert meta["config"]["seed"] == 1 and first["config"]["seed"] == 0  # the new one, whole
     assert Policy.load(PolicyConfig(path=str(tmp_path / "trained"), device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy", "trained"]  # no work dir left
+
+
+def test_a_killed_runs_work_dir_is_swept_and_a_live_ones_kept(tmp_path):
+    """SIGKILL leaves `arborist train`'s hidden work dir (a model's size) beside --out; the next run
+    into that --out removes it, but never the dir of a run still going, here or on another host."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from rewards.train import _sweep_killed_work_dirs
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    owners = {
+        ".trained.killed": f"{socket.gethostname()} {int(gone.stdout)}",
+        ".trained.running": f"{socket.gethostname()} {os.getpid()}",
+        ".trained.elsewhere": f"another-host-{socket.gethostname()} {int(gone.stdout)}",
+    }
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "owner").write_text(owner)
+    (tmp_path / ".trained.users").mkdir()  # no owner file: not one of ours
+    _sweep_killed_work_dirs(tmp_path / "trained")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".trained.elsewhere",
+        ".trained.running",
+        ".trained.users",
+    ]
