@@ -375,7 +375,8 @@ def run(cfg: DictConfig | Config, hooks: Any = None) -> dict:
     ray_conf = job.conf.ray
     job.out.mkdir(parents=True, exist_ok=True)
     lock = lock_out_dir(job.out)  # now: a second job on this out= is refused before Ray and models start
-    try:
+    try:  # and what the directory holds is checked again: another job may have written it meanwhile
+        _check_out(job.out, job.batches, job.config, job.config_hash, job.conf.append_run)
         with launcher.connect(ray_conf.address, ray_conf.num_cpus, ray_conf.log_to_driver):
             models = resolve_models(job)  # after Ray is up: a bad ray.address fails before a bootstrap
             metrics = driver.run_job(job, models, hooks=hooks, started=started, lock=lock)

@@ -167,6 +167,29 @@ def test_a_second_job_on_an_out_dir_is_refused_before_ray_and_the_models_start(t
         os.close(held)
 
 
+def test_an_out_dir_written_between_the_check_and_the_lock_is_checked_again(tmp_path, monkeypatch):
+    """Another job may finish shards in the out dir after this one checked it and before it holds
+    the lock: what the directory holds is checked again under the lock."""
+    from rewards import export, launcher, pipeline
+    from rewards.config import compose
+
+    out = tmp_path / "out"
+    lock = export.lock_out_dir
+
+    def meanwhile(path):
+        manifest = {"shards": {"shard-00000": {"problem_ids": ["other"]}}, "finished_problem_ids": ["other"]}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return lock(path)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("Ray started on a directory another job had written")
+
+    monkeypatch.setattr(export, "lock_out_dir", meanwhile)
+    monkeypatch.setattr(launcher, "connect", too_late)
+    with pytest.raises(pipeline.JobInputError, match="other problems than this job's batch 0"):
+        pipeline.run(compose([f"out={out}", "experiment=tiny"]))
+
+
 def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
     """An existing directory the job may not write to (root ignores mode bits, so the test makes
     the probe file's creation fail as a read-only or immutable directory makes it fail)."""
