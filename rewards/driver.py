@@ -54,7 +54,7 @@ class Progress:
 
     def tick(self) -> None:
         self.bar.set_postfix(
-            nodes_s=f"{self.nodes_per_s():.0f}", success=f"{self.success_rate():.2f}", pairs=self.pairs
+            nodes_s=f"{self.nodes_per_s():.0f}", success=f"{self.success_rate() or 0.0:.2f}", pairs=self.pairs
         )
 
     def seconds(self) -> float:
@@ -63,9 +63,10 @@ class Progress:
     def nodes_per_s(self) -> float:
         return self.nodes / max(self.seconds(), 1e-9)
 
-    def success_rate(self) -> float:
-        """Share of this run's trees that hold a verified correct solution."""
-        return self.solved / self.trees if self.trees else 0.0
+    def success_rate(self) -> float | None:
+        """Share of this run's trees that hold a verified correct solution (None: it searched none,
+        as a rerun of a finished job; the audit's `search_success` is the whole dataset's)."""
+        return self.solved / self.trees if self.trees else None
 
     def close(self) -> None:
         if self.t1 is None:
@@ -257,7 +258,7 @@ def run_job(
                     policy_tokens=progress.tokens,
                     nodes_per_s=round(progress.nodes_per_s(), 1),
                     tokens_per_s=round(progress.tokens / max(progress.seconds(), 1e-9), 1),
-                    success_rate=round(progress.success_rate(), 4),
+                    success_rate=None if progress.trees == 0 else round(progress.success_rate(), 4),
                     pairs_this_run=progress.pairs,
                     search_seconds=round(progress.seconds(), 1),
                 )

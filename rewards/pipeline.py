@@ -399,8 +399,13 @@ def report_done(metrics: dict) -> None:
     )
     print(
         f"  search success {audit.get('search_success')}, greedy {audit.get('greedy_success')}, "
-        f"pair precision {audit.get('pair_precision')}; {metrics['nodes_per_s']} nodes/s; "
-        f"details in metrics.json, audit.json, README.md"
+        f"pair precision {audit.get('pair_precision')}; "
+        + (
+            f"{metrics['nodes_per_s']} nodes/s"
+            if metrics["batches_run"]
+            else "every problem was already searched"
+        )
+        + "; details in metrics.json, audit.json, README.md"
     )
 
 

@@ -74,7 +74,9 @@ def test_one_worker_writes_the_same_records_as_two(reference_run, job_overrides,
     assert _config_hash(tmp_path / "out") == _config_hash(reference_run), "ray settings shape no record"
 
 
-def test_crash_between_shards_resumes_to_the_same_dataset(reference_run, job_overrides, records, tmp_path):
+def test_crash_between_shards_resumes_to_the_same_dataset(
+    reference_run, job_overrides, records, tmp_path, capsys
+):
     from rewards.launcher import Hooks
 
     class Crash(RuntimeError):
@@ -98,8 +100,11 @@ def test_crash_between_shards_resumes_to_the_same_dataset(reference_run, job_ove
         (reference_run / "audit.json").read_text()
     )
 
+    capsys.readouterr()
     again = run(compose(job_overrides(out)))  # everything done: nothing is searched or written twice
     assert again["batches_run"] == 0 and records(out) == records(reference_run)
+    assert again["success_rate"] is None, "this run searched no tree: no rate, not 0.0"
+    assert "every problem was already searched" in capsys.readouterr().out
 
 
 def test_resume_refuses_another_batch_layout(reference_run, job_overrides):
