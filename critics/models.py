@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from critics.metrics import json_safe, read_json_object
-from mcts.policy import resolve_device, resolve_dtype
+from mcts.hf import resolve_device, resolve_dtype
 from mcts.tasks.base import Problem, Task
 
 SEQ_KINDS = ("value", "orm")

@@ -44,7 +44,7 @@ from critics.models import StepEncoder, init_from_policy, save_critic, step_logi
 from critics.readout import Rows, evaluate, fit_offset, read_logits
 from mcts.aside import Aside, usable_cores
 from mcts.charlm import warmup_cosine
-from mcts.policy import resolve_device
+from mcts.hf import resolve_device
 
 
 @dataclass

@@ -43,7 +43,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import OmegaConfBaseException
 
     from critics.models import CriticLoadError
-    from mcts.policy import PolicyLoadError
+    from mcts.hf import PolicyLoadError
     from mcts.tasks.base import TaskInputError
     from rewards.export import OutDirError
     from rewards.job import JobInputError
@@ -187,7 +187,7 @@ def train(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=TrainPolicyConfig.seed)
     parser.add_argument("--device", default=TrainPolicyConfig.device)
     args = parser.parse_args(argv)
-    from mcts.policy import PolicyLoadError
+    from mcts.hf import PolicyLoadError
 
     try:
         cfg = TrainPolicyConfig(
@@ -253,7 +253,7 @@ def improve(argv: list[str]) -> int:
     parser.add_argument("--eval-problems", type=int, default=d.eval_problems, help="0: the whole test slice")
     parser.add_argument("--seed", type=int, default=d.seed)
     args = parser.parse_args(argv)
-    from mcts.policy import PolicyLoadError
+    from mcts.hf import PolicyLoadError
     from rewards.launcher import error_line, runtime_errors
 
     input_errors, failures = (

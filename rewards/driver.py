@@ -258,7 +258,7 @@ def run_job(
                     policy_tokens=progress.tokens,
                     nodes_per_s=round(progress.nodes_per_s(), 1),
                     tokens_per_s=round(progress.tokens / max(progress.seconds(), 1e-9), 1),
-                    success_rate=None if progress.trees == 0 else round(progress.success_rate(), 4),
+                    success_rate=None if (rate := progress.success_rate()) is None else round(rate, 4),
                     pairs_this_run=progress.pairs,
                     search_seconds=round(progress.seconds(), 1),
                 )

@@ -21,11 +21,12 @@ files under the job's own names (README.md, audit.json, metrics.json, a record d
 
 One writer per directory: `DatasetWriter` holds an exclusive lock (`flock` on `.arborist.lock`,
 released when the writer is closed or its process dies, however it dies; or the caller's, taken
-earlier, which the caller closes), and a second writer refuses in one line naming the holder's pid. A resume must be the same job: the manifest records
-the config hash, and a writer with another refuses, naming the keys that differ, unless told to
-append a run under its own config (`append_run`). `lock_out_dir` takes that lock and writes the
-holder's pid into it; `check_resume` compares a manifest's config and config hash with a new job's,
-leaving out where and how the job runs (`RUN_ONLY`). Both refuse with `OutDirError`.
+earlier, which the caller closes), and a second writer refuses in one line naming the holder's
+pid. A resume must be the same job: the manifest records the config hash, and a writer with
+another refuses, naming the keys that differ, unless told to append a run under its own config
+(`append_run`). `lock_out_dir` takes that lock and writes the holder's pid into it; `check_resume`
+compares a manifest's config and config hash with a new job's, leaving out where and how the job
+runs (`RUN_ONLY`). Both refuse with `OutDirError`.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def run_improve(
     `trainer(dataset_dirs, out_dir, policy, train_cfg) -> report` (default `train_policy`) lets a
     benchmark train another way on the same on-policy searches."""
     from mcts.embedded import evaluation_problems
-    from mcts.policy import check_policy_dir
+    from mcts.hf import check_policy_dir
     from rewards.export import load_manifest
     from rewards.train import train_policy
 

@@ -181,7 +181,7 @@ def weights_fingerprint(path: Path, pattern: str = "*.safetensors", chunk: int =
 
 
 def _check_model_dirs(conf: Config) -> None:
-    from mcts.policy import check_policy_dir
+    from mcts.hf import check_policy_dir
 
     if conf.policy.path:
         check_policy_dir(conf.policy.path)
@@ -209,28 +209,17 @@ def _check_policy_reads(conf: Config, prompts: list[str]) -> None:
     """Warn where the policy's tokenizer has no tokens for the task's text (the embedded Countdown
     model on word problems reads every letter as its unknown token, and searches on noise). A
     warning, not a refusal: a tokenizer without byte fallback may lack a rare character or two."""
-    from transformers import AutoTokenizer
-
     from mcts.charlm import build_char_tokenizer
-    from mcts.policy import PolicyLoadError
+    from mcts.hf import load_policy_tokenizer
 
     for name, path in (("policy.path", conf.policy.path), ("policy.rollout_path", conf.policy.rollout_path)):
         if not path and name == "policy.rollout_path":
             continue
-        try:
-            remote = conf.policy.trust_remote_code
-            tok = (
-                AutoTokenizer.from_pretrained(
-                    Path(path).expanduser(), local_files_only=True, trust_remote_code=remote
-                )
-                if path
-                else build_char_tokenizer()
-            )
-        except (OSError, ValueError, ImportError) as e:  # ImportError: a tokenizer's library missing
-            raise PolicyLoadError(
-                f"{name}={path}: the tokenizer does not load ({str(e).splitlines()[0][:120]}): "
-                "save it with tokenizer.save_pretrained(dir)"
-            ) from None
+        tok = (
+            load_policy_tokenizer(path, conf.policy.trust_remote_code, name)
+            if path
+            else build_char_tokenizer()
+        )
         unk = tok.unk_token_id
         text = "".join(dict.fromkeys("".join(prompts)))  # each character once
         lost = [c for c in text if unk is not None and unk in tok(c, add_special_tokens=False)["input_ids"]]
@@ -412,7 +401,7 @@ def report_done(metrics: dict) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     """`arborist search`: Hydra composes the config, `run` does the work; bad input is one line."""
-    from mcts.policy import PolicyLoadError
+    from mcts.hf import PolicyLoadError
     from rewards.export import OutDirError
     from rewards.launcher import error_line, runtime_errors
 

@@ -210,17 +210,18 @@ def search_settings(datasets: list[Path]) -> tuple[str, str, int]:
             "train on datasets of one task format at a time"
         )
     policy = configs[0].get("policy", {})
-    path = policy.get("path") and manifests[0].get("versions", {}).get(
-        "policy_dir", policy["path"]
-    )  # absolute
-    return seps.pop(), str(path or ""), int(policy.get("bootstrap_seed", 0))
+    path = policy.get("path", "")
+    if path:  # the directory the workers loaded, made absolute by the job (`resolve_models`)
+        path = manifests[0].get("versions", {}).get("policy_dir", path)
+    return seps.pop(), str(path), int(policy.get("bootstrap_seed", 0))
 
 
-def _device(name: str) -> str:
-    """`mcts.policy.resolve_device`, refusing CUDA in one line where torch sees none."""
+def training_device(name: str) -> str:
+    """`mcts.policy.resolve_device`, refusing in one line a device torch does not know, or CUDA
+    where torch sees none (`arborist train`, `arborist train-critics`), before anything trains."""
     import torch
 
-    from mcts.policy import resolve_device
+    from mcts.hf import resolve_device
 
     try:
         device = resolve_device(name)
@@ -229,7 +230,7 @@ def _device(name: str) -> str:
             f"--device {name}: {str(e).splitlines()[0][:120]}: use auto, cpu or cuda"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainInputError(f"device={name}, but torch sees no CUDA device: use --device cpu")
+        raise TrainInputError(f"--device {name}, but torch sees no CUDA device: use --device cpu")
     return str(device)
 
 
@@ -376,7 +377,7 @@ def train_on_rows(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from mcts.policy import check_policy_dir
+    from mcts.hf import check_policy_dir
 
     out, policy = Path(out), check_policy_dir(policy)  # `~` expanded
     if out.exists() and not out.is_dir():
@@ -385,7 +386,7 @@ def train_on_rows(
         raise TrainInputError(
             f"--out {out} exists and is not a model `arborist train` wrote: choose a new --out"
         )
-    device = _device(cfg.device)
+    device = training_device(cfg.device)
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(policy)

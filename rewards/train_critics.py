@@ -19,6 +19,7 @@ from critics.train import TrainCriticsConfig, train_critics
 from mcts.finished import FinishedTree
 from rewards.critic_data import all_labels
 from rewards.export import read_trees
+from rewards.train import training_device
 
 
 def train_critics_on_trees(
@@ -97,20 +98,6 @@ def train_critics_from_dir(
     return train_critics_on_trees(trees, out, base_dir, cfg, meta={"dataset": str(dataset_dir)})
 
 
-def _check_device(name: str) -> None:
-    """Refuse a device torch does not know, or CUDA where it sees none, before anything trains."""
-    import torch
-
-    from mcts.policy import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: {str(e).splitlines()[0][:120]}: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but torch sees no CUDA device: use --device cpu")
-
-
 def main_train_critics(argv: list[str] | None = None) -> int:
     """Command line of `arborist train-critics`; returns the exit status."""
     ap = argparse.ArgumentParser(
@@ -159,7 +146,7 @@ def main_train_critics(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
-        _check_device(args.device)
+        training_device(args.device)  # a TrainInputError is a ValueError: one line below
         reports = train_critics_from_dir(args.dataset_dir, args.out, args.base, cfg)
     except (ValueError, OSError) as e:
         print(f"arborist: error: train-critics: {str(e).splitlines()[0]}", file=sys.stderr)

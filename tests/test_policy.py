@@ -8,8 +8,9 @@ import pytest
 import torch
 from _tiny_models import save_tiny_gpt2, save_tiny_llama
 
+from mcts.hf import PolicyLoadError
 from mcts.merge import Option, merge_options
-from mcts.policy import Policy, PolicyConfig, PolicyLoadError
+from mcts.policy import Policy, PolicyConfig
 from mcts.tasks.countdown import CountdownTask
 
 PROMPTS = ["3 7 9 4 -> 24\n", "1 2 -> 3\n", "12 5 8 9 -> 100\n"]
